@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from django.conf import settings
+from django.db import models
+
+KEY_PREFIX = "sk-optima-"
+# Shown in lists so people can tell keys apart; far too short to guess the rest from.
+VISIBLE_CHARS = len(KEY_PREFIX) + 6
+
+
+def api_key_digest(raw_key: str) -> str:
+    """Keyed hash of an API key: a stolen database alone does not let anyone check guesses."""
+    secret = hashlib.sha256(b"optimagpt-api-key\n" + settings.SECRET_KEY.encode()).digest()
+    return hmac.new(secret, raw_key.encode(), hashlib.sha256).hexdigest()
+
+
+class ApiKeyQuerySet(models.QuerySet["ApiKey"]):
+    async def afor_raw_key(self, raw_key: str) -> ApiKey | None:
+        """The key that `raw_key` is, compared in constant time; None for anything else."""
+        if not raw_key.startswith(KEY_PREFIX) or len(raw_key) > 200:
+            return None
+        digest = api_key_digest(raw_key)
+        key = await self.select_related("owner").filter(digest=digest).afirst()
+        if key is None or not hmac.compare_digest(key.digest, digest):
+            return None
+        return key
+
+
+class ApiKey(models.Model):
+    """An application's credential. Only a keyed hash is stored; the key is shown once, at creation."""
+
+    name = models.CharField(max_length=100)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE,
+                              related_name="api_keys")
+    prefix = models.CharField(max_length=VISIBLE_CHARS, editable=False)
+    digest = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    objects = ApiKeyQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "API key"
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @classmethod
+    def create_with_raw_key(cls, *, name: str, owner: models.Model | None = None) -> tuple[ApiKey, str]:
+        """Make a key; the raw key is returned here and never again."""
+        raw = KEY_PREFIX + secrets.token_urlsafe(32)
+        key = cls.objects.create(name=name, owner=owner, prefix=raw[:VISIBLE_CHARS], digest=api_key_digest(raw))
+        return key, raw

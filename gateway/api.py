@@ -1,0 +1,215 @@
+"""The OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models.
+
+Endpoints are thin: validate the body, hand it to a node through
+gateway.services, and shape the node's events into OpenAI's objects.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from ninja import Router
+
+from nodes.models import Executor, Node
+
+from .auth import ApiKeyAuth
+from .errors import ApiError, ModelNotFound
+from .schemas import ChatCompletionIn, CompletionIn, EmbeddingIn
+from .services import InferenceCall, inference_start
+
+router = Router(auth=ApiKeyAuth(), tags=["OpenAI"])
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {_dumps(obj)}\n\n".encode()
+
+
+def _node_body(body: Any) -> dict[str, Any]:
+    return body.model_dump(exclude_none=True, by_alias=True)
+
+
+async def _first_event(call: InferenceCall) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any]]:
+    """Wait for the node's first event, so errors before any token still get a proper status code."""
+    events = aiter(call.events())
+    try:
+        first = await anext(events)
+    except BaseException:
+        await call.close()
+        raise
+    return events, first
+
+
+async def _collect(call: InferenceCall) -> dict[str, Any]:
+    """The `end` event of a request that is not streamed; the request is cancelled if we leave early."""
+    try:
+        event: dict[str, Any] = {}
+        async for event in call.events():
+            pass
+        return event
+    finally:
+        await call.close()
+
+
+async def _stream(events: AsyncIterator[dict[str, Any]], first: dict[str, Any], chunk: Any,
+                  final_usage: Any) -> AsyncIterator[bytes]:
+    """SSE as OpenAI sends it; a failure after the first byte becomes an error event and no [DONE]."""
+    try:
+        event: dict[str, Any] | None = first
+        while event is not None:
+            yield _sse(chunk(event))
+            if event["type"] == "end":
+                usage = final_usage(event)
+                if usage is not None:
+                    yield _sse(usage)
+                yield b"data: [DONE]\n\n"
+                return
+            event = await anext(events, None)
+    except ApiError as exc:
+        yield _sse(exc.body())
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+
+
+def _finish_reason(event: dict[str, Any]) -> str:
+    reason = event.get("finish_reason") or "stop"
+    return "stop" if reason == "cancelled" else reason
+
+
+# -- chat ---------------------------------------------------------------------
+@router.post("/chat/completions", summary="Create a chat completion")
+async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> HttpResponse:
+    call = await inference_start(model=body.model, op="chat", body=_node_body(body), stream=body.stream)
+    completion_id = "chatcmpl-" + uuid.uuid4().hex
+    created = int(time.time())
+    if not body.stream:
+        event = await _collect(call)
+        return JsonResponse({
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": body.model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "message": event["message"], "logprobs": None,
+                         "finish_reason": _finish_reason(event)}],
+            "usage": event["usage"],
+        })
+
+    events, first = await _first_event(call)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
+            "system_fingerprint": None}
+    usage_field = {"usage": None} if include_usage else {}
+    role_sent = False
+
+    def chunk(event: dict[str, Any]) -> dict[str, Any]:
+        nonlocal role_sent
+        if event["type"] == "end":
+            choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(event)}
+        else:
+            delta = event["delta"]
+            if not role_sent:
+                delta = {"role": "assistant", **({"content": None} if "tool_calls" in delta else {}), **delta}
+                role_sent = True
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+        return {**head, "choices": [choice], **usage_field}
+
+    def final_usage(event: dict[str, Any]) -> dict[str, Any] | None:
+        return {**head, "choices": [], "usage": event["usage"]} if include_usage else None
+
+    return StreamingHttpResponse(_stream(events, first, chunk, final_usage), content_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+
+
+# -- legacy completions -------------------------------------------------------
+@router.post("/completions", summary="Create a completion (legacy)")
+async def completions(request: HttpRequest, body: CompletionIn) -> HttpResponse:
+    call = await inference_start(model=body.model, op="completion", body=_node_body(body), stream=body.stream)
+    completion_id = "cmpl-" + uuid.uuid4().hex
+    created = int(time.time())
+    head = {"id": completion_id, "object": "text_completion", "created": created, "model": body.model,
+            "system_fingerprint": None}
+    if not body.stream:
+        event = await _collect(call)
+        return JsonResponse({**head, "choices": [{"index": 0, "text": event["text"], "logprobs": None,
+                                                  "finish_reason": _finish_reason(event)}],
+                             "usage": event["usage"]})
+    events, first = await _first_event(call)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(event: dict[str, Any]) -> dict[str, Any]:
+        if event["type"] == "end":
+            choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": _finish_reason(event)}
+        else:
+            choice = {"index": 0, "text": event["text"], "logprobs": None, "finish_reason": None}
+        return {**head, "choices": [choice]}
+
+    def final_usage(event: dict[str, Any]) -> dict[str, Any] | None:
+        return {**head, "choices": [], "usage": event["usage"]} if include_usage else None
+
+    return StreamingHttpResponse(_stream(events, first, chunk, final_usage), content_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+
+
+# -- embeddings ---------------------------------------------------------------
+@router.post("/embeddings", summary="Create embeddings")
+async def embeddings(request: HttpRequest, body: EmbeddingIn) -> HttpResponse:
+    call = await inference_start(model=body.model, op="embedding", body=_node_body(body), stream=False)
+    event = await _collect(call)
+    vectors = event["embeddings"]
+    if body.dimensions is not None and body.dimensions != len(vectors[0]):
+        raise ApiError(f"This model makes embeddings of {len(vectors[0])} dimensions; "
+                       f"dimensions={body.dimensions} is not supported.", param="dimensions")
+    data = [
+        {"object": "embedding", "index": i,
+         "embedding": _b64_floats(v) if body.encoding_format == "base64" else v}
+        for i, v in enumerate(vectors)
+    ]
+    return JsonResponse({"object": "list", "data": data, "model": body.model, "usage": event["usage"]})
+
+
+def _b64_floats(vector: list[float]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+# -- models -------------------------------------------------------------------
+def _model_object(model_id: str, created: int) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "optimagpt"}
+
+
+async def _served_models() -> dict[str, int]:
+    """Model ids a connected node serves now, with when each was first seen."""
+    served: dict[str, int] = {}
+    async for model_id, updated in Executor.objects.filter(
+        state=Executor.State.ONLINE, node__connected=True, node__activated=True,
+        node__last_seen__gte=Node.live_cutoff(),
+    ).values_list("model_id", "node__created_at"):
+        stamp = int(updated.timestamp())
+        served[model_id] = min(stamp, served.get(model_id, stamp))
+    return served
+
+
+@router.get("/models", summary="List the models that can be served now")
+async def list_models(request: HttpRequest) -> HttpResponse:
+    served = await _served_models()
+    return JsonResponse({"object": "list", "data": [_model_object(m, c) for m, c in sorted(served.items())]})
+
+
+@router.get("/models/{path:model_id}", summary="Retrieve a model")
+async def retrieve_model(request: HttpRequest, model_id: str) -> HttpResponse:
+    served = await _served_models()
+    if model_id not in served:
+        raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
+    return JsonResponse(_model_object(model_id, served[model_id]))

@@ -1,0 +1,60 @@
+"""Errors the API reports, each carrying what OpenAI's `{"error": {...}}` body needs."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    status = 400
+    type = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 status: int | None = None, type: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+
+    def body(self) -> dict[str, object]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(ApiError):
+    pass
+
+
+class AuthenticationFailed(ApiError):
+    status = 401
+    code = "invalid_api_key"
+
+
+class ModelNotFound(ApiError):
+    status = 404
+    code = "model_not_found"
+
+
+class NoCapacity(ApiError):
+    """Known model, but no connected node can serve it now."""
+
+    status = 503
+    type = "server_error"
+    code = "model_unavailable"
+
+
+class UpstreamError(ApiError):
+    """The node or its inference process failed the request."""
+
+    status = 502
+    type = "server_error"
+    code = "node_error"
+
+
+class UpstreamTimeout(ApiError):
+    status = 504
+    type = "server_error"
+    code = "timeout"

@@ -1,0 +1,142 @@
+"""Request bodies of the OpenAI API. Unknown fields are accepted (real clients send them) and passed on."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from django.conf import settings
+from ninja import Schema
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_SEQUENCES = 4
+
+
+def _max_tokens_limit() -> int:
+    return settings.OPTIMAGPT_MAX_TOKENS_LIMIT
+
+
+class OpenAIIn(Schema):
+    model_config = ConfigDict(extra="allow")
+
+
+class FunctionSpec(OpenAIIn):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(OpenAIIn):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(OpenAIIn):
+    name: str
+
+
+class ToolChoiceFunction(OpenAIIn):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaSpec(OpenAIIn):
+    name: str = "response"
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIIn):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema_: JsonSchemaSpec | None = Field(default=None, alias="json_schema")
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema_ is None:
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        return self
+
+
+class StreamOptions(OpenAIIn):
+    include_usage: bool = False
+
+
+class ChatMessage(OpenAIIn):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class SamplingIn(OpenAIIn):
+    model: Annotated[str, Field(min_length=1, max_length=200)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    max_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    n: Annotated[int, Field(ge=1, le=1)] = 1
+    user: str | None = None
+
+    @field_validator("max_tokens", "max_completion_tokens", check_fields=False)
+    @classmethod
+    def _token_count(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= _max_tokens_limit():
+            raise ValueError(f"must be between 1 and {_max_tokens_limit()}")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value and not all(k.isdigit() for k in value):
+            raise ValueError("keys must be token ids")
+        return value
+
+
+class ChatCompletionIn(SamplingIn):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _tool_choice_needs_tools(self) -> ChatCompletionIn:
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice requires tools")
+        if isinstance(self.tool_choice, ToolChoiceFunction) and self.tools:
+            if self.tool_choice.function.name not in {t.function.name for t in self.tools}:
+                raise ValueError(f"tool_choice names '{self.tool_choice.function.name}', which is not in tools")
+        return self
+
+
+class CompletionIn(SamplingIn):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    echo: bool = False
+    suffix: str | None = None
+    max_tokens: int | None = 16
+
+
+class EmbeddingIn(OpenAIIn):
+    model: Annotated[str, Field(min_length=1, max_length=200)]
+    input: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=2048)]
+        | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1, max_length=2048)]
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None

@@ -1,0 +1,112 @@
+"""Sending one inference request to a node and receiving its events, over the channel layer.
+
+The path: this process picks an executor, sends `node.request` to the channel
+of the consumer that holds the node's link (in this process or, on the Redis
+layer, in another gateway process), and reads the node's events from a reply
+channel of its own. Leaving early (client gone, timeout) sends `node.cancel`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from .errors import ApiError, UpstreamError, UpstreamTimeout
+from .routing.least_busy import Target, acquire, executor_select, release
+
+log = logging.getLogger("optimagpt.gateway")
+
+CANCEL_SEND_TIMEOUT_S = 5.0
+
+
+def _event_error(event: dict[str, Any]) -> ApiError:
+    error = event.get("error") or {}
+    status = int(error.get("status") or 502)
+    if 400 <= status < 500:
+        return ApiError(str(error.get("message", "invalid request")), status=status,
+                        type=error.get("type") or "invalid_request_error", code=error.get("code"))
+    return UpstreamError(str(error.get("message", "the node failed the request")), status=status,
+                         code=error.get("code") or "node_error")
+
+
+class InferenceCall:
+    """One request on its way to a node. Iterate it for events; `close()` cancels it if unfinished."""
+
+    def __init__(self, target: Target, request_id: str, reply_channel: str) -> None:
+        self.target = target
+        self.request_id = request_id
+        self.reply_channel = reply_channel
+        self.finished = False
+        self._released = False
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Node events up to and including `end`; an `error` event is raised as ApiError."""
+        layer = get_channel_layer()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.OPTIMAGPT_REQUEST_DEADLINE_S
+        timeout = settings.OPTIMAGPT_FIRST_EVENT_TIMEOUT_S
+        try:
+            while True:
+                remaining = min(timeout, deadline - loop.time())
+                try:
+                    message = await asyncio.wait_for(layer.receive(self.reply_channel), max(remaining, 0.001))
+                except asyncio.TimeoutError:
+                    raise UpstreamTimeout("The node did not answer in time.") from None
+                event = json.loads(message["raw"])
+                kind = event.get("type")
+                if kind == "error":
+                    self.finished = True
+                    raise _event_error(event)
+                if kind == "end":
+                    self.finished = True
+                    yield event
+                    return
+                yield event
+                timeout = settings.OPTIMAGPT_EVENT_TIMEOUT_S
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        release(self.target)
+        if not self.finished:
+            # The client left or we gave up: the node must stop generating for nobody.
+            try:
+                await asyncio.wait_for(
+                    get_channel_layer().send(self.target.channel_name, {"type": "node.cancel", "id": self.request_id}),
+                    CANCEL_SEND_TIMEOUT_S,
+                )
+            except Exception:  # noqa: BLE001 - a lost cancel only wastes the node's time
+                log.warning("could not cancel request %s on its node", self.request_id)
+
+
+async def inference_start(*, model: str, op: str, body: dict[str, Any], stream: bool) -> InferenceCall:
+    """Route the request to an executor of `model` and send it; raises ModelNotFound or NoCapacity."""
+    target = await executor_select(model=model)
+    layer = get_channel_layer()
+    call = InferenceCall(target, uuid.uuid4().hex, await layer.new_channel("reply."))
+    acquire(target)
+    try:
+        await layer.send(target.channel_name, {
+            "type": "node.request",
+            "id": call.request_id,
+            "reply_channel": call.reply_channel,
+            "executor": target.executor_key,
+            "op": op,
+            "stream": stream,
+            "body": body,
+        })
+    except BaseException:
+        call.finished = True
+        await call.close()
+        raise
+    return call

@@ -1,0 +1,61 @@
+"""Entry point: `python -m node_agent --gateway-url http://gateway:8000 --models-dir /models`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+from .executors import ExecutorManager
+from .hardware import Gpus
+from .link import Dialer, load_node_id
+from .settings import parse_settings
+
+log = logging.getLogger("node_agent")
+
+
+async def serve(argv: list[str] | None = None) -> None:
+    settings = parse_settings(argv)
+    gpus = Gpus()
+    n_gpu_layers = settings.n_gpu_layers if settings.n_gpu_layers is not None else (-1 if gpus.present else 0)
+    dialer: Dialer | None = None
+
+    def executors_changed() -> None:
+        if dialer is not None:
+            dialer.executors_changed()
+
+    manager = ExecutorManager(dirs=settings.model_dirs, n_ctx=settings.n_ctx, threads=settings.threads,
+                              n_gpu_layers=n_gpu_layers, on_change=executors_changed)
+    dialer = Dialer(settings=settings, node_id=load_node_id(settings.state_dir), manager=manager, gpus=gpus)
+    log.info("node %s: models from %s, %d threads per model", settings.name,
+             ", ".join(map(str, settings.model_dirs)), settings.threads)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(manager.watch(settings.rescan_interval_s, stop))
+    link = asyncio.create_task(dialer.run_forever())
+    await stop.wait()
+    log.info("stopping: closing the link and the inference processes")
+    link.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await link
+    await watcher
+    await manager.stop_all()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(
+        level=os.environ.get("OPTIMAGPT_NODE_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    asyncio.run(serve(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""The agent's side of the node link.
+
+`NodeSession` runs one link over any open socket with `send`, `recv` and
+`close` (the websockets connection of either side), so the dialing loop here and
+a listening server share every line past the socket's opening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import ssl
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import __version__
+from .executors import ExecutorManager
+from .hardware import Gpus, hardware_info, metrics_sample
+from .protocol import (
+    CLOSE_AUTH_FAILED,
+    CLOSE_HEARTBEAT_LOST,
+    CLOSE_PROTOCOL_ERROR,
+    HANDSHAKE_TIMEOUT_S,
+    PROTOCOL_VERSION,
+    gateway_proof,
+    new_nonce,
+    node_proof,
+    proof_matches,
+)
+from .settings import AgentSettings
+
+log = logging.getLogger("node_agent.link")
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+class Socket(Protocol):
+    async def send(self, message: str) -> None: ...
+    async def recv(self) -> str | bytes: ...
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+class HandshakeRefused(Exception):
+    """The other side failed to prove it holds the access key, or refused ours."""
+
+
+def load_node_id(state_dir: Path) -> str:
+    """The node's identity, made once and kept, so the gateway knows it across restarts."""
+    path = state_dir / "node_id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        node_id = str(uuid.uuid4())
+        path.write_text(node_id + "\n")
+        return node_id
+
+
+class NodeSession:
+    """One authenticated link: requests in, events out, heartbeats both ways."""
+
+    def __init__(self, socket: Socket, *, settings: AgentSettings, node_id: str, manager: ExecutorManager,
+                 gpus: Gpus) -> None:
+        self.socket = socket
+        self.settings = settings
+        self.node_id = node_id
+        self.manager = manager
+        self.gpus = gpus
+        self.heartbeat_interval_s = settings.heartbeat_interval_s
+        self._in_flight: dict[str, Any] = {}  # request id -> LlamaCppProcess
+        self._last_heard = time.monotonic()
+        self._executors_dirty = asyncio.Event()
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        await self.socket.send(json.dumps(message, separators=(",", ":")))
+
+    async def _recv(self) -> dict[str, Any]:
+        raw = await self.socket.recv()
+        self._last_heard = time.monotonic()
+        message = json.loads(raw)
+        if not isinstance(message, dict):
+            raise ValueError("message is not an object")
+        return message
+
+    async def handshake(self) -> None:
+        """Prove we hold the key, and make the gateway prove it too. Raises HandshakeRefused."""
+        hello = await asyncio.wait_for(self._recv(), HANDSHAKE_TIMEOUT_S)
+        if hello.get("type") != "hello" or hello.get("protocol") != PROTOCOL_VERSION:
+            raise HandshakeRefused(f"unexpected greeting {hello.get('type')!r}, protocol {hello.get('protocol')!r}")
+        gateway_nonce = str(hello.get("nonce", ""))
+        node_nonce = new_nonce()
+        key = self.settings.access_key
+        await self._send({
+            "type": "auth",
+            "node_id": self.node_id,
+            "name": self.settings.name,
+            "version": __version__,
+            "nonce": node_nonce,
+            "proof": node_proof(key, gateway_nonce, node_nonce, self.node_id),
+        })
+        reply = await asyncio.wait_for(self._recv(), HANDSHAKE_TIMEOUT_S)
+        if reply.get("type") == "refused":
+            raise HandshakeRefused(f"gateway refused the link: {reply.get('reason', 'no reason given')}")
+        expected = gateway_proof(key, gateway_nonce, node_nonce, self.node_id)
+        if reply.get("type") != "welcome" or not proof_matches(expected, reply.get("proof")):
+            await self.socket.close(CLOSE_AUTH_FAILED, "gateway failed to prove the access key")
+            raise HandshakeRefused("the gateway could not prove it holds the access key")
+        self.heartbeat_interval_s = float(reply.get("heartbeat_interval_s") or self.heartbeat_interval_s)
+
+    async def run(self) -> None:
+        """Serve the link until it drops; requests still running are cancelled on the way out."""
+        await self.handshake()
+        await self._send({
+            "type": "register",
+            "hardware": hardware_info(self.gpus),
+            "executors": self.manager.describe(),
+        })
+        log.info("linked to %s as %s", self.settings.link_url, self.settings.name)
+        tasks = [
+            asyncio.create_task(self._heartbeat()),
+            asyncio.create_task(self._report_executors()),
+            asyncio.create_task(self._report_metrics()),
+        ]
+        try:
+            while True:
+                await self._handle(await self._recv())
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for rid, process in self._in_flight.items():
+                process.cancel(rid)
+            self._in_flight.clear()
+
+    def executors_changed(self) -> None:
+        self._executors_dirty.set()
+
+    async def _handle(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "request":
+            await self._start_request(message)
+        elif kind == "cancel":
+            process = self._in_flight.pop(str(message.get("id")), None)
+            if process is not None:
+                process.cancel(message["id"])
+        elif kind == "ping":
+            await self._send({"type": "pong", "t": message.get("t")})
+        elif kind == "pong":
+            pass
+        else:
+            log.debug("ignoring message of type %r", kind)
+
+    async def _start_request(self, message: dict[str, Any]) -> None:
+        rid = str(message.get("id"))
+        executor = self.manager.executors.get(str(message.get("executor")))
+        process = executor.process if executor is not None else None
+
+        async def forward(raw: str, event: dict[str, Any]) -> None:
+            if event.get("type") in ("end", "error"):
+                self._in_flight.pop(rid, None)
+            with contextlib.suppress(Exception):  # the link may have dropped meanwhile
+                await self.socket.send(raw)
+
+        request = {"op": message.get("op"), "id": rid, "stream": bool(message.get("stream")),
+                   "body": message.get("body") or {}}
+        if process is None or not process.submit(request, forward):
+            state = executor.state if executor is not None else "unknown"
+            await self._send({"type": "error", "id": rid, "error": {
+                "message": f"executor {message.get('executor')!r} is not ready (state {state})",
+                "type": "server_error", "code": "executor_unavailable", "status": 503}})
+            return
+        self._in_flight[rid] = process
+
+    async def _heartbeat(self) -> None:
+        """Ping every interval; close the link when the gateway has been silent for three."""
+        while True:
+            await asyncio.sleep(self.heartbeat_interval_s)
+            if time.monotonic() - self._last_heard > 3 * self.heartbeat_interval_s:
+                log.warning("gateway silent for %.1f s; dropping the link", time.monotonic() - self._last_heard)
+                await self.socket.close(CLOSE_HEARTBEAT_LOST, "heartbeat lost")
+                return
+            await self._send({"type": "ping", "t": time.time()})
+
+    async def _report_executors(self) -> None:
+        while True:
+            await self._executors_dirty.wait()
+            self._executors_dirty.clear()
+            await self._send({"type": "executors", "executors": self.manager.describe()})
+            await asyncio.sleep(0.2)  # coalesce bursts of state changes
+
+    async def _report_metrics(self) -> None:
+        while True:
+            await self._send({"type": "metrics", "metrics": metrics_sample(self.gpus)})
+            await asyncio.sleep(self.settings.metrics_interval_s)
+
+
+class Dialer:
+    """Keeps a link to the gateway open: dial, run a session, back off with jitter, dial again."""
+
+    def __init__(self, *, settings: AgentSettings, node_id: str, manager: ExecutorManager, gpus: Gpus) -> None:
+        self.settings = settings
+        self.node_id = node_id
+        self.manager = manager
+        self.gpus = gpus
+        self.session: NodeSession | None = None
+
+    def executors_changed(self) -> None:
+        if self.session is not None:
+            self.session.executors_changed()
+
+    def _ssl(self) -> ssl.SSLContext | None:
+        if not self.settings.link_url.startswith("wss://"):
+            return None
+        context = ssl.create_default_context(cafile=self.settings.ca_file)
+        return context
+
+    async def run_forever(self) -> None:
+        from websockets.asyncio.client import connect
+
+        failures = 0
+        while True:
+            started = time.monotonic()
+            try:
+                # The gateway checks Origin against its allowed hosts, as for any WebSocket.
+                async with connect(self.settings.link_url, ssl=self._ssl(), open_timeout=10,
+                                   origin=self.settings.origin,
+                                   ping_interval=None, max_size=MAX_MESSAGE_BYTES,
+                                   close_timeout=5) as socket:
+                    self.session = NodeSession(socket, settings=self.settings, node_id=self.node_id,
+                                               manager=self.manager, gpus=self.gpus)
+                    await self.session.run()
+            except asyncio.CancelledError:
+                raise
+            except HandshakeRefused as exc:
+                log.error("%s", exc)
+            except Exception as exc:  # noqa: BLE001 - any failure of a link means: dial again
+                log.warning("link to %s lost: %s: %s", self.settings.link_url, type(exc).__name__, exc)
+            finally:
+                self.session = None
+            # A link that stayed up a while was healthy; start the backoff over.
+            failures = 1 if time.monotonic() - started > BACKOFF_MAX_S else failures + 1
+            delay = random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** failures))
+            log.info("dialing again in %.1f s", delay)
+            await asyncio.sleep(delay)

@@ -1,0 +1,538 @@
+"""One inference process: a `llama_cpp.Llama` behind a pipe.
+
+Run as `python -m node_agent.runtimes.llama_cpp_worker --model PATH ...` by the
+node agent, never by hand. It opens no port: requests arrive as JSON lines on
+stdin and events leave as JSON lines on stdout, so nothing but its parent can
+reach it. (We measured llama-cpp-python's own HTTP server at about 16 ms of
+framework work per request; this pipe costs well under a millisecond. See
+bench/README.md.)
+
+Input lines:  {"op": "chat"|"completion"|"embedding", "id": ID, "stream": bool, "body": {...}}
+              {"op": "cancel", "id": ID}
+Output lines: {"type": "ready", ...} once the model is loaded, then per request
+              zero or more {"type": "delta", "id": ID, ...}, then exactly one
+              {"type": "end", "id": ID, ...} or {"type": "error", "id": ID, "error": {...}}.
+
+The output lines are the node link's wire format: the agent forwards them to the
+gateway unchanged, so a token costs one JSON encode on the whole way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from functools import lru_cache
+from typing import Any
+
+# A request cancelled while queued or generating: the generating loop polls
+# this set between tokens, which is what bounds cancellation to one token.
+_cancelled: set[str] = set()
+_cancelled_lock = threading.Lock()
+
+
+class RequestError(Exception):
+    """A request the model cannot serve as asked: reported to the client as a 400."""
+
+
+def _is_cancelled(rid: str) -> bool:
+    with _cancelled_lock:
+        return rid in _cancelled
+
+
+class Output:
+    """Writes protocol lines to the pipe the parent reads; one lock so lines never interleave."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+
+    def send(self, message: dict[str, Any]) -> None:
+        data = (json.dumps(message, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+
+
+class Worker:
+    def __init__(self, args: argparse.Namespace, out: Output) -> None:
+        from llama_cpp import Llama
+
+        self.args = args
+        self.out = out
+        self.llm = Llama(
+            model_path=args.model,
+            n_ctx=args.n_ctx,
+            n_threads=args.threads,
+            n_threads_batch=args.threads,
+            n_gpu_layers=args.n_gpu_layers,
+            chat_format=args.chat_format,
+            verbose=False,
+        )
+        self.formatter = self._make_formatter()
+        self._embedder: Any = None
+
+    # -- set-up -----------------------------------------------------------
+    def _make_formatter(self) -> Any:
+        """The chat template as a callable that returns the prompt, so we can count its tokens."""
+        from llama_cpp import llama_chat_format
+
+        if self.args.chat_format:
+            formatter = getattr(llama_chat_format, "format_" + self.args.chat_format.replace("-", "_"), None)
+            if formatter is None:
+                raise SystemExit(f"unknown chat format {self.args.chat_format!r}")
+            return formatter
+        metadata = self.llm.metadata
+        template = metadata.get("tokenizer.chat_template")
+        if not template:
+            return llama_chat_format.format_chatml
+        model = self.llm._model
+
+        def token_text(key: str) -> str:
+            token_id = metadata.get(key)
+            return model.token_get_text(int(token_id)) if token_id is not None else ""
+
+        eos_id = metadata.get("tokenizer.ggml.eos_token_id")
+        return llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=token_text("tokenizer.ggml.eos_token_id"),
+            bos_token=token_text("tokenizer.ggml.bos_token_id"),
+            stop_token_ids=[int(eos_id)] if eos_id is not None else None,
+        )
+
+    def embedder(self) -> Any:
+        """A second context on the same mmapped weights, in embedding mode, made on first use."""
+        if self._embedder is None:
+            import llama_cpp
+
+            self._embedder = llama_cpp.Llama(
+                model_path=self.args.model,
+                n_ctx=min(self.args.n_ctx, 2048),
+                n_threads=self.args.threads,
+                n_threads_batch=self.args.threads,
+                n_gpu_layers=self.args.n_gpu_layers,
+                embedding=True,
+                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                verbose=False,
+            )
+        return self._embedder
+
+    # -- dispatch ---------------------------------------------------------
+    def handle(self, request: dict[str, Any]) -> None:
+        rid = request["id"]
+        try:
+            if _is_cancelled(rid):
+                self.out.send({"type": "end", "id": rid, "finish_reason": "cancelled"})
+                return
+            op = request.get("op")
+            if op == "chat":
+                self.chat(rid, request["body"], bool(request.get("stream")))
+            elif op == "completion":
+                self.completion(rid, request["body"], bool(request.get("stream")))
+            elif op == "embedding":
+                self.embedding(rid, request["body"])
+            else:
+                raise RequestError(f"unknown operation {op!r}")
+        except RequestError as exc:
+            self.out.send(_error(rid, str(exc), "invalid_request_error", 400))
+        except ValueError as exc:
+            # llama-cpp-python reports requests that do not fit (prompt longer than
+            # the context window, a bad grammar) as ValueError.
+            self.out.send(_error(rid, str(exc), "invalid_request_error", 400))
+        except Exception as exc:  # noqa: BLE001 - one bad request must not end the process
+            self.out.send(_error(rid, f"inference failed: {type(exc).__name__}: {exc}", "server_error", 500))
+        finally:
+            with _cancelled_lock:
+                _cancelled.discard(rid)
+
+    # -- sampling ---------------------------------------------------------
+    def _sampling(self, body: dict[str, Any], n_prompt: int) -> dict[str, Any]:
+        room = self.llm.n_ctx() - n_prompt
+        if room <= 0:
+            raise RequestError(
+                f"the prompt is {n_prompt} tokens, which fills this model's context window of {self.llm.n_ctx()} tokens"
+            )
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        max_tokens = room if max_tokens is None else min(int(max_tokens), room)
+        if self.args.max_tokens_cap:
+            max_tokens = min(max_tokens, self.args.max_tokens_cap)
+        stop = body.get("stop") or []
+        if isinstance(stop, str):
+            stop = [stop]
+        logit_bias = body.get("logit_bias") or None
+        if logit_bias:
+            logit_bias = {int(k): float(v) for k, v in logit_bias.items()}
+        params: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "temperature": _float(body, "temperature", 1.0),
+            "top_p": _float(body, "top_p", 1.0),
+            "min_p": _float(body, "min_p", 0.0),
+            "top_k": int(body.get("top_k") or 0),
+            "repeat_penalty": _float(body, "repeat_penalty", 1.0),
+            "frequency_penalty": _float(body, "frequency_penalty", 0.0),
+            "presence_penalty": _float(body, "presence_penalty", 0.0),
+            "stop": list(stop),
+            "seed": body.get("seed"),
+            "logit_bias": logit_bias,
+        }
+        return params
+
+    def _generate(self, rid: str, prompt: list[int], params: dict[str, Any]) -> Iterator[str]:
+        """Yield text pieces; stop at the next token once the request is cancelled."""
+        self._finish = "stop"
+        for chunk in self.llm.create_completion(prompt=prompt, stream=True, **params):
+            if _is_cancelled(rid):
+                self._finish = "cancelled"
+                return
+            choice = chunk["choices"][0]
+            if choice["text"]:
+                yield choice["text"]
+            if choice.get("finish_reason"):
+                self._finish = choice["finish_reason"]
+
+    def _completion_tokens(self, n_prompt: int) -> int:
+        # The context holds the prompt and every generated token but the last
+        # one sampled when generation stops at max_tokens (it is never evaluated).
+        generated = self.llm.n_tokens - n_prompt
+        return generated + 1 if self._finish == "length" else generated
+
+    # -- chat -------------------------------------------------------------
+    def chat(self, rid: str, body: dict[str, Any], stream: bool) -> None:
+        messages = [_normalize_message(m) for m in body.get("messages") or []]
+        tools = body.get("tools") or None
+        tool_choice = body.get("tool_choice")
+        if tools and tool_choice is None:
+            tool_choice = "auto"
+        if tool_choice == "none":
+            tools = None
+        forced = _forced_tool(tools, tool_choice)
+        grammar = None
+        if forced is not None:
+            grammar = _grammar(json.dumps(forced["schema"], sort_keys=True))
+        else:
+            grammar = _response_format_grammar(body.get("response_format"))
+        formatted = self.formatter(messages=messages, tools=tools, tool_choice=tool_choice if tools else None)
+        prompt = self.llm.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True)
+        params = self._sampling(body, len(prompt))
+        if formatted.stop:
+            extra = [formatted.stop] if isinstance(formatted.stop, str) else list(formatted.stop)
+            params["stop"] = params["stop"] + extra
+        params["grammar"] = grammar
+
+        pieces = self._generate(rid, prompt, params)
+        if forced is not None:
+            message = self._forced_tool_call(rid, forced, pieces, stream)
+        elif tools and tool_choice == "auto":
+            message = self._auto_tools(rid, pieces, stream)
+        else:
+            message = self._plain(rid, pieces, stream)
+        finish = self._finish
+        if message.get("tool_calls") and finish == "stop" and not (forced and forced["named"]):
+            finish = "tool_calls"
+        end: dict[str, Any] = {
+            "type": "end",
+            "id": rid,
+            "finish_reason": finish,
+            "usage": _usage(len(prompt), self._completion_tokens(len(prompt))),
+        }
+        if not stream:
+            end["message"] = message
+        self.out.send(end)
+
+    def _plain(self, rid: str, pieces: Iterator[str], stream: bool) -> dict[str, Any]:
+        text = []
+        for piece in pieces:
+            text.append(piece)
+            if stream:
+                self.out.send({"type": "delta", "id": rid, "delta": {"content": piece}})
+        return {"role": "assistant", "content": "".join(text)}
+
+    def _forced_tool_call(
+        self, rid: str, forced: dict[str, Any], pieces: Iterator[str], stream: bool
+    ) -> dict[str, Any]:
+        call_id = "call_" + uuid.uuid4().hex[:24]
+        if forced["named"]:
+            # The name is known before the first token, so arguments stream as they come.
+            name = forced["name"]
+            if stream:
+                self.out.send({"type": "delta", "id": rid, "delta": {"tool_calls": [_tool_call_head(call_id, name)]}})
+            args = []
+            for piece in pieces:
+                args.append(piece)
+                if stream:
+                    self.out.send({"type": "delta", "id": rid, "delta": {"tool_calls": [_tool_call_args(piece)]}})
+            arguments = "".join(args)
+        else:
+            text = "".join(pieces)
+            try:
+                call = json.loads(text)
+                name, arguments = call["name"], json.dumps(call["arguments"], ensure_ascii=False)
+            except (ValueError, KeyError, TypeError):
+                name, arguments = forced["names"][0], text
+            if stream:
+                self.out.send({"type": "delta", "id": rid, "delta": {"tool_calls": [_tool_call_head(call_id, name)]}})
+                self.out.send({"type": "delta", "id": rid, "delta": {"tool_calls": [_tool_call_args(arguments)]}})
+        call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+        return {"role": "assistant", "content": None, "tool_calls": [call]}
+
+    def _auto_tools(self, rid: str, pieces: Iterator[str], stream: bool) -> dict[str, Any]:
+        """Stream text unless the reply opens like a tool call; then hold it back and parse it at the end."""
+        held: list[str] = []
+        mode = "undecided"
+        for piece in pieces:
+            if mode == "text":
+                held.append(piece)
+                if stream:
+                    self.out.send({"type": "delta", "id": rid, "delta": {"content": piece}})
+                continue
+            held.append(piece)
+            head = "".join(held).lstrip()
+            if not head:
+                continue
+            if head.startswith(("<tool_call>", "{")):
+                mode = "tool"
+            elif mode == "undecided" and not "<tool_call>".startswith(head):
+                mode = "text"
+                if stream:
+                    self.out.send({"type": "delta", "id": rid, "delta": {"content": "".join(held)}})
+        text = "".join(held)
+        call = _parse_tool_call(text) if mode == "tool" else None
+        if call is None:
+            if stream and mode != "text" and text:
+                self.out.send({"type": "delta", "id": rid, "delta": {"content": text}})
+            return {"role": "assistant", "content": text}
+        call_id = "call_" + uuid.uuid4().hex[:24]
+        if stream:
+            self.out.send({"type": "delta", "id": rid, "delta": {"tool_calls": [_tool_call_head(call_id, call[0])]}})
+            self.out.send({"type": "delta", "id": rid, "delta": {"tool_calls": [_tool_call_args(call[1])]}})
+        tool_call = {"id": call_id, "type": "function", "function": {"name": call[0], "arguments": call[1]}}
+        return {"role": "assistant", "content": None, "tool_calls": [tool_call]}
+
+    # -- legacy completions -----------------------------------------------
+    def completion(self, rid: str, body: dict[str, Any], stream: bool) -> None:
+        prompt_in = body.get("prompt", "")
+        if isinstance(prompt_in, list):
+            if len(prompt_in) != 1 or not isinstance(prompt_in[0], str):
+                raise RequestError("prompt must be a string or a list of one string")
+            prompt_in = prompt_in[0]
+        prompt = self.llm.tokenize(str(prompt_in).encode(), add_bos=True, special=False)
+        params = self._sampling(body, len(prompt))
+        params["grammar"] = _response_format_grammar(body.get("response_format"))
+        text = []
+        if body.get("echo"):
+            text.append(str(prompt_in))
+            if stream:
+                self.out.send({"type": "delta", "id": rid, "text": str(prompt_in)})
+        for piece in self._generate(rid, prompt, params):
+            text.append(piece)
+            if stream:
+                self.out.send({"type": "delta", "id": rid, "text": piece})
+        end: dict[str, Any] = {
+            "type": "end",
+            "id": rid,
+            "finish_reason": self._finish,
+            "usage": _usage(len(prompt), self._completion_tokens(len(prompt))),
+        }
+        if not stream:
+            end["text"] = "".join(text)
+        self.out.send(end)
+
+    # -- embeddings -------------------------------------------------------
+    def embedding(self, rid: str, body: dict[str, Any]) -> None:
+        inputs = body.get("input")
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs:
+            raise RequestError("input must be a non-empty string, list of strings, or list of token lists")
+        embedder = self.embedder()
+        vectors = []
+        prompt_tokens = 0
+        for item in inputs:
+            if _is_cancelled(rid):
+                self.out.send({"type": "end", "id": rid, "finish_reason": "cancelled"})
+                return
+            if not isinstance(item, str):
+                item = embedder.detokenize([int(t) for t in item]).decode("utf-8", errors="replace")
+            tokens = embedder.tokenize(item.encode(), add_bos=True, special=False)
+            if len(tokens) > embedder.n_ctx():
+                raise RequestError(
+                    f"an input is {len(tokens)} tokens, more than this model's embedding window of {embedder.n_ctx()}"
+                )
+            prompt_tokens += len(tokens)
+            vectors.append(embedder.embed(item, normalize=True))
+        self.out.send(
+            {
+                "type": "end",
+                "id": rid,
+                "finish_reason": "stop",
+                "embeddings": vectors,
+                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+            }
+        )
+
+
+# -- helpers ---------------------------------------------------------------
+def _error(rid: str, message: str, kind: str, status: int) -> dict[str, Any]:
+    return {"type": "error", "id": rid, "error": {"message": message, "type": kind, "code": None, "status": status}}
+
+
+def _float(body: dict[str, Any], key: str, default: float) -> float:
+    value = body.get(key)
+    return default if value is None else float(value)
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _tool_call_head(call_id: str, name: str) -> dict[str, Any]:
+    return {"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+
+
+def _tool_call_args(fragment: str) -> dict[str, Any]:
+    return {"index": 0, "function": {"arguments": fragment}}
+
+
+def _normalize_message(message: dict[str, Any]) -> dict[str, Any]:
+    """Turn OpenAI message shapes the chat templates do not know into plain text turns."""
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    if message.get("role") == "assistant" and message.get("tool_calls"):
+        calls = [
+            json.dumps({"name": c["function"]["name"], "arguments": _json_or_text(c["function"].get("arguments"))})
+            for c in message["tool_calls"]
+        ]
+        content = (content or "") + "".join(f"<tool_call>\n{c}\n</tool_call>" for c in calls)
+    normalized = {"role": message.get("role", "user"), "content": content or ""}
+    if message.get("name"):
+        normalized["name"] = message["name"]
+    return normalized
+
+
+def _json_or_text(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _forced_tool(tools: list[dict[str, Any]] | None, tool_choice: Any) -> dict[str, Any] | None:
+    """The grammar schema for a tool call the client requires, or None when the model may choose."""
+    if not tools:
+        return None
+    functions = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
+    if isinstance(tool_choice, dict):
+        name = tool_choice.get("function", {}).get("name")
+        if name not in functions:
+            raise RequestError(f"tool_choice names function {name!r}, which is not among the tools")
+        return {"named": True, "name": name, "schema": functions[name]}
+    if tool_choice == "required":
+        options = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": name}, "arguments": schema},
+                "required": ["name", "arguments"],
+            }
+            for name, schema in functions.items()
+        ]
+        schema = options[0] if len(options) == 1 else {"anyOf": options}
+        return {"named": False, "names": list(functions), "schema": schema}
+    return None
+
+
+def _parse_tool_call(text: str) -> tuple[str, str] | None:
+    body = text.strip()
+    if body.startswith("<tool_call>"):
+        body = body.removeprefix("<tool_call>").split("</tool_call>")[0].strip()
+    try:
+        call = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        return None
+    arguments = call.get("arguments", call.get("parameters", {}))
+    return call["name"], arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+
+
+@lru_cache(maxsize=64)
+def _grammar(schema_json: str) -> Any:
+    """Compile a JSON schema to a grammar once per schema; compiling costs milliseconds."""
+    from llama_cpp import llama_grammar
+
+    try:
+        return llama_grammar.LlamaGrammar.from_json_schema(schema_json, verbose=False)
+    except Exception as exc:  # noqa: BLE001 - the converter raises bare exceptions for schemas it cannot express
+        raise RequestError(f"cannot enforce this JSON schema: {exc}") from exc
+
+
+@lru_cache(maxsize=1)
+def _json_grammar() -> Any:
+    from llama_cpp import llama_grammar
+
+    return llama_grammar.LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
+
+
+def _response_format_grammar(response_format: Any) -> Any:
+    if not isinstance(response_format, dict):
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return _json_grammar()
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise RequestError("response_format.json_schema.schema must be a JSON schema object")
+        return _grammar(json.dumps(schema, sort_keys=True))
+    return None
+
+
+def _read_requests(inbox: queue.Queue[dict[str, Any] | None]) -> None:
+    """Reader thread: cancellations take effect at once, everything else queues for the model."""
+    for line in sys.stdin.buffer:
+        try:
+            request = json.loads(line)
+        except ValueError:
+            continue
+        if request.get("op") == "cancel":
+            with _cancelled_lock:
+                _cancelled.add(request["id"])
+        else:
+            inbox.put(request)
+    inbox.put(None)  # parent closed the pipe: finish
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="node_agent.runtimes.llama_cpp_worker")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--n-ctx", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--n-gpu-layers", type=int, default=0)
+    parser.add_argument("--chat-format", default=None)
+    parser.add_argument("--max-tokens-cap", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    # The protocol owns the original stdout; anything native code prints goes to stderr.
+    protocol_fd = os.dup(1)
+    os.dup2(2, 1)
+    out = Output(protocol_fd)
+    worker = Worker(args, out)
+    out.send({"type": "ready", "pid": os.getpid(), "n_ctx": worker.llm.n_ctx()})
+    inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    threading.Thread(target=_read_requests, args=(inbox,), daemon=True, name="requests").start()
+    while (request := inbox.get()) is not None:
+        worker.handle(request)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The node agent's settings: command-line flags, each with an environment variable behind it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+LINK_PATH = "/ws/node/"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def _secret(name: str) -> str | None:
+    """A secret from NAME, or from the file named by NAME_FILE (Docker and systemd credentials)."""
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        return Path(path).read_text().strip()
+    return os.environ.get(name)
+
+
+def link_url(gateway_url: str) -> str:
+    """The WebSocket address of the gateway's node link: https gives wss, http gives ws."""
+    parts = urlsplit(gateway_url)
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise ValueError(f"gateway URL must be http(s)://host[:port], got {gateway_url!r}")
+    path = parts.path if parts.path.endswith(LINK_PATH) else parts.path.rstrip("/") + LINK_PATH
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    gateway_url: str
+    access_key: str
+    model_dirs: tuple[Path, ...]
+    name: str
+    state_dir: Path
+    threads: int
+    n_ctx: int
+    n_gpu_layers: int | None
+    heartbeat_interval_s: float
+    rescan_interval_s: float
+    metrics_interval_s: float
+    ca_file: str | None
+
+    @property
+    def link_url(self) -> str:
+        return link_url(self.gateway_url)
+
+    @property
+    def origin(self) -> str:
+        parts = urlsplit(self.gateway_url)
+        return f"{'https' if parts.scheme in ('https', 'wss') else 'http'}://{parts.netloc}"
+
+
+def parse_settings(argv: list[str] | None = None) -> AgentSettings:
+    parser = argparse.ArgumentParser(
+        prog="python -m node_agent",
+        description="OptimaGPT node agent: runs GGUF models with llama.cpp and serves them to a gateway.",
+    )
+    parser.add_argument("--gateway-url", default=_env("OPTIMAGPT_GATEWAY_URL", "http://127.0.0.1:8000"),
+                        help="gateway to dial; https means wss (env OPTIMAGPT_GATEWAY_URL)")
+    parser.add_argument("--models-dir", action="append", default=None,
+                        help="folder scanned recursively for .gguf files; repeatable "
+                             "(env OPTIMAGPT_MODELS_DIRS, separated by ':')")
+    parser.add_argument("--name", default=_env("OPTIMAGPT_NODE_NAME", socket.gethostname()),
+                        help="name shown on the gateway (env OPTIMAGPT_NODE_NAME)")
+    parser.add_argument("--state-dir", default=_env("OPTIMAGPT_NODE_STATE_DIR",
+                                                    str(Path.home() / ".local/share/optimagpt-node")),
+                        help="where the node keeps its identity (env OPTIMAGPT_NODE_STATE_DIR)")
+    parser.add_argument("--threads", type=int, default=int(_env("OPTIMAGPT_NODE_THREADS", "0") or 0),
+                        help="llama.cpp threads per model; 0 means one per core (env OPTIMAGPT_NODE_THREADS)")
+    parser.add_argument("--ctx", type=int, default=int(_env("OPTIMAGPT_NODE_CTX", "4096") or 4096),
+                        help="context window per model, capped at the model's own (env OPTIMAGPT_NODE_CTX)")
+    parser.add_argument("--n-gpu-layers", type=int, default=None,
+                        help="layers to offload to the GPU; default all when an NVIDIA GPU is found, else 0")
+    parser.add_argument("--heartbeat-interval", type=float,
+                        default=float(_env("OPTIMAGPT_HEARTBEAT_INTERVAL_S", "2") or 2))
+    parser.add_argument("--rescan-interval", type=float, default=5.0)
+    parser.add_argument("--metrics-interval", type=float, default=5.0)
+    parser.add_argument("--ca-file", default=_env("OPTIMAGPT_GATEWAY_CA_FILE"),
+                        help="CA bundle to trust for a wss gateway with its own certificate")
+    args = parser.parse_args(argv)
+
+    access_key = _secret("OPTIMAGPT_NODE_ACCESS_KEY")
+    if not access_key:
+        parser.error("set the node access key in OPTIMAGPT_NODE_ACCESS_KEY or OPTIMAGPT_NODE_ACCESS_KEY_FILE")
+    dirs = args.models_dir or [d for d in (_env("OPTIMAGPT_MODELS_DIRS", "models") or "").split(":") if d]
+    try:
+        link_url(args.gateway_url)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return AgentSettings(
+        gateway_url=args.gateway_url,
+        access_key=access_key,
+        model_dirs=tuple(Path(d).resolve() for d in dirs),
+        name=args.name,
+        state_dir=Path(args.state_dir),
+        threads=args.threads or os.cpu_count() or 1,
+        n_ctx=args.ctx,
+        n_gpu_layers=args.n_gpu_layers,
+        heartbeat_interval_s=args.heartbeat_interval,
+        rescan_interval_s=args.rescan_interval,
+        metrics_interval_s=args.metrics_interval,
+        ca_file=args.ca_file,
+    )

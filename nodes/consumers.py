@@ -1,0 +1,187 @@
+"""The gateway's side of the node link: one consumer per connected node.
+
+Requests reach it as channel-layer events (`node.request`, `node.cancel`) from
+whichever gateway process took the HTTP call; the node's events go back to
+each request's reply channel. The wire protocol is in node_agent/protocol.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from node_agent.protocol import (
+    CLOSE_AUTH_FAILED,
+    CLOSE_HEARTBEAT_LOST,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_REPLACED,
+    HANDSHAKE_TIMEOUT_S,
+    PROTOCOL_VERSION,
+    gateway_proof,
+    new_nonce,
+    node_proof,
+    proof_matches,
+)
+
+from . import services
+
+log = logging.getLogger("optimagpt.nodes.link")
+
+_REQUEST_EVENTS = frozenset({"delta", "end", "error"})
+
+
+class NodeLinkConsumer(AsyncWebsocketConsumer):
+    node_pk: int | None = None
+
+    async def connect(self) -> None:
+        self.address = _peer(self.scope)
+        self.gateway_nonce = new_nonce()
+        self.in_flight: dict[str, str] = {}  # request id -> reply channel
+        self.last_heard = time.monotonic()
+        self.last_seen_saved = 0.0
+        self.heartbeat_interval_s = settings.OPTIMAGPT_HEARTBEAT_INTERVAL_S
+        self.closing = False
+        await self.accept()
+        await self._send({"type": "hello", "protocol": PROTOCOL_VERSION, "nonce": self.gateway_nonce})
+        self.watchdog = asyncio.create_task(self._watchdog())
+
+    async def disconnect(self, code: int) -> None:
+        self.closing = True
+        if hasattr(self, "watchdog"):
+            self.watchdog.cancel()
+        # Every request still waiting on this node learns at once that it will get nothing more.
+        for rid, reply in self.in_flight.items():
+            await self.channel_layer.send(reply, {"type": "node.event", "raw": json.dumps({
+                "type": "error", "id": rid,
+                "error": {"message": "The node disconnected.", "type": "server_error",
+                          "code": "node_disconnected", "status": 502}})})
+        self.in_flight.clear()
+        if self.node_pk is not None:
+            await database_sync_to_async(services.node_link_closed)(
+                node_pk=self.node_pk, channel_name=self.channel_name, reason=f"link closed (code {code})")
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        await self.send(text_data=json.dumps(message, separators=(",", ":")))
+
+    async def _refuse(self, reason: str, node_id: str = "") -> None:
+        await database_sync_to_async(services.node_handshake_refused)(
+            node_id=node_id, address=self.address, reason=reason)
+        await self._send({"type": "refused", "reason": reason})
+        await self.close(CLOSE_AUTH_FAILED)
+
+    # -- from the node ------------------------------------------------------
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        self.last_heard = time.monotonic()
+        try:
+            message = json.loads(text_data or "")
+            kind = message["type"]
+        except (ValueError, TypeError, KeyError):
+            await self.close(CLOSE_PROTOCOL_ERROR)
+            return
+        if kind in _REQUEST_EVENTS and self.node_pk is not None:
+            rid = message.get("id")
+            reply = self.in_flight.pop(rid, None) if kind != "delta" else self.in_flight.get(rid)
+            if reply is not None:
+                await self.channel_layer.send(reply, {"type": "node.event", "raw": text_data})
+        elif self.node_pk is None:
+            await self._authenticate(message)
+        elif kind == "ping":
+            await self._send({"type": "pong", "t": message.get("t")})
+            await self._mark_seen()
+        elif kind == "pong":
+            await self._mark_seen()
+        elif kind == "metrics":
+            await database_sync_to_async(services.node_seen)(node_pk=self.node_pk, metrics=message.get("metrics"))
+        elif kind in ("register", "executors"):
+            await self._sync_executors(message)
+
+    async def _authenticate(self, message: dict[str, Any]) -> None:
+        node_id = str(message.get("node_id", ""))
+        if message.get("type") != "auth":
+            await self._refuse("expected auth", node_id)
+            return
+        key = settings.OPTIMAGPT_NODE_ACCESS_KEY
+        if not key:
+            await self._refuse("the gateway has no node access key configured", node_id)
+            return
+        node_nonce = str(message.get("nonce", ""))
+        if len(node_nonce) < 32:
+            await self._refuse("nonce too short", node_id)
+            return
+        expected = node_proof(key, self.gateway_nonce, node_nonce, node_id)
+        if not proof_matches(expected, message.get("proof")):
+            await self._refuse("access key mismatch", node_id)
+            return
+        try:
+            node, replaced = await database_sync_to_async(services.node_link_open)(
+                node_id=node_id, name=str(message.get("name", "")), version=str(message.get("version", "")),
+                address=self.address, channel_name=self.channel_name)
+        except services.NodeRefused as exc:
+            await self._refuse(str(exc), node_id)
+            return
+        if replaced:
+            await self.channel_layer.send(replaced, {"type": "node.replaced"})
+        self.node_pk = node.pk
+        await self._send({"type": "welcome", "proof": gateway_proof(key, self.gateway_nonce, node_nonce, node_id),
+                          "heartbeat_interval_s": self.heartbeat_interval_s})
+
+    async def _mark_seen(self) -> None:
+        now = time.monotonic()
+        if now - self.last_seen_saved >= self.heartbeat_interval_s * 0.9:
+            self.last_seen_saved = now
+            await database_sync_to_async(services.node_seen)(node_pk=self.node_pk)
+
+    async def _sync_executors(self, message: dict[str, Any]) -> None:
+        executors = message.get("executors")
+        if not isinstance(executors, list):
+            return
+        if message["type"] == "register":
+            await database_sync_to_async(services.node_register)(
+                node_pk=self.node_pk, hardware=message.get("hardware") or {}, executors=executors)
+        else:
+            await database_sync_to_async(services.executors_sync)(node_pk=self.node_pk, reported=executors)
+
+    async def _watchdog(self) -> None:
+        """Close a link that did not authenticate in time, or whose node fell silent for 3 heartbeats."""
+        await asyncio.sleep(HANDSHAKE_TIMEOUT_S)
+        if self.node_pk is None:
+            await self._refuse("handshake timed out")
+            return
+        while not self.closing:
+            if time.monotonic() - self.last_heard > 3 * self.heartbeat_interval_s:
+                log.warning("node %s silent for %.1f s; closing its link", self.node_pk,
+                            time.monotonic() - self.last_heard)
+                await self.close(CLOSE_HEARTBEAT_LOST)
+                return
+            with contextlib.suppress(Exception):
+                await self._send({"type": "ping", "t": time.time()})
+            await asyncio.sleep(self.heartbeat_interval_s)
+
+    # -- from the gateway's request handlers (channel layer) ----------------
+    async def node_request(self, event: dict[str, Any]) -> None:
+        rid = event["id"]
+        self.in_flight[rid] = event["reply_channel"]
+        await self._send({"type": "request", "id": rid, "executor": event["executor"], "op": event["op"],
+                          "stream": event["stream"], "body": event["body"]})
+
+    async def node_cancel(self, event: dict[str, Any]) -> None:
+        if self.in_flight.pop(event["id"], None) is not None:
+            await self._send({"type": "cancel", "id": event["id"]})
+
+    async def node_replaced(self, event: dict[str, Any]) -> None:
+        log.info("node %s linked again elsewhere; closing this older link", self.node_pk)
+        self.node_pk = None  # the newer link owns the node row now
+        await self.close(CLOSE_REPLACED)
+
+
+def _peer(scope: dict[str, Any]) -> str:
+    client = scope.get("client") or ("?", 0)
+    return f"{client[0]}:{client[1]}"

@@ -1,0 +1,101 @@
+"""Keeping the ORM in step with what nodes report over their links."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from .models import Executor, Node
+
+log = logging.getLogger("optimagpt.nodes")
+
+_EXECUTOR_FIELDS = ("model_id", "name", "architecture", "parameter_count", "quantization", "context_length",
+                    "n_ctx", "size_bytes", "state", "error")
+
+
+class NodeRefused(Exception):
+    """The node may not link: it is deactivated or identified itself badly."""
+
+
+def node_link_open(*, node_id: str, name: str, version: str, address: str, channel_name: str) -> tuple[Node, str]:
+    """Record that an authenticated node is linked through `channel_name`.
+
+    Returns the node and the channel of the link it replaces ("" if none), so the
+    caller can close that older link: one link per node.
+    """
+    try:
+        uid = uuid.UUID(node_id)
+    except ValueError:
+        raise NodeRefused("node_id is not a UUID") from None
+    with transaction.atomic():
+        node, created = Node.objects.select_for_update().get_or_create(
+            node_id=uid, defaults={"name": name[:100] or str(uid)[:8]}
+        )
+        if not node.activated:
+            raise NodeRefused("this node is deactivated on the gateway")
+        replaced = node.channel_name if node.connected and node.channel_name != channel_name else ""
+        node.version = version[:32]
+        node.address = address[:255]
+        node.connected = True
+        node.channel_name = channel_name
+        node.last_seen = timezone.now()
+        node.last_error = ""
+        if not created and name and node.name != name[:100]:
+            node.name = name[:100]
+        node.save()
+    log.info("node %s (%s) linked from %s", node.name, node.node_id, address)
+    return node, replaced
+
+
+def node_link_closed(*, node_pk: int, channel_name: str, reason: str) -> None:
+    """Mark the node disconnected, unless a newer link has taken its place meanwhile."""
+    updated = Node.objects.filter(pk=node_pk, channel_name=channel_name).update(
+        connected=False, channel_name="", last_error=reason[:2000]
+    )
+    if updated:
+        log.info("node %s link closed: %s", node_pk, reason)
+
+
+def node_handshake_refused(*, node_id: str, address: str, reason: str) -> None:
+    """Make a refused handshake visible on the gateway: in the log, and on the node if it is known."""
+    log.warning("node link refused from %s (node_id %.40s): %s", address, node_id, reason)
+    try:
+        uid = uuid.UUID(node_id)
+    except ValueError:
+        return
+    Node.objects.filter(node_id=uid).update(last_error=f"link refused from {address}: {reason}"[:2000])
+
+
+def node_seen(*, node_pk: int, metrics: dict[str, Any] | None = None) -> None:
+    fields: dict[str, Any] = {"last_seen": timezone.now()}
+    if metrics is not None:
+        fields["metrics"] = metrics
+    Node.objects.filter(pk=node_pk).update(**fields)
+
+
+def node_register(*, node_pk: int, hardware: dict[str, Any], executors: list[dict[str, Any]]) -> None:
+    Node.objects.filter(pk=node_pk).update(hardware=hardware)
+    executors_sync(node_pk=node_pk, reported=executors)
+
+
+def executors_sync(*, node_pk: int, reported: list[dict[str, Any]]) -> None:
+    """Make the node's Executor rows exactly what it reported: add, update, and drop the missing."""
+    by_key = {str(e["key"]): e for e in reported if e.get("key")}
+    with transaction.atomic():
+        existing = {e.key: e for e in Executor.objects.select_for_update().filter(node_id=node_pk)}
+        Executor.objects.filter(node_id=node_pk).exclude(key__in=list(by_key)).delete()
+        for key, report in by_key.items():
+            values = {f: report[f] for f in _EXECUTOR_FIELDS if f in report}
+            if values.get("state") not in Executor.State.values:
+                values["state"] = Executor.State.FAILED
+            executor = existing.get(key)
+            if executor is None:
+                Executor.objects.create(node_id=node_pk, key=key, **values)
+            elif any(getattr(executor, f) != v for f, v in values.items()):
+                for f, v in values.items():
+                    setattr(executor, f, v)
+                executor.save()

@@ -1,0 +1,63 @@
+"""The django-ninja API: mounts the routers and maps every error to OpenAI's `{"error": {...}}` body."""
+
+from __future__ import annotations
+
+import logging
+
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from ninja import NinjaAPI
+from ninja.errors import AuthenticationError, HttpError, ValidationError
+
+from gateway.api import router as openai_router
+from gateway.errors import ApiError
+
+log = logging.getLogger("optimagpt.api")
+
+api = NinjaAPI(title="OptimaGPT", version="1", description="OpenAI-compatible API of the OptimaGPT gateway",
+               urls_namespace="api")
+api.add_router("/v1", openai_router)
+
+
+def error_response(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None) -> JsonResponse:
+    return JsonResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status=status)
+
+
+@api.exception_handler(ApiError)
+def on_api_error(request: HttpRequest, exc: ApiError) -> HttpResponse:
+    return JsonResponse(exc.body(), status=exc.status)
+
+
+@api.exception_handler(ValidationError)
+def on_validation_error(request: HttpRequest, exc: ValidationError) -> HttpResponse:
+    first = exc.errors[0] if exc.errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "payload")]
+    # Union types report one error per branch; the first says enough, with where it is.
+    param = ".".join(loc) or None
+    message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}" if param else first.get("msg", "invalid")
+    return error_response(400, message, param=loc[0] if loc else None)
+
+
+@api.exception_handler(AuthenticationError)
+def on_authentication_error(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
+    return error_response(401, "Invalid or missing API key.", code="invalid_api_key")
+
+
+@api.exception_handler(HttpError)
+def on_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
+    message = str(exc)
+    if message.startswith("Cannot parse request body"):
+        message = "The request body is not valid JSON."
+    return error_response(exc.status_code, message)
+
+
+@api.exception_handler(RequestDataTooBig)
+def on_too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
+    return error_response(413, "The request body is too large.", code="request_too_large")
+
+
+@api.exception_handler(Exception)
+def on_unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
+    log.exception("unexpected error in %s %s", request.method, request.path)
+    return error_response(500, "The gateway failed to process the request.", type="server_error")
