@@ -470,7 +470,12 @@ def _grammar(schema_json: str) -> Any:
     from llama_cpp import llama_grammar
 
     try:
-        return llama_grammar.LlamaGrammar.from_json_schema(schema_json, verbose=False)
+        gbnf = llama_grammar.json_schema_to_gbnf(schema_json)
+        # llama-cpp-python's converter lets raw control characters into strings,
+        # which is not JSON (a newline inside a name breaks json.loads); llama.cpp's
+        # own converter excludes them, and so do we.
+        gbnf = gbnf.replace('char ::= [^"\\\\]', 'char ::= [^"\\\\\\x7F\\x00-\\x1F]', 1)
+        return llama_grammar.LlamaGrammar.from_string(gbnf, verbose=False)
     except Exception as exc:  # noqa: BLE001 - the converter raises bare exceptions for schemas it cannot express
         raise RequestError(f"cannot enforce this JSON schema: {exc}") from exc
 

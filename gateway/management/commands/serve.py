@@ -1,0 +1,95 @@
+"""Run the gateway (daphne) and, by default, a local node agent beside it; stop both on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from nodes.models import Executor
+
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 15.0
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class Command(BaseCommand):
+    help = "Serve the gateway with daphne, and a local node agent for the models in --models-dir."
+
+    def add_arguments(self, parser):  # type: ignore[no-untyped-def]
+        parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--models-dir", default=str(settings.BASE_DIR / "models"))
+        parser.add_argument("--no-local-node", action="store_true", help="run the gateway alone")
+
+    def handle(self, *args: Any, host: str, port: int, models_dir: str, no_local_node: bool, **options: Any) -> None:
+        if _port_open(host, port):
+            raise CommandError(f"{host}:{port} is already in use; pick another with --port")
+        stopping = False
+
+        def request_stop(signum: int, frame: Any) -> None:
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        children: list[subprocess.Popen[bytes]] = [subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", host, "-p", str(port), "optimagpt.asgi:application"])]
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        try:
+            self._wait(lambda: _port_open(host if host not in ("0.0.0.0", "::") else "127.0.0.1", port),
+                       children, "the gateway to listen")
+            self.stdout.write(f"Gateway:       {url}/   (OpenAI API at {url}/v1, admin at {url}/admin/)")
+            if not no_local_node:
+                children.append(subprocess.Popen(
+                    [sys.executable, "-m", "node_agent", "--gateway-url", url, "--models-dir", models_dir,
+                     "--name", "Local Node", "--state-dir", str(Path(settings.DATA_DIR) / "local-node")]))
+                self._wait(lambda: Executor.objects.filter(state=Executor.State.ONLINE,
+                                                           node__connected=True).exists(),
+                           children, "the local node's first model")
+                models = sorted(set(Executor.objects.filter(state=Executor.State.ONLINE)
+                                    .values_list("model_id", flat=True)))
+                self.stdout.write(f"Local node:    linked; serving {', '.join(models)}")
+            self.stdout.write("Ready. Press Ctrl-C to stop.")
+            self.stdout.flush()
+            while not stopping and all(child.poll() is None for child in children):
+                time.sleep(0.5)
+        finally:
+            self._stop(children)
+        failed = [c for c in children if c.returncode not in (0, -signal.SIGTERM, None)]
+        if failed and not stopping:
+            raise CommandError(f"{failed[0].args[2]} exited with code {failed[0].returncode}")
+
+    def _wait(self, ready: Any, children: list[subprocess.Popen[bytes]], what: str) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not ready():
+            if any(child.poll() is not None for child in children):
+                raise CommandError(f"stopped while waiting for {what}: a process exited")
+            if time.monotonic() > deadline:
+                raise CommandError(f"timed out after {READY_TIMEOUT_S:.0f} s waiting for {what}")
+            time.sleep(0.25)
+
+    def _stop(self, children: list[subprocess.Popen[bytes]]) -> None:
+        # The node first, so its inference processes end before the gateway they serve.
+        for child in reversed(children):
+            if child.poll() is None:
+                child.terminate()
+                try:
+                    child.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()

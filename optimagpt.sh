@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# OptimaGPT in one script, for a fresh Linux machine with Python 3.11.
+#   ./optimagpt.sh run      set up (venv, packages, default model, database, admin, API key) and serve
+#   ./optimagpt.sh test     install what the tests need and run the whole test suite
+#   ./optimagpt.sh manage   any manage.py command, with the same settings as `run`
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=${OPTIMAGPT_VENV:-.venv}
+PY=$VENV/bin/python
+# The default native build of llama.cpp crashes in its AMX kernels on some CPUs that report AMX;
+# these flags build a portable AVX2 library instead. Set CMAKE_ARGS yourself for CUDA etc.
+export CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"}
+
+install() {
+    if [ ! -x "$PY" ]; then
+        python3 -m venv "$VENV"
+        "$PY" -m pip install --quiet --upgrade pip
+    fi
+    "$PY" -m pip install --quiet --disable-pip-version-check -r "$1"
+    "$PY" -m node_agent.default_model --dest models >/dev/null
+}
+
+# Secrets of the embedded default: made once, kept in var/ readable by this user only.
+local_secrets() {
+    [ -f .env ] && { set -a; . ./.env; set +a; }
+    export OPTIMAGPT_DATA_DIR=${OPTIMAGPT_DATA_DIR:-$PWD/var}
+    mkdir -p "$OPTIMAGPT_DATA_DIR"
+    (umask 077
+     [ -s "$OPTIMAGPT_DATA_DIR/secret_key" ] || "$PY" -c 'import secrets; print(secrets.token_urlsafe(50))' >"$OPTIMAGPT_DATA_DIR/secret_key"
+     [ -s "$OPTIMAGPT_DATA_DIR/node_access_key" ] || "$PY" -c 'import secrets; print(secrets.token_urlsafe(32))' >"$OPTIMAGPT_DATA_DIR/node_access_key")
+    if [ -z "${SECRET_KEY:-}" ]; then export SECRET_KEY_FILE=${SECRET_KEY_FILE:-$OPTIMAGPT_DATA_DIR/secret_key}; fi
+    if [ -z "${OPTIMAGPT_NODE_ACCESS_KEY:-}" ]; then
+        export OPTIMAGPT_NODE_ACCESS_KEY_FILE=${OPTIMAGPT_NODE_ACCESS_KEY_FILE:-$OPTIMAGPT_DATA_DIR/node_access_key}
+    fi
+}
+
+case "${1:-}" in
+    run)
+        shift
+        install requirements/base.txt
+        local_secrets
+        "$PY" manage.py migrate --verbosity 0
+        "$PY" manage.py bootstrap
+        exec "$PY" manage.py serve "$@"
+        ;;
+    test)
+        shift
+        install requirements/test.txt
+        set +e
+        "$PY" -m pytest "$@"
+        status=$?
+        # pytest's 5 means no test ran: that is a failure, not a pass.
+        [ "$status" -eq 5 ] && { echo "no tests were collected" >&2; exit 1; }
+        exit "$status"
+        ;;
+    manage)
+        shift
+        local_secrets
+        exec "$PY" manage.py "$@"
+        ;;
+    *)
+        echo "usage: $0 run [--host H --port P] | test [pytest args] | manage <command>" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,79 @@
+"""Shared fixtures: the real default model, and real gateway and node-agent processes.
+
+The live stack is started once per test session: daphne on a free port with
+its own SQLite file, and a node agent serving SmolLM2 to it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node_agent.default_model import ensure_default_model
+from tests.processes import Gateway, NodeAgent, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_ID = "smollm2-135m-instruct-q4_1"
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return ensure_default_model(REPO / "models")
+
+
+@pytest.fixture(scope="session")
+def models_dir(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder holding only the default model, so tests can add files freely."""
+    folder = tmp_path_factory.mktemp("models")
+    try:
+        os.link(model_path, folder / model_path.name)  # same file system: no copy needed
+    except OSError:
+        shutil.copyfile(model_path, folder / model_path.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = Gateway(data_dir=tmp_path_factory.mktemp("gateway"), port=free_port())
+    gw.start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
+@pytest.fixture(scope="session")
+def node(gateway: Gateway, models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeAgent]:
+    agent = NodeAgent(gateway=gateway, models_dir=models_dir, state_dir=tmp_path_factory.mktemp("node"))
+    agent.start()
+    try:
+        agent.wait_for_model(MODEL_ID)
+        yield agent
+    finally:
+        agent.stop()
+
+
+@pytest.fixture(scope="session")
+def api_key(gateway: Gateway) -> str:
+    return gateway.create_api_key("tests")
+
+
+@pytest.fixture
+def client(gateway: Gateway, node: NodeAgent, api_key: str):  # type: ignore[no-untyped-def]
+    import openai
+
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
+
+
+def require_service(variable: str) -> str:
+    """The URL of a service a test needs: skip without it on a laptop, fail without it in CI."""
+    url = os.environ.get(variable)
+    if not url:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{variable} is not set, and CI must run this test")
+        pytest.skip(f"{variable} is not set")
+    return url

@@ -1,0 +1,134 @@
+"""Real gateway (daphne) and node-agent processes for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+NODE_ACCESS_KEY = "e2e-node-access-key"
+START_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """A child process whose output goes to a log file that tests can read."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def _spawn(self, argv: list[str], env: dict[str, str]) -> None:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        """SIGTERM and wait; a process that does not stop in time is killed (and the test sees the code)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE")}
+    env.update(PYTHONUNBUFFERED="1", SECRET_KEY="e2e-secret-key-" + "x" * 40, OPTIMAGPT_NODE_ACCESS_KEY=NODE_ACCESS_KEY)
+    env.update(extra)
+    return env
+
+
+class Gateway(Process):
+    def __init__(self, *, data_dir: Path, port: int, **env: str) -> None:
+        super().__init__(data_dir / "gateway.log")
+        self.data_dir = data_dir
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.env = base_env(OPTIMAGPT_DATA_DIR=str(data_dir), **env)
+
+    def manage(self, *args: str) -> str:
+        result = subprocess.run([sys.executable, "manage.py", *args], cwd=REPO, env=self.env, capture_output=True,
+                                text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stderr}")
+        return result.stdout
+
+    def start(self, migrate: bool = True) -> None:
+        if migrate:
+            self.manage("migrate", "--verbosity", "0")
+        self._spawn([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port),
+                     "optimagpt.asgi:application"], self.env)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.alive, f"gateway exited:\n{self.log()}"
+            try:
+                httpx.get(self.url + "/v1/models", timeout=1)
+                return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise TimeoutError(f"gateway did not listen within {START_TIMEOUT_S} s:\n{self.log()}")
+
+    def create_api_key(self, name: str) -> str:
+        return self.manage("create_api_key", "--name", name).strip()
+
+
+class NodeAgent(Process):
+    def __init__(self, *, gateway: Gateway, models_dir: Path, state_dir: Path, access_key: str = NODE_ACCESS_KEY,
+                 name: str = "e2e-node", extra_args: tuple[str, ...] = ()) -> None:
+        super().__init__(state_dir / "agent.log")
+        self.gateway = gateway
+        self.argv = [sys.executable, "-m", "node_agent", "--gateway-url", gateway.url, "--models-dir",
+                     str(models_dir), "--state-dir", str(state_dir), "--name", name, "--rescan-interval", "1",
+                     *extra_args]
+        self.env = base_env(OPTIMAGPT_NODE_ACCESS_KEY=access_key, OPTIMAGPT_NODE_LOG_LEVEL="DEBUG")
+        self.started_at = 0.0
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+        self._spawn(self.argv, self.env)
+
+    def wait_for_model(self, model_id: str, timeout_s: float = START_TIMEOUT_S) -> float:
+        """Wait until the gateway lists `model_id`; return the seconds since the agent started."""
+        key = self.gateway.create_api_key("wait-for-model")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.alive, f"node agent exited:\n{self.log()}"
+            response = httpx.get(self.gateway.url + "/v1/models", headers={"Authorization": f"Bearer {key}"},
+                                 timeout=5)
+            if response.status_code == 200 and any(m["id"] == model_id for m in response.json()["data"]):
+                return time.monotonic() - self.started_at
+            time.sleep(0.2)
+        raise TimeoutError(f"{model_id} not served within {timeout_s} s:\n{self.log()}\n{self.gateway.log()}")
