@@ -89,8 +89,7 @@ class Gateway(Process):
     def start(self, migrate: bool = True) -> None:
         if migrate:
             self.manage("migrate", "--verbosity", "0")
-        self._spawn([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port),
-                     "optimagpt.asgi:application"], self.env)
+        self._spawn([sys.executable, "-m", "optimagpt.server", "-b", "127.0.0.1", "-p", str(self.port)], self.env)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             assert self.alive, f"gateway exited:\n{self.log()}"

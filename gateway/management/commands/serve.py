@@ -48,7 +48,7 @@ class Command(BaseCommand):
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
         children: list[subprocess.Popen[bytes]] = [subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", host, "-p", str(port), "optimagpt.asgi:application"])]
+            [sys.executable, "-m", "optimagpt.server", "-b", host, "-p", str(port)])]
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         try:
             self._wait(lambda: _port_open(host if host not in ("0.0.0.0", "::") else "127.0.0.1", port),

@@ -1,0 +1,68 @@
+"""The node link between real processes: refusal on a wrong key, reconnection after a gateway restart."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import MODEL_ID
+from tests.processes import Gateway, NodeAgent, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_a_node_with_the_wrong_access_key_is_refused_and_neither_side_crashes(
+    gateway: Gateway, node: NodeAgent, models_dir: Path, tmp_path: Path, api_key: str
+) -> None:
+    intruder = NodeAgent(gateway=gateway, models_dir=models_dir, state_dir=tmp_path, name="intruder",
+                         access_key="wrong-key-123")
+    intruder.start()
+    try:
+        _wait_for(lambda: "access key mismatch" in gateway.log(), 30, "the gateway to log the refusal")
+        _wait_for(lambda: "refused" in intruder.log(), 30, "the agent to log the refusal")
+        time.sleep(1)
+        assert intruder.alive and gateway.alive
+        assert "wrong-key-123" not in gateway.log()
+        assert "wrong-key-123" not in intruder.log()
+        # The refused node is not registered and the real node serves on.
+        headers = {"Authorization": f"Bearer {api_key}"}
+        assert httpx.get(gateway.url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"] == MODEL_ID
+        assert "intruder" not in gateway.manage("shell", "--no-imports", "-c",
+                                                "from nodes.models import Node; print(list(Node.objects.values_list('name', flat=True)))")
+    finally:
+        assert intruder.stop() == 0
+
+
+def test_the_node_reconnects_by_itself_after_the_gateway_restarts(models_dir: Path, tmp_path: Path) -> None:
+    gateway = Gateway(data_dir=tmp_path / "gw", port=free_port())
+    (tmp_path / "gw").mkdir()
+    gateway.start()
+    agent = NodeAgent(gateway=gateway, models_dir=models_dir, state_dir=tmp_path / "node")
+    (tmp_path / "node").mkdir()
+    agent.start()
+    try:
+        agent.wait_for_model(MODEL_ID)
+        assert gateway.stop() == 0
+        _wait_for(lambda: "link to" in agent.log() and "lost" in agent.log(), 30, "the agent to notice")
+        gateway.start(migrate=False)
+        agent.wait_for_model(MODEL_ID, timeout_s=45)
+        key = gateway.create_api_key("after-restart")
+        reply = httpx.post(gateway.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                           json={"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}],
+                                 "max_tokens": 2}, timeout=30)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
+        nodes = gateway.manage("shell", "--no-imports", "-c", "from nodes.models import Node; print(Node.objects.count())")
+        assert nodes.strip() == "1", "a reconnecting node must not make a second row"
+    finally:
+        assert agent.stop() == 0
+        gateway.stop()

@@ -1,0 +1,65 @@
+"""Routing decisions, in process: 404 for a model nobody has, 503 for one no connected node can serve."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from django.test import AsyncClient
+from django.utils import timezone
+
+from accounts.models import ApiKey
+from gateway.errors import ModelNotFound, NoCapacity
+from gateway.routing.least_busy import acquire, executor_select, release
+from nodes.models import Executor, Node
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def _node(name: str, *, connected: bool = True) -> Node:
+    return await Node.objects.acreate(node_id=uuid.uuid4(), name=name, connected=connected,
+                                      channel_name=f"chan-{name}", last_seen=timezone.now())
+
+
+async def test_an_unknown_model_is_not_found() -> None:
+    with pytest.raises(ModelNotFound):
+        await executor_select(model="nobody-has-this")
+
+
+async def test_a_known_model_on_a_disconnected_node_is_503_through_the_api() -> None:
+    node = await _node("gone", connected=False)
+    await Executor.objects.acreate(node=node, key="m.gguf", model_id="m", state="online")
+    key, raw = await _create_key()
+    response = await AsyncClient().post("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": "hi"}]}, content_type="application/json", headers={"Authorization": f"Bearer {raw}"})
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "model_unavailable"
+    with pytest.raises(NoCapacity):
+        await executor_select(model="m")
+
+
+async def _create_key() -> tuple[ApiKey, str]:
+    from asgiref.sync import sync_to_async
+
+    return await sync_to_async(ApiKey.create_with_raw_key)(name="routing")
+
+
+async def test_it_picks_the_least_busy_executor_and_takes_turns_among_equals() -> None:
+    a, b = await _node("a"), await _node("b")
+    await Executor.objects.acreate(node=a, key="m.gguf", model_id="m", state="online")
+    await Executor.objects.acreate(node=b, key="m.gguf", model_id="m", state="online")
+    await Executor.objects.acreate(node=b, key="other.gguf", model_id="other", state="online")
+    first = await executor_select(model="m")
+    acquire(first)
+    second = await executor_select(model="m")
+    assert second.channel_name != first.channel_name
+    release(first)
+    third = await executor_select(model="m")
+    assert third.channel_name == first.channel_name, "equally idle: the one used longest ago goes next"
+
+
+async def test_executors_that_are_not_online_are_never_picked() -> None:
+    node = await _node("n")
+    await Executor.objects.acreate(node=node, key="s.gguf", model_id="m", state="starting")
+    with pytest.raises(NoCapacity):
+        await executor_select(model="m")

@@ -1,0 +1,119 @@
+"""The node-link consumer: handshake both ways, refusal on a key mismatch, events routed to requests."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+
+from node_agent.protocol import CLOSE_AUTH_FAILED, gateway_proof, new_nonce, node_proof
+from nodes.consumers import NodeLinkConsumer
+from nodes.models import Executor, Node
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+KEY = "tests-node-access-key"  # tests/settings.py
+EXECUTOR = {"key": "SmolLM2.gguf", "model_id": "smollm2", "name": "SmolLM2", "architecture": "llama",
+            "parameter_count": 134515008, "quantization": "Q4_1", "context_length": 8192, "n_ctx": 4096,
+            "size_bytes": 98362432, "state": "online", "error": ""}
+
+
+def _communicator() -> WebsocketCommunicator:
+    return WebsocketCommunicator(NodeLinkConsumer.as_asgi(), "/ws/node/")
+
+
+async def _handshake(comm: WebsocketCommunicator, key: str, node_id: str) -> dict:
+    connected, _ = await comm.connect()
+    assert connected
+    hello = await comm.receive_json_from()
+    assert hello["type"] == "hello" and len(hello["nonce"]) >= 32
+    nonce = new_nonce()
+    await comm.send_json_to({"type": "auth", "node_id": node_id, "name": "n1", "version": "0.1.0", "nonce": nonce,
+                             "proof": node_proof(key, hello["nonce"], nonce, node_id)})
+    reply = await comm.receive_json_from()
+    reply["_expected_proof"] = gateway_proof(KEY, hello["nonce"], nonce, node_id)
+    return reply
+
+
+async def test_a_node_with_the_right_key_links_and_the_gateway_proves_itself() -> None:
+    comm = _communicator()
+    node_id = str(uuid.uuid4())
+    reply = await _handshake(comm, KEY, node_id)
+    assert reply["type"] == "welcome"
+    assert reply["proof"] == reply["_expected_proof"]
+    await comm.send_json_to({"type": "register", "hardware": {"cpu_count": 2}, "executors": [EXECUTOR]})
+    await comm.send_json_to({"type": "ping", "t": 1})
+    assert (await comm.receive_json_from())["type"] in ("pong", "ping")
+    node = await Node.objects.aget(node_id=node_id)
+    assert node.connected and node.hardware == {"cpu_count": 2}
+    executor = await Executor.objects.aget(node=node)
+    assert executor.model_id == "smollm2" and executor.state == "online"
+    await comm.disconnect()
+    node = await Node.objects.aget(node_id=node_id)
+    assert not node.connected and node.channel_name == ""
+
+
+async def test_a_key_mismatch_is_refused_and_recorded_on_the_gateway(caplog) -> None:
+    node_id = str(uuid.uuid4())
+    await Node.objects.acreate(node_id=node_id, name="known")
+    comm = _communicator()
+    reply = await _handshake(comm, "not-the-key", node_id)
+    assert reply == {"type": "refused", "reason": "access key mismatch", "_expected_proof": reply["_expected_proof"]}
+    output = await comm.receive_output()
+    assert output == {"type": "websocket.close", "code": CLOSE_AUTH_FAILED}
+    node = await Node.objects.aget(node_id=node_id)
+    assert not node.connected and "access key mismatch" in node.last_error
+    assert "access key mismatch" in caplog.text
+    assert "not-the-key" not in caplog.text
+
+
+async def test_anything_before_auth_is_refused() -> None:
+    comm = _communicator()
+    await comm.connect()
+    await comm.receive_json_from()
+    await comm.send_json_to({"type": "register", "executors": []})
+    assert (await comm.receive_json_from())["type"] == "refused"
+    assert (await comm.receive_output())["code"] == CLOSE_AUTH_FAILED
+    assert not await Node.objects.aexists()
+
+
+async def test_node_events_reach_the_request_that_asked_and_cancel_reaches_the_node() -> None:
+    comm = _communicator()
+    node_id = str(uuid.uuid4())
+    assert (await _handshake(comm, KEY, node_id))["type"] == "welcome"
+    node = await Node.objects.aget(node_id=node_id)
+    layer = get_channel_layer()
+    reply = await layer.new_channel("reply.")
+    await layer.send(node.channel_name, {"type": "node.request", "id": "r1", "reply_channel": reply,
+                                         "executor": "SmolLM2.gguf", "op": "chat", "stream": True, "body": {}})
+    request = await comm.receive_json_from()
+    while request["type"] == "ping":
+        request = await comm.receive_json_from()
+    assert request == {"type": "request", "id": "r1", "executor": "SmolLM2.gguf", "op": "chat", "stream": True,
+                       "body": {}}
+    await comm.send_json_to({"type": "delta", "id": "r1", "delta": {"content": "Hi"}})
+    assert json.loads((await layer.receive(reply))["raw"])["delta"] == {"content": "Hi"}
+    await layer.send(node.channel_name, {"type": "node.cancel", "id": "r1"})
+    message = await comm.receive_json_from()
+    while message["type"] == "ping":
+        message = await comm.receive_json_from()
+    assert message == {"type": "cancel", "id": "r1"}
+    await comm.disconnect()
+
+
+async def test_a_dropped_link_fails_the_requests_in_flight_at_once() -> None:
+    comm = _communicator()
+    node_id = str(uuid.uuid4())
+    assert (await _handshake(comm, KEY, node_id))["type"] == "welcome"
+    node = await Node.objects.aget(node_id=node_id)
+    layer = get_channel_layer()
+    reply = await layer.new_channel("reply.")
+    await layer.send(node.channel_name, {"type": "node.request", "id": "r2", "reply_channel": reply,
+                                         "executor": "x", "op": "chat", "stream": False, "body": {}})
+    await comm.receive_json_from()
+    await comm.disconnect()
+    event = json.loads((await layer.receive(reply))["raw"])
+    assert event["type"] == "error" and event["error"]["code"] == "node_disconnected"
