@@ -4,3 +4,6 @@ from django.apps import AppConfig
 class GatewayConfig(AppConfig):
     name = "gateway"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from .routing import least_busy  # noqa: F401 - connects the route cache to node changes

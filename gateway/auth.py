@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from django.http import HttpRequest
-from django.utils import timezone
 from ninja.security.base import AuthBase
 
 from accounts.models import ApiKey
+from accounts.services import api_key_authenticate
 
 from .errors import AuthenticationFailed
-
-# Writing last_used_at on every request would put a database write on the hot path.
-LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
 def raw_key_from_headers(request: HttpRequest) -> str | None:
@@ -39,11 +34,8 @@ class ApiKeyAuth(AuthBase):
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'.",
                 code="missing_api_key",
             )
-        key = await ApiKey.objects.afor_raw_key(raw)
+        key = await api_key_authenticate(raw_key=raw)
         if key is None:
             # Never echo the key back: it may be a real key pasted into the wrong place.
             raise AuthenticationFailed("Incorrect API key provided.")
-        now = timezone.now()
-        if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
-            await ApiKey.objects.filter(pk=key.pk).aupdate(last_used_at=now)
         return key

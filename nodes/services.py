@@ -10,6 +10,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from .models import Executor, Node
+from .signals import executors_changed
 
 log = logging.getLogger("optimagpt.nodes")
 
@@ -47,6 +48,7 @@ def node_link_open(*, node_id: str, name: str, version: str, address: str, chann
         if not created and name and node.name != name[:100]:
             node.name = name[:100]
         node.save()
+    executors_changed.send(sender=Node)
     log.info("node %s (%s) linked from %s", node.name, node.node_id, address)
     return node, replaced
 
@@ -57,6 +59,7 @@ def node_link_closed(*, node_pk: int, channel_name: str, reason: str) -> None:
         connected=False, channel_name="", last_error=reason[:2000]
     )
     if updated:
+        executors_changed.send(sender=Node)
         log.info("node %s link closed: %s", node_pk, reason)
 
 
@@ -99,3 +102,4 @@ def executors_sync(*, node_pk: int, reported: list[dict[str, Any]]) -> None:
                 for f, v in values.items():
                     setattr(executor, f, v)
                 executor.save()
+    executors_changed.send(sender=Executor)

@@ -140,6 +140,10 @@ OPTIMAGPT_MAX_TOKENS_LIMIT = env_int("OPTIMAGPT_MAX_TOKENS_LIMIT", 131072)
 OPTIMAGPT_FIRST_EVENT_TIMEOUT_S = env_float("OPTIMAGPT_FIRST_EVENT_TIMEOUT_S", 120.0)
 OPTIMAGPT_EVENT_TIMEOUT_S = env_float("OPTIMAGPT_EVENT_TIMEOUT_S", 60.0)
 OPTIMAGPT_REQUEST_DEADLINE_S = env_float("OPTIMAGPT_REQUEST_DEADLINE_S", 900.0)
+# How long a verified API key is trusted without asking the database (per gateway process).
+OPTIMAGPT_API_KEY_CACHE_S = env_float("OPTIMAGPT_API_KEY_CACHE_S", 5.0)
+# How long the router trusts its view of the executors of a model without asking the database.
+OPTIMAGPT_ROUTE_CACHE_S = env_float("OPTIMAGPT_ROUTE_CACHE_S", 1.0)
 DATA_UPLOAD_MAX_MEMORY_SIZE = OPTIMAGPT_MAX_BODY_BYTES
 
 LOGGING = {
@@ -152,5 +156,7 @@ LOGGING = {
         # daphne logs every request line at INFO; keep the console for what matters.
         "daphne": {"level": "WARNING"},
         "django.channels.server": {"level": "WARNING"},
+        # Every 4xx is a warning there; API clients get the reason in the body, the log keeps 5xx.
+        "django.request": {"level": "ERROR"},
     },
 }

@@ -8,16 +8,26 @@ turns.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.dispatch import receiver
 
 from nodes.models import Executor, Node
+from nodes.signals import executors_changed
 
 from ..errors import ModelNotFound, NoCapacity
 
 _in_flight: Counter[int] = Counter()
 _last_pick: dict[int, int] = {}
 _ticket = itertools.count()
+# model id -> (valid until, ready executors as (pk, key, channel)). A database
+# query costs a thread hop per request; changes made by this process's node
+# links clear the cache at once, other processes' within OPTIMAGPT_ROUTE_CACHE_S.
+_ready: dict[str, tuple[float, list[tuple[int, str, str]]]] = {}
 
 
 @dataclass(frozen=True)
@@ -29,15 +39,21 @@ class Target:
 
 async def executor_select(*, model: str) -> Target:
     """A ready executor of `model`; ModelNotFound when no node ever had it, NoCapacity when none is ready now."""
-    rows = [
-        row async for row in Executor.objects.filter(
-            model_id=model,
-            state=Executor.State.ONLINE,
-            node__connected=True,
-            node__activated=True,
-            node__last_seen__gte=Node.live_cutoff(),
-        ).values_list("pk", "key", "node__channel_name")
-    ]
+    cached = _ready.get(model)
+    if cached is not None and cached[0] > time.monotonic():
+        rows = cached[1]
+    else:
+        rows = [
+            row async for row in Executor.objects.filter(
+                model_id=model,
+                state=Executor.State.ONLINE,
+                node__connected=True,
+                node__activated=True,
+                node__last_seen__gte=Node.live_cutoff(),
+            ).values_list("pk", "key", "node__channel_name")
+        ]
+        if rows:
+            _ready[model] = (time.monotonic() + settings.OPTIMAGPT_ROUTE_CACHE_S, rows)
     if not rows:
         if await Executor.objects.filter(model_id=model).aexists():
             raise NoCapacity(f"No node can serve the model '{model}' right now.", param="model")
@@ -55,3 +71,8 @@ def release(target: Target) -> None:
     _in_flight[target.executor_pk] -= 1
     if _in_flight[target.executor_pk] <= 0:
         del _in_flight[target.executor_pk]
+
+
+@receiver(executors_changed)
+def _forget_routes(sender: Any, **kwargs: Any) -> None:
+    _ready.clear()
