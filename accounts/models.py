@@ -19,12 +19,12 @@ def api_key_digest(raw_key: str) -> str:
 
 
 class ApiKeyQuerySet(models.QuerySet["ApiKey"]):
-    async def afor_raw_key(self, raw_key: str) -> ApiKey | None:
+    def for_raw_key(self, raw_key: str) -> ApiKey | None:
         """The key that `raw_key` is, compared in constant time; None for anything else."""
         if not raw_key.startswith(KEY_PREFIX) or len(raw_key) > 200:
             return None
         digest = api_key_digest(raw_key)
-        key = await self.select_related("owner").filter(digest=digest).afirst()
+        key = self.select_related("owner").filter(digest=digest).first()
         if key is None or not hmac.compare_digest(key.digest, digest):
             return None
         return key

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 
+from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
@@ -32,7 +33,9 @@ async def api_key_authenticate(*, raw_key: str) -> ApiKey | None:
     if cached is not None and cached[0] > time.monotonic():
         key = cached[1]
     else:
-        key = await ApiKey.objects.afor_raw_key(raw_key)
+        # database_sync_to_async, not the async ORM: it also tidies the thread's
+        # connections, which the API's lean handler leaves to the queries themselves.
+        key = await database_sync_to_async(ApiKey.objects.for_raw_key)(raw_key)
         if key is None:
             _cache.pop(digest, None)
             return None
@@ -40,7 +43,7 @@ async def api_key_authenticate(*, raw_key: str) -> ApiKey | None:
     now = timezone.now()
     if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
         key.last_used_at = now
-        await ApiKey.objects.filter(pk=key.pk).aupdate(last_used_at=now)
+        await database_sync_to_async(ApiKey.objects.filter(pk=key.pk).update)(last_used_at=now)
     return key
 
 

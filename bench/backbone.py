@@ -3,15 +3,16 @@
     .venv/bin/pip install -r requirements/bench.txt
     .venv/bin/python bench/backbone.py [--threads 2] [--quick]
 
-Paths, each measured alone (the others stopped) so they do not share the CPU:
+Paths (all started first, then measured round-robin, one request at a time, so a drift in the
+machine's speed hits every path alike):
   in-process   llama_cpp.Llama in this process (the physical limit)
   server       llama-cpp-python's own OpenAI server (`python -m llama_cpp.server`), the baseline
   worker       our inference process, straight over its pipe (node_agent.runtimes.llama_cpp)
   gateway      client -> daphne gateway -> channel layer -> node link -> node agent -> worker
 
 Figures: latency of a 1-token chat request (p50, p90, and p50 added over in-process), time to
-first token of a streamed reply, tokens/s of a 128-token reply (end of text suppressed so every
-run makes 128 tokens; min/median/max of several runs, to show a bimodal path), and requests/s
+first token of a streamed reply, tokens/s of a streamed 128-token reply (end of text suppressed so
+every run makes 128 tokens; min/median/max of several runs, to show a bimodal path), and requests/s
 with 8 concurrent clients sending 1-token requests. HTTP paths use one httpx client with
 kept-alive connections for all of them.
 """
@@ -39,7 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from node_agent.default_model import ensure_default_model  # noqa: E402
-from node_agent.runtimes.llama_cpp import LlamaCppProcess, ProcessConfig  # noqa: E402
+from node_agent.runtimes.llama_cpp import ProcessConfig  # noqa: E402
+from node_agent.settings import DEFAULT_STREAM_INTERVAL_MS  # noqa: E402
 from tests.processes import Gateway, NodeAgent, free_port  # noqa: E402
 
 MODEL_ID = "smollm2-135m-instruct-q4_1"
@@ -59,102 +61,112 @@ class Result(dict):
     pass
 
 
-# -- measurement loops, shared by every path ---------------------------------------------
-def measure(one: Callable[[], None], ttft: Callable[[], float], long: Callable[[], tuple[int, float]],
-            concurrent: Callable[[int, int], float] | None, n_latency: int, n_long: int) -> Result:
-    for _ in range(10):
-        one()  # warm up: prompt cache, connections, JIT-free but page-cache warm
-    latencies = []
-    for _ in range(n_latency):
-        t = time.perf_counter()
-        one()
-        latencies.append((time.perf_counter() - t) * 1000)
-    ttfts = [ttft() * 1000 for _ in range(max(5, n_latency // 10))]
-    rates = []
-    for _ in range(n_long):
-        tokens, seconds = long()
-        assert tokens == 128, f"expected 128 tokens, got {tokens}"
-        rates.append(tokens / seconds)
-    r = Result(p50=pct(latencies, 0.5), p90=pct(latencies, 0.9), ttft=statistics.median(ttfts),
-               tps_min=min(rates), tps_med=statistics.median(rates), tps_max=max(rates))
-    if concurrent is not None:
-        r["rps"] = concurrent(8, max(200, n_latency))
-    return r
+# -- the paths: each offers the same four measurements ----------------------------------
+class Path_:
+    """One way to reach the model. Subclasses implement one request of each kind."""
+
+    name = ""
+
+    def one(self) -> None:
+        raise NotImplementedError
+
+    def ttft(self) -> float:
+        """Seconds to the first token of a streamed reply (read to its end)."""
+        raise NotImplementedError
+
+    def long(self) -> tuple[float, str | None]:
+        """A streamed reply of max_tokens=128 with end of text suppressed: (seconds, finish reason)."""
+        raise NotImplementedError
+
+    def concurrent(self, clients: int, total: int) -> float | None:
+        return None
+
+    def close(self) -> None:
+        pass
 
 
-# -- path: in-process ---------------------------------------------------------------------
-def bench_in_process(model: Path, threads: int, n: int, n_long: int) -> Result:
-    from llama_cpp import Llama
+class InProcess(Path_):
+    name = "in-process"
 
-    llm = Llama(model_path=str(model), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
+    def __init__(self, model: Path, threads: int) -> None:
+        from llama_cpp import Llama
 
-    def one() -> None:
-        llm.create_chat_completion(**ONE_TOKEN)
+        self.llm = Llama(model_path=str(model), n_ctx=4096, n_threads=threads, n_threads_batch=threads,
+                         verbose=False)
 
-    def ttft() -> float:
+    def one(self) -> None:
+        self.llm.create_chat_completion(**ONE_TOKEN)
+
+    def _stream(self, body: dict[str, Any]) -> tuple[int, float, float]:
         # Read the whole reply, as the other paths do: a reply left half-read keeps
         # the prompt's logits cached and flatters the next request.
-        elapsed = None
+        first, finish = None, None
         t = time.perf_counter()
-        for chunk in llm.create_chat_completion(**TTFT, stream=True):
-            if elapsed is None and chunk["choices"][0]["delta"].get("content"):
-                elapsed = time.perf_counter() - t
-        assert elapsed is not None, "no token"
-        return elapsed
+        for chunk in self.llm.create_chat_completion(**body, stream=True):
+            choice = chunk["choices"][0]
+            finish = choice.get("finish_reason") or finish
+            if first is None and choice["delta"].get("content"):
+                first = time.perf_counter() - t
+        assert first is not None, "no token"
+        return first, time.perf_counter() - t, finish
 
-    def long() -> tuple[int, float]:
-        body = {**LONG, "logit_bias": {EOS_TOKEN: -100}}
+    def ttft(self) -> float:
+        return self._stream(TTFT)[0]
+
+    def long(self) -> tuple[float, str | None]:
+        _, seconds, finish = self._stream({**LONG, "logit_bias": {EOS_TOKEN: -100}})
+        return seconds, finish
+
+
+class Http(Path_):
+    """An OpenAI-compatible HTTP server: llama-cpp-python's own, or our gateway."""
+
+    def __init__(self, name: str, base: str, headers: dict[str, str], model: str) -> None:
+        self.name = name
+        self.base, self.headers, self.model = base, headers, model
+        self.client = httpx.Client(base_url=base, headers=headers, timeout=120)
+
+    def one(self) -> None:
+        self.client.post("/v1/chat/completions", json={"model": self.model, **ONE_TOKEN}).raise_for_status()
+
+    def _stream(self, body: dict[str, Any]) -> tuple[float, float, str | None]:
+        first, finish = None, None
         t = time.perf_counter()
-        reply = llm.create_chat_completion(**body)
-        return reply["usage"]["completion_tokens"], time.perf_counter() - t
+        with self.client.stream("POST", "/v1/chat/completions",
+                                json={"model": self.model, "stream": True, **body}) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():  # to the end, so the connection is reused
+                if not line.startswith("data: {"):
+                    continue
+                choice = json.loads(line[6:])["choices"][0]
+                finish = choice.get("finish_reason") or finish
+                if first is None and choice["delta"].get("content"):
+                    first = time.perf_counter() - t
+        assert first is not None, "no token"
+        return first, time.perf_counter() - t, finish
 
-    result = measure(one, ttft, long, None, n, n_long)
-    del llm
-    return result
+    def ttft(self) -> float:
+        return self._stream(TTFT)[0]
 
+    def long(self) -> tuple[float, str | None]:
+        _, seconds, finish = self._stream(LONG)
+        return seconds, finish
 
-# -- path: HTTP (llama-cpp-python's server, and our gateway) -----------------------------
-def bench_http(base: str, headers: dict[str, str], model: str, n: int, n_long: int) -> Result:
-    client = httpx.Client(base_url=base, headers=headers, timeout=120)
-
-    def post(body: dict[str, Any]) -> dict[str, Any]:
-        response = client.post("/v1/chat/completions", json={"model": model, **body})
-        response.raise_for_status()
-        return response.json()
-
-    def one() -> None:
-        post(ONE_TOKEN)
-
-    def ttft() -> float:
-        t = time.perf_counter()
-        elapsed = None
-        with client.stream("POST", "/v1/chat/completions", json={"model": model, "stream": True, **TTFT}) as r:
-            for line in r.iter_lines():  # read to the end, so the connection is reused
-                if elapsed is None and line.startswith("data: {") and \
-                        json.loads(line[6:])["choices"][0]["delta"].get("content"):
-                    elapsed = time.perf_counter() - t
-        assert elapsed is not None, "no token"
-        return elapsed
-
-    def long() -> tuple[int, float]:
-        t = time.perf_counter()
-        reply = post(LONG)
-        return reply["usage"]["completion_tokens"], time.perf_counter() - t
-
-    def concurrent(clients: int, total: int) -> float:
+    def concurrent(self, clients: int, total: int) -> float:
         async def run() -> float:
-            async with httpx.AsyncClient(base_url=base, headers=headers, timeout=120,
+            async with httpx.AsyncClient(base_url=self.base, headers=self.headers, timeout=120,
                                          limits=httpx.Limits(max_connections=clients)) as aclient:
-                remaining = total
+                remaining = 0
 
                 async def worker() -> None:
                     nonlocal remaining
                     while remaining > 0:
                         remaining -= 1
-                        response = await aclient.post("/v1/chat/completions", json={"model": model, **ONE_TOKEN})
+                        response = await aclient.post("/v1/chat/completions", json={"model": self.model, **ONE_TOKEN})
                         response.raise_for_status()
 
-                await asyncio.gather(*(worker() for _ in range(clients)))  # warm the connections
+                remaining = clients * 4
+                await asyncio.gather(*(worker() for _ in range(clients)))  # open the connections
                 remaining = total
                 t = time.perf_counter()
                 await asyncio.gather(*(worker() for _ in range(clients)))
@@ -162,10 +174,109 @@ def bench_http(base: str, headers: dict[str, str], model: str, n: int, n_long: i
 
         return asyncio.run(run())
 
-    try:
-        return measure(one, ttft, long, concurrent, n, n_long)
-    finally:
-        client.close()
+    def close(self) -> None:
+        self.client.close()
+
+
+class Worker(Path_):
+    """Our inference process, spoken to over its pipe exactly as the node agent does."""
+
+    name = "worker (pipe)"
+
+    def __init__(self, model: Path, threads: int, stream_interval_ms: float) -> None:
+        self.proc = subprocess.Popen(
+            ProcessConfig(model_path=str(model), n_ctx=4096, threads=threads, n_gpu_layers=0,
+                          stream_interval_ms=stream_interval_ms).argv(),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO)
+        assert json.loads(self.proc.stdout.readline())["type"] == "ready"
+        self.ids = iter(range(10**9))
+
+    def _send(self, body: dict[str, Any], stream: bool) -> str:
+        rid = str(next(self.ids))
+        self.proc.stdin.write((json.dumps({"op": "chat", "id": rid, "stream": stream, "body": body}) + "\n").encode())
+        self.proc.stdin.flush()
+        return rid
+
+    def _events(self) -> Iterator[dict[str, Any]]:
+        while True:
+            event = json.loads(self.proc.stdout.readline())
+            yield event
+            if event["type"] in ("end", "error"):
+                return
+
+    def one(self) -> None:
+        self._send(ONE_TOKEN, False)
+        for _ in self._events():
+            pass
+
+    def _stream(self, body: dict[str, Any]) -> tuple[float, float, str | None]:
+        t = time.perf_counter()
+        self._send(body, True)
+        first, finish = None, None
+        for event in self._events():
+            if first is None and event["type"] == "delta":
+                first = time.perf_counter() - t
+            finish = event.get("finish_reason", finish)
+        assert first is not None, "no token"
+        return first, time.perf_counter() - t, finish
+
+    def ttft(self) -> float:
+        return self._stream(TTFT)[0]
+
+    def long(self) -> tuple[float, str | None]:
+        _, seconds, finish = self._stream(LONG)
+        return seconds, finish
+
+    def concurrent(self, clients: int, total: int) -> float:
+        # The process serves one request at a time; queue them all, as busy clients would.
+        t = time.perf_counter()
+        for _ in range(total):
+            self._send(ONE_TOKEN, False)
+        for _ in range(total):
+            for _ in self._events():
+                pass
+        return total / (time.perf_counter() - t)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def run_interleaved(paths: list[Path_], n_latency: int, n_long: int) -> dict[str, Result]:
+    """Take every figure round-robin across paths, so drift in the machine's speed hits all alike."""
+    samples: dict[str, dict[str, list[float]]] = {p.name: {"lat": [], "ttft": [], "tps": [], "rps": []}
+                                                  for p in paths}
+    for p in paths:
+        for _ in range(10):
+            p.one()  # warm up: prompt cache, connections
+    for _ in range(n_latency // 10):
+        for p in paths:
+            for _ in range(10):
+                t = time.perf_counter()
+                p.one()
+                samples[p.name]["lat"].append((time.perf_counter() - t) * 1000)
+    for _ in range(10):
+        for p in paths:
+            samples[p.name]["ttft"].append(p.ttft() * 1000)
+    for _ in range(n_long):
+        for p in paths:
+            seconds, finish = p.long()
+            # Stopped by max_tokens, so exactly 128 tokens were made.
+            assert finish == "length", f"{p.name}: reply ended by {finish!r}, not after 128 tokens"
+            samples[p.name]["tps"].append(128 / seconds)
+    for _ in range(2):
+        for p in paths:
+            rps = p.concurrent(8, max(200, n_latency))
+            if rps is not None:
+                samples[p.name]["rps"].append(rps)
+    results = {}
+    for name, s in samples.items():
+        r = Result(p50=pct(s["lat"], 0.5), p90=pct(s["lat"], 0.9), ttft=statistics.median(s["ttft"]),
+                   tps_min=min(s["tps"]), tps_med=statistics.median(s["tps"]), tps_max=max(s["tps"]))
+        if s["rps"]:
+            r["rps"] = statistics.median(s["rps"])
+        results[name] = r
+    return results
 
 
 def wait_http(url: str, timeout_s: float = 60) -> None:
@@ -195,7 +306,7 @@ def llama_server(model: Path, threads: int) -> Iterator[str]:
 
 
 @contextmanager
-def gateway_and_node(model: Path, threads: int) -> Iterator[tuple[str, str]]:
+def gateway_and_node(model: Path, threads: int, stream_interval_ms: float) -> Iterator[tuple[str, str]]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         models = root / "models"
@@ -209,7 +320,7 @@ def gateway_and_node(model: Path, threads: int) -> Iterator[tuple[str, str]]:
         gateway = Gateway(data_dir=root / "gw", port=free_port())
         gateway.start()
         agent = NodeAgent(gateway=gateway, models_dir=models, state_dir=root / "node",
-                          extra_args=("--threads", str(threads)))
+                          extra_args=("--threads", str(threads), "--stream-interval-ms", str(stream_interval_ms)))
         agent.env["OPTIMAGPT_NODE_LOG_LEVEL"] = "WARNING"
         agent.start()
         try:
@@ -220,74 +331,33 @@ def gateway_and_node(model: Path, threads: int) -> Iterator[tuple[str, str]]:
             gateway.stop()
 
 
-# -- path: our worker, straight over its pipe ---------------------------------------------
-def bench_worker(model: Path, threads: int, n: int, n_long: int) -> Result:
-    async def run() -> Result:
-        process = LlamaCppProcess(ProcessConfig(model_path=str(model), n_ctx=4096, threads=threads, n_gpu_layers=0),
-                                  on_state=lambda: None)
-        process.start()
-        while process.state != "online":
-            await asyncio.sleep(0.05)
-        counter = iter(range(10**9))
-
-        async def call(body: dict[str, Any], stream: bool, first_token: bool = False) -> tuple[dict[str, Any], float]:
-            done = asyncio.get_running_loop().create_future()
-            t = time.perf_counter()
-            first: list[float] = []
-
-            async def sink(raw: str, event: dict[str, Any]) -> None:
-                if event["type"] == "delta" and not first:
-                    first.append(time.perf_counter() - t)
-                if event["type"] in ("end", "error") and not done.done():
-                    done.set_result(event)
-
-            process.submit({"op": "chat", "id": str(next(counter)), "stream": stream, "body": body}, sink)
-            event = await done
-            return event, (first[0] if first_token else time.perf_counter() - t)
-
-        loop_results: dict[str, Any] = {}
-        for _ in range(10):
-            await call(ONE_TOKEN, False)
-        latencies = [(await call(ONE_TOKEN, False))[1] * 1000 for _ in range(n)]
-        ttfts = [(await call(TTFT, True, first_token=True))[1] * 1000 for _ in range(max(5, n // 10))]
-        rates = []
-        for _ in range(n_long):
-            event, seconds = await call(LONG, False)
-            assert event["usage"]["completion_tokens"] == 128
-            rates.append(128 / seconds)
-        total = max(200, n)
-        t = time.perf_counter()
-        await asyncio.gather(*(call(ONE_TOKEN, False) for _ in range(total)))
-        loop_results["rps"] = total / (time.perf_counter() - t)
-        await process.stop()
-        return Result(p50=pct(latencies, 0.5), p90=pct(latencies, 0.9), ttft=statistics.median(ttfts),
-                      tps_min=min(rates), tps_med=statistics.median(rates), tps_max=max(rates), **loop_results)
-
-    return asyncio.run(run())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, for a smoke run")
+    parser.add_argument("--stream-interval-ms", type=float, default=DEFAULT_STREAM_INTERVAL_MS,
+                        help="the node's streaming interval (default: the node agent's default)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     n, n_long = (50, 3) if args.quick else (300, 7)
     model = ensure_default_model(REPO / "models")
 
-    results: dict[str, Result] = {}
-    print(f"model {model.name}, {args.threads} threads, {os.cpu_count()} cores; {n} latency samples, "
-          f"{n_long} long replies per path", flush=True)
-    results["in-process"] = bench_in_process(model, args.threads, n, n_long)
-    print("in-process done", flush=True)
-    with llama_server(model, args.threads) as base:
-        results["llama-cpp-python server"] = bench_http(base, {}, "smollm2", n, n_long)
-    print("server done", flush=True)
-    results["worker (pipe)"] = bench_worker(model, args.threads, n, n_long)
-    print("worker done", flush=True)
-    with gateway_and_node(model, args.threads) as (base, key):
-        results["gateway + node"] = bench_http(base, {"Authorization": f"Bearer {key}"}, MODEL_ID, n, n_long)
-    print("gateway done\n", flush=True)
+    print(f"model {model.name}, {args.threads} threads, {os.cpu_count()} cores, stream interval "
+          f"{args.stream_interval_ms:g} ms; {n} latency samples, "
+          f"{n_long} long replies per path, taken round-robin across the paths", flush=True)
+    with llama_server(model, args.threads) as server_url, gateway_and_node(model, args.threads,
+                                                                                 args.stream_interval_ms) as (gw_url, key):
+        paths: list[Path_] = [
+            InProcess(model, args.threads),
+            Http("llama-cpp-python server", server_url, {}, "smollm2"),
+            Worker(model, args.threads, args.stream_interval_ms),
+            Http("gateway + node", gw_url, {"Authorization": f"Bearer {key}"}, MODEL_ID),
+        ]
+        try:
+            results = run_interleaved(paths, n, n_long)
+        finally:
+            for p in paths:
+                p.close()
 
     base = results["in-process"]
     header = ("path", "1-tok p50 ms", "p90 ms", "added p50 ms", "TTFT ms", "tok/s min", "tok/s med", "tok/s max",

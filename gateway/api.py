@@ -14,10 +14,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from ninja import Router
 
-from nodes.models import Executor, Node
+from nodes.models import Executor
 
 from .auth import ApiKeyAuth
 from .errors import ApiError, ModelNotFound
@@ -37,8 +38,9 @@ def _sse(obj: Any) -> bytes:
     return f"data: {_dumps(obj)}\n\n".encode()
 
 
-def _node_body(body: Any) -> dict[str, Any]:
-    return body.model_dump(exclude_none=True, by_alias=True)
+def _node_body(request: HttpRequest) -> str:
+    """The validated body as the client sent it, unknown fields included: no re-encoding on the way."""
+    return request.body.decode()
 
 
 async def _first_event(call: InferenceCall) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any]]:
@@ -91,7 +93,7 @@ def _finish_reason(event: dict[str, Any]) -> str:
 # -- chat ---------------------------------------------------------------------
 @router.post("/chat/completions", summary="Create a chat completion")
 async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> HttpResponse:
-    call = await inference_start(model=body.model, op="chat", body=_node_body(body), stream=body.stream)
+    call = await inference_start(model=body.model, op="chat", body_json=_node_body(request), stream=body.stream)
     completion_id = "chatcmpl-" + uuid.uuid4().hex
     created = int(time.time())
     if not body.stream:
@@ -136,7 +138,7 @@ async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> Http
 # -- legacy completions -------------------------------------------------------
 @router.post("/completions", summary="Create a completion (legacy)")
 async def completions(request: HttpRequest, body: CompletionIn) -> HttpResponse:
-    call = await inference_start(model=body.model, op="completion", body=_node_body(body), stream=body.stream)
+    call = await inference_start(model=body.model, op="completion", body_json=_node_body(request), stream=body.stream)
     completion_id = "cmpl-" + uuid.uuid4().hex
     created = int(time.time())
     head = {"id": completion_id, "object": "text_completion", "created": created, "model": body.model,
@@ -166,7 +168,7 @@ async def completions(request: HttpRequest, body: CompletionIn) -> HttpResponse:
 # -- embeddings ---------------------------------------------------------------
 @router.post("/embeddings", summary="Create embeddings")
 async def embeddings(request: HttpRequest, body: EmbeddingIn) -> HttpResponse:
-    call = await inference_start(model=body.model, op="embedding", body=_node_body(body), stream=False)
+    call = await inference_start(model=body.model, op="embedding", body_json=_node_body(request), stream=False)
     event = await _collect(call)
     vectors = event["embeddings"]
     if body.dimensions is not None and body.dimensions != len(vectors[0]):
@@ -189,14 +191,12 @@ def _model_object(model_id: str, created: int) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": created, "owned_by": "optimagpt"}
 
 
-async def _served_models() -> dict[str, int]:
+@database_sync_to_async
+def _served_models() -> dict[str, int]:
     """Model ids a connected node serves now, with when each was first seen."""
     served: dict[str, int] = {}
-    async for model_id, updated in Executor.objects.filter(
-        state=Executor.State.ONLINE, node__connected=True, node__activated=True,
-        node__last_seen__gte=Node.live_cutoff(),
-    ).values_list("model_id", "node__created_at"):
-        stamp = int(updated.timestamp())
+    for model_id, created in Executor.objects.ready().values_list("model_id", "node__created_at"):
+        stamp = int(created.timestamp())
         served[model_id] = min(stamp, served.get(model_id, stamp))
     return served
 

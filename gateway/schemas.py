@@ -16,7 +16,10 @@ def _max_tokens_limit() -> int:
 
 
 class OpenAIIn(Schema):
-    model_config = ConfigDict(extra="allow")
+    # Strict types, as OpenAI's API has them ("max_tokens": "5" is an error, not 5):
+    # the body goes to the node exactly as the client sent it, so what passes
+    # here must already be what the node expects.
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class FunctionSpec(OpenAIIn):

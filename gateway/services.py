@@ -89,8 +89,12 @@ class InferenceCall:
                 log.warning("could not cancel request %s on its node", self.request_id)
 
 
-async def inference_start(*, model: str, op: str, body: dict[str, Any], stream: bool) -> InferenceCall:
-    """Route the request to an executor of `model` and send it; raises ModelNotFound or NoCapacity."""
+async def inference_start(*, model: str, op: str, body_json: str, stream: bool) -> InferenceCall:
+    """Route the request to an executor of `model` and send it; raises ModelNotFound or NoCapacity.
+
+    `body_json` is the request body, already validated, as JSON text: it travels to
+    the inference process as it is.
+    """
     target = await executor_select(model=model)
     layer = get_channel_layer()
     call = InferenceCall(target, uuid.uuid4().hex, await layer.new_channel("reply."))
@@ -103,7 +107,7 @@ async def inference_start(*, model: str, op: str, body: dict[str, Any], stream: 
             "executor": target.executor_key,
             "op": op,
             "stream": stream,
-            "body": body,
+            "body_json": body_json,
         })
     except BaseException:
         call.finished = True

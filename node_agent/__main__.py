@@ -28,7 +28,8 @@ async def serve(argv: list[str] | None = None) -> None:
             dialer.executors_changed()
 
     manager = ExecutorManager(dirs=settings.model_dirs, n_ctx=settings.n_ctx, threads=settings.threads,
-                              n_gpu_layers=n_gpu_layers, on_change=executors_changed)
+                              n_gpu_layers=n_gpu_layers, stream_interval_ms=settings.stream_interval_ms,
+                              on_change=executors_changed)
     dialer = Dialer(settings=settings, node_id=load_node_id(settings.state_dir), manager=manager, gpus=gpus)
     log.info("node %s: models from %s, %d threads per model", settings.name,
              ", ".join(map(str, settings.model_dirs)), settings.threads)

@@ -93,8 +93,9 @@ class ExecutorManager:
     """Keeps one Executor per model file in step with the folders, and reports every change."""
 
     def __init__(self, *, dirs: tuple[Path, ...], n_ctx: int, threads: int, n_gpu_layers: int,
-                 on_change: Callable[[], None]) -> None:
+                 stream_interval_ms: float, on_change: Callable[[], None]) -> None:
         self.dirs = dirs
+        self.stream_interval_ms = stream_interval_ms
         self.n_ctx = n_ctx
         self.threads = threads
         self.n_gpu_layers = n_gpu_layers
@@ -106,7 +107,7 @@ class ExecutorManager:
             return None
         n_ctx = min(self.n_ctx, model.info.context_length or self.n_ctx)
         return ProcessConfig(model_path=str(model.path), n_ctx=n_ctx, threads=self.threads,
-                             n_gpu_layers=self.n_gpu_layers)
+                             n_gpu_layers=self.n_gpu_layers, stream_interval_ms=self.stream_interval_ms)
 
     async def rescan(self) -> bool:
         """Bring executors in line with the files; True when anything changed."""

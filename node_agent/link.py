@@ -82,12 +82,15 @@ class NodeSession:
         await self.socket.send(json.dumps(message, separators=(",", ":")))
 
     async def _recv(self) -> dict[str, Any]:
+        return (await self._recv_raw())[1]
+
+    async def _recv_raw(self) -> tuple[str, dict[str, Any]]:
         raw = await self.socket.recv()
         self._last_heard = time.monotonic()
         message = json.loads(raw)
         if not isinstance(message, dict):
             raise ValueError("message is not an object")
-        return message
+        return raw if isinstance(raw, str) else raw.decode(), message
 
     async def handshake(self) -> None:
         """Prove we hold the key, and make the gateway prove it too. Raises HandshakeRefused."""
@@ -130,7 +133,7 @@ class NodeSession:
         ]
         try:
             while True:
-                await self._handle(await self._recv())
+                await self._handle(*await self._recv_raw())
         finally:
             for task in tasks:
                 task.cancel()
@@ -142,10 +145,10 @@ class NodeSession:
     def executors_changed(self) -> None:
         self._executors_dirty.set()
 
-    async def _handle(self, message: dict[str, Any]) -> None:
+    async def _handle(self, raw: str, message: dict[str, Any]) -> None:
         kind = message.get("type")
         if kind == "request":
-            await self._start_request(message)
+            await self._start_request(raw, message)
         elif kind == "cancel":
             process = self._in_flight.pop(str(message.get("id")), None)
             if process is not None:
@@ -157,7 +160,7 @@ class NodeSession:
         else:
             log.debug("ignoring message of type %r", kind)
 
-    async def _start_request(self, message: dict[str, Any]) -> None:
+    async def _start_request(self, raw: str, message: dict[str, Any]) -> None:
         rid = str(message.get("id"))
         executor = self.manager.executors.get(str(message.get("executor")))
         process = executor.process if executor is not None else None
@@ -168,9 +171,8 @@ class NodeSession:
             with contextlib.suppress(Exception):  # the link may have dropped meanwhile
                 await self.socket.send(raw)
 
-        request = {"op": message.get("op"), "id": rid, "stream": bool(message.get("stream")),
-                   "body": message.get("body") or {}}
-        if process is None or not process.submit(request, forward):
+        # The worker reads op, id, stream and body from the message itself: pass it on untouched.
+        if process is None or not isinstance(message.get("body"), dict) or not process.submit(rid, raw, forward):
             state = executor.state if executor is not None else "unknown"
             await self._send({"type": "error", "id": rid, "error": {
                 "message": f"executor {message.get('executor')!r} is not ready (state {state})",

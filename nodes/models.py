@@ -36,6 +36,14 @@ class Node(models.Model):
         return timezone.now() - timedelta(seconds=3 * settings.OPTIMAGPT_HEARTBEAT_INTERVAL_S)
 
 
+class ExecutorQuerySet(models.QuerySet["Executor"]):
+    def ready(self, *, model: str | None = None) -> ExecutorQuerySet:
+        """Executors that can take a request now: online, on an activated node heard from lately."""
+        ready = self.filter(state=Executor.State.ONLINE, node__connected=True, node__activated=True,
+                            node__last_seen__gte=Node.live_cutoff())
+        return ready if model is None else ready.filter(model_id=model)
+
+
 class Executor(models.Model):
     """One model on one node, as the node reports it."""
 
@@ -59,6 +67,8 @@ class Executor(models.Model):
     state = models.CharField(max_length=16, choices=State.choices, default=State.OFFLINE)
     error = models.TextField(blank=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    objects = ExecutorQuerySet.as_manager()
 
     class Meta:
         ordering = ["model_id"]

@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from channels.db import database_sync_to_async
 from django.conf import settings
 from django.dispatch import receiver
 
@@ -43,24 +44,20 @@ async def executor_select(*, model: str) -> Target:
     if cached is not None and cached[0] > time.monotonic():
         rows = cached[1]
     else:
-        rows = [
-            row async for row in Executor.objects.filter(
-                model_id=model,
-                state=Executor.State.ONLINE,
-                node__connected=True,
-                node__activated=True,
-                node__last_seen__gte=Node.live_cutoff(),
-            ).values_list("pk", "key", "node__channel_name")
-        ]
+        rows = await database_sync_to_async(_ready_executors)(model)
         if rows:
             _ready[model] = (time.monotonic() + settings.OPTIMAGPT_ROUTE_CACHE_S, rows)
     if not rows:
-        if await Executor.objects.filter(model_id=model).aexists():
+        if await database_sync_to_async(Executor.objects.filter(model_id=model).exists)():
             raise NoCapacity(f"No node can serve the model '{model}' right now.", param="model")
         raise ModelNotFound(f"The model '{model}' does not exist.", param="model")
     pk, key, channel = min(rows, key=lambda r: (_in_flight[r[0]], _last_pick.get(r[0], -1)))
     _last_pick[pk] = next(_ticket)
     return Target(executor_pk=pk, executor_key=key, channel_name=channel)
+
+
+def _ready_executors(model: str) -> list[tuple[int, str, str]]:
+    return list(Executor.objects.ready(model=model).values_list("pk", "key", "node__channel_name"))
 
 
 def acquire(target: Target) -> None:

@@ -39,6 +39,7 @@ class ProcessConfig:
     n_gpu_layers: int
     chat_format: str | None = None
     max_tokens_cap: int = 0
+    stream_interval_ms: float = 0.0
     load_timeout_s: float = 120.0
 
     def argv(self) -> list[str]:
@@ -56,6 +57,8 @@ class ProcessConfig:
             str(self.n_gpu_layers),
             "--max-tokens-cap",
             str(self.max_tokens_cap),
+            "--stream-interval-ms",
+            str(self.stream_interval_ms),
         ]
         if self.chat_format:
             argv += ["--chat-format", self.chat_format]
@@ -210,13 +213,17 @@ class LlamaCppProcess:
     def in_flight(self) -> int:
         return len(self._sinks)
 
-    def submit(self, request: dict[str, Any], sink: EventSink) -> bool:
-        """Queue a request on the process; False when it is not online."""
+    def submit(self, rid: str, request_json: str, sink: EventSink) -> bool:
+        """Queue a request on the process; False when it is not online.
+
+        `request_json` is one JSON object with op, id, stream and body (other
+        keys are ignored), such as the link's request message passed on as it came.
+        """
         proc = self._proc
         if self.state != "online" or proc is None or proc.stdin is None or proc.stdin.is_closing():
             return False
-        self._sinks[request["id"]] = sink
-        proc.stdin.write((json.dumps(request, separators=(",", ":")) + "\n").encode())
+        self._sinks[rid] = sink
+        proc.stdin.write(request_json.encode() + b"\n")
         return True
 
     def cancel(self, rid: str) -> None:

@@ -25,6 +25,7 @@ import os
 import queue
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from functools import lru_cache
@@ -197,6 +198,27 @@ class Worker:
             if choice.get("finish_reason"):
                 self._finish = choice["finish_reason"]
 
+    def _coalesced(self, pieces: Iterator[str]) -> Iterator[str]:
+        """Join the pieces made within --stream-interval-ms of the last one sent; the first goes at once.
+
+        Every message wakes the agent, the gateway and the client, and on a machine
+        whose cores all run llama.cpp each wake-up stalls a generating thread.
+        """
+        interval = self.args.stream_interval_ms / 1000
+        if interval <= 0:
+            yield from pieces
+            return
+        pending: list[str] = []
+        last = 0.0
+        for piece in pieces:
+            pending.append(piece)
+            now = time.monotonic()
+            if now - last >= interval:
+                yield "".join(pending)
+                pending, last = [], now
+        if pending:
+            yield "".join(pending)
+
     def _completion_tokens(self, n_prompt: int) -> int:
         # The context holds the prompt and every generated token but the last
         # one sampled when generation stops at max_tokens (it is never evaluated).
@@ -227,6 +249,8 @@ class Worker:
         params["grammar"] = grammar
 
         pieces = self._generate(rid, prompt, params)
+        if stream:
+            pieces = self._coalesced(pieces)
         if forced is not None:
             message = self._forced_tool_call(rid, forced, pieces, stream)
         elif tools and tool_choice == "auto":
@@ -330,7 +354,8 @@ class Worker:
             text.append(str(prompt_in))
             if stream:
                 self.out.send({"type": "delta", "id": rid, "text": str(prompt_in)})
-        for piece in self._generate(rid, prompt, params):
+        pieces = self._generate(rid, prompt, params)
+        for piece in self._coalesced(pieces) if stream else pieces:
             text.append(piece)
             if stream:
                 self.out.send({"type": "delta", "id": rid, "text": piece})
@@ -524,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument("--chat-format", default=None)
     parser.add_argument("--max-tokens-cap", type=int, default=0)
+    parser.add_argument("--stream-interval-ms", type=float, default=0.0)
     args = parser.parse_args(argv)
 
     # The protocol owns the original stdout; anything native code prints goes to stderr.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -30,7 +31,7 @@ async def _request(process: LlamaCppProcess, request: dict[str, Any]) -> list[di
         if event["type"] in ("end", "error"):
             done.set()
 
-    assert process.submit(request, sink)
+    assert process.submit(request["id"], json.dumps(request), sink)
     await asyncio.wait_for(done.wait(), 60)
     return events
 
@@ -59,9 +60,9 @@ async def test_cancel_stops_generation_within_a_second(process: LlamaCppProcess)
     async def sink(raw: str, event: dict[str, Any]) -> None:
         events.append(event)
 
-    process.submit({"op": "chat", "id": "long", "stream": True, "body": {
+    process.submit("long", json.dumps({"op": "chat", "id": "long", "stream": True, "body": {
         "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 2000,
-        "logit_bias": {"2": -100}}}, sink)
+        "logit_bias": {"2": -100}}}), sink)
     while len(events) < 3:
         await asyncio.sleep(0.01)
     process.cancel("long")
@@ -87,8 +88,8 @@ async def test_a_killed_process_is_restarted_and_requests_in_flight_fail(process
     async def sink(raw: str, event: dict[str, Any]) -> None:
         events.append(event)
 
-    process.submit({"op": "chat", "id": "doomed", "stream": True, "body": {
-        "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 2000}}, sink)
+    process.submit("doomed", json.dumps({"op": "chat", "id": "doomed", "stream": True, "body": {
+        "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 2000}}), sink)
     first_pid = process.pid
     assert first_pid is not None
     os.kill(first_pid, signal.SIGKILL)

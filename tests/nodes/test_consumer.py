@@ -88,7 +88,7 @@ async def test_node_events_reach_the_request_that_asked_and_cancel_reaches_the_n
     layer = get_channel_layer()
     reply = await layer.new_channel("reply.")
     await layer.send(node.channel_name, {"type": "node.request", "id": "r1", "reply_channel": reply,
-                                         "executor": "SmolLM2.gguf", "op": "chat", "stream": True, "body": {}})
+                                         "executor": "SmolLM2.gguf", "op": "chat", "stream": True, "body_json": "{}"})
     request = await comm.receive_json_from()
     while request["type"] == "ping":
         request = await comm.receive_json_from()
@@ -112,7 +112,7 @@ async def test_a_dropped_link_fails_the_requests_in_flight_at_once() -> None:
     layer = get_channel_layer()
     reply = await layer.new_channel("reply.")
     await layer.send(node.channel_name, {"type": "node.request", "id": "r2", "reply_channel": reply,
-                                         "executor": "x", "op": "chat", "stream": False, "body": {}})
+                                         "executor": "x", "op": "chat", "stream": False, "body_json": "{}"})
     await comm.receive_json_from()
     await comm.disconnect()
     event = json.loads((await layer.receive(reply))["raw"])
