@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from django.conf import settings
-from ninja import Schema
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
 
@@ -15,7 +14,9 @@ def _max_tokens_limit() -> int:
     return settings.OPTIMAGPT_MAX_TOKENS_LIMIT
 
 
-class OpenAIIn(Schema):
+class OpenAIIn(BaseModel):
+    # Plain pydantic, not ninja.Schema: its root validator (for reading Django
+    # models) runs for every nested object, every message of a chat included.
     # Strict types, as OpenAI's API has them ("max_tokens": "5" is an error, not 5):
     # the body goes to the node exactly as the client sent it, so what passes
     # here must already be what the node expects.
