@@ -5,6 +5,8 @@
 #   ./optimagpt.sh manage   any manage.py command, with the same settings as `run`
 set -euo pipefail
 cd "$(dirname "$0")"
+# Settings from .env, if there is one (see .env.example).
+if [ -f .env ]; then set -a; . ./.env; set +a; fi
 
 VENV=${OPTIMAGPT_VENV:-.venv}
 PY=$VENV/bin/python
@@ -23,8 +25,7 @@ install() {
 
 # Secrets of the embedded default: made once, kept in var/ readable by this user only.
 local_secrets() {
-    [ -f .env ] && { set -a; . ./.env; set +a; }
-    export OPTIMAGPT_DATA_DIR=${OPTIMAGPT_DATA_DIR:-$PWD/var}
+    export OPTIMAGPT_DATA_DIR=$(realpath -m "${OPTIMAGPT_DATA_DIR:-var}")
     mkdir -p "$OPTIMAGPT_DATA_DIR"
     (umask 077
      [ -s "$OPTIMAGPT_DATA_DIR/secret_key" ] || "$PY" -c 'import secrets; print(secrets.token_urlsafe(50))' >"$OPTIMAGPT_DATA_DIR/secret_key"

@@ -6,4 +6,5 @@ class GatewayConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from . import checks  # noqa: F401 - registers the system checks
         from .routing import least_busy  # noqa: F401 - connects the route cache to node changes

@@ -18,11 +18,12 @@ from typing import Any
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from .errors import ApiError, UpstreamError, UpstreamTimeout
+from .errors import ApiError, NoCapacity, UpstreamError, UpstreamTimeout
 from .routing.least_busy import Target, acquire, executor_select, release
 
 log = logging.getLogger("optimagpt.gateway")
 
+SEND_TIMEOUT_S = 5.0
 CANCEL_SEND_TIMEOUT_S = 5.0
 
 
@@ -100,7 +101,7 @@ async def inference_start(*, model: str, op: str, body_json: str, stream: bool) 
     call = InferenceCall(target, uuid.uuid4().hex, await layer.new_channel("reply."))
     acquire(target)
     try:
-        await layer.send(target.channel_name, {
+        await asyncio.wait_for(layer.send(target.channel_name, {
             "type": "node.request",
             "id": call.request_id,
             "reply_channel": call.reply_channel,
@@ -108,7 +109,12 @@ async def inference_start(*, model: str, op: str, body_json: str, stream: bool) 
             "op": op,
             "stream": stream,
             "body_json": body_json,
-        })
+        }), SEND_TIMEOUT_S)
+    except Exception as exc:
+        call.finished = True
+        await call.close()
+        # The consumer's channel is full or the layer is unreachable: the node cannot take it now.
+        raise NoCapacity(f"The node serving '{model}' is not taking requests right now.", param="model") from exc
     except BaseException:
         call.finished = True
         await call.close()

@@ -16,7 +16,8 @@ DEFAULT_STREAM_INTERVAL_MS = 50.0
 
 
 def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(name, default)
+    """The variable's value; unset or empty (as in a copied .env.example) means the default."""
+    return os.environ.get(name) or default
 
 
 def _secret(name: str) -> str | None:
@@ -24,7 +25,7 @@ def _secret(name: str) -> str | None:
     path = os.environ.get(f"{name}_FILE")
     if path:
         return Path(path).read_text().strip()
-    return os.environ.get(name)
+    return os.environ.get(name) or None
 
 
 def link_url(gateway_url: str) -> str:

@@ -37,6 +37,7 @@ from . import services
 log = logging.getLogger("optimagpt.nodes.link")
 
 _REQUEST_EVENTS = frozenset({"delta", "end", "error"})
+CHANNEL_SEND_TIMEOUT_S = 5.0
 
 
 class NodeLinkConsumer(AsyncWebsocketConsumer):
@@ -72,12 +73,12 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         if hasattr(self, "watchdog"):
             self.watchdog.cancel()
         # Every request still waiting on this node learns at once that it will get nothing more.
-        for rid, reply in self.in_flight.items():
-            await self.channel_layer.send(reply, {"type": "node.event", "raw": json.dumps({
+        in_flight, self.in_flight = self.in_flight, {}
+        for rid, reply in in_flight.items():
+            await self._forward(rid, reply, json.dumps({
                 "type": "error", "id": rid,
                 "error": {"message": "The node disconnected.", "type": "server_error",
-                          "code": "node_disconnected", "status": 502}})})
-        self.in_flight.clear()
+                          "code": "node_disconnected", "status": 502}}))
         if self.node_pk is not None:
             await database_sync_to_async(services.node_link_closed)(
                 node_pk=self.node_pk, channel_name=self.channel_name, reason=f"link closed (code {code})")
@@ -104,7 +105,7 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
             rid = message.get("id")
             reply = self.in_flight.pop(rid, None) if kind != "delta" else self.in_flight.get(rid)
             if reply is not None:
-                await self.channel_layer.send(reply, {"type": "node.event", "raw": text_data})
+                await self._forward(rid, reply, text_data or "")
         elif self.node_pk is None:
             await self._authenticate(message)
         elif kind == "ping":
@@ -116,6 +117,20 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
             await database_sync_to_async(services.node_seen)(node_pk=self.node_pk, metrics=message.get("metrics"))
         elif kind in ("register", "executors"):
             await self._sync_executors(message)
+
+    async def _forward(self, rid: str, reply: str, raw: str) -> None:
+        """Pass a node event to the request waiting for it; a request that cannot take it is cancelled.
+
+        A client that stops reading fills its reply channel (capacity 1000 chunks).
+        That request is given up; the link and every other request on it go on.
+        """
+        try:
+            await asyncio.wait_for(self.channel_layer.send(reply, {"type": "node.event", "raw": raw}),
+                                   CHANNEL_SEND_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - ChannelFull, a timeout, or Redis gone: same remedy
+            log.warning("dropping request %s: its reply channel took no event (%s)", rid, type(exc).__name__)
+            if self.in_flight.pop(rid, None) is not None:
+                await self._send({"type": "cancel", "id": rid})
 
     async def _authenticate(self, message: dict[str, Any]) -> None:
         node_id = str(message.get("node_id", ""))

@@ -3,7 +3,7 @@
 import os
 
 os.environ.setdefault("SECRET_KEY", "tests-only-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz")
-os.environ.setdefault("OPTIMAGPT_NODE_ACCESS_KEY", "tests-node-access-key")
+os.environ.setdefault("OPTIMAGPT_NODE_ACCESS_KEY", "tests-node-access-key")  # 21 characters
 os.environ.pop("DATABASE_URL", None)
 os.environ.pop("REDIS_URL", None)
 

@@ -1,0 +1,73 @@
+"""The run command's own steps: bootstrap prints the admin login and an API key once; serve starts
+the gateway and a local node, prints where they are, and stops both cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.conftest import MODEL_ID
+from tests.processes import REPO, base_env, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def _manage(env: dict[str, str], *args: str) -> str:
+    result = subprocess.run([sys.executable, "manage.py", *args], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120, check=True)
+    return result.stdout
+
+
+def test_bootstrap_and_serve_bring_up_a_working_gateway_and_local_node(tmp_path: Path, models_dir: Path) -> None:
+    env = base_env(OPTIMAGPT_DATA_DIR=str(tmp_path))
+    _manage(env, "migrate", "--verbosity", "0")
+    first = _manage(env, "bootstrap")
+    password = re.search(r"Admin login:\s+admin / (\S+)", first).group(1)
+    api_key = re.search(r"API key:\s+(sk-optima-\S+)", first).group(1)
+    second = _manage(env, "bootstrap")
+    assert password not in second and "sk-optima-" not in second, "secrets are shown once only"
+
+    port = free_port()
+    serve = subprocess.Popen([sys.executable, "manage.py", "serve", "--port", str(port), "--models-dir",
+                              str(models_dir)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 90
+        while not lines or not lines[-1].startswith("Ready."):
+            assert time.monotonic() < deadline and serve.poll() is None, f"serve did not get ready: {lines}"
+            lines.append(serve.stdout.readline().strip())
+        output = "\n".join(lines)
+        assert f"Gateway:       http://127.0.0.1:{port}/" in output
+        assert f"Local node:    linked; serving {MODEL_ID}" in output
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key, max_retries=0)
+        reply = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=3)
+        assert reply.usage.completion_tokens == 3
+
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as browser:
+            browser.get("/admin/login/")
+            login = browser.post("/admin/login/?next=/admin/", data={
+                "username": "admin", "password": password, "next": "/admin/",
+                "csrfmiddlewaretoken": browser.cookies["csrftoken"]})
+            assert login.status_code == 302 and login.headers["location"] == "/admin/"
+
+        children = psutil.Process(serve.pid).children(recursive=True)
+        assert len(children) >= 3, "daphne, the node agent and its inference process"
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(30) == 0
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+    finally:
+        if serve.poll() is None:
+            serve.kill()
