@@ -66,17 +66,22 @@ class Path_:
     """One way to reach the model. Subclasses implement one request of each kind."""
 
     name = ""
+    long_body: dict[str, Any] = LONG
 
     def one(self) -> None:
         raise NotImplementedError
 
-    def ttft(self) -> float:
-        """Seconds to the first token of a streamed reply (read to its end)."""
+    def _stream(self, body: dict[str, Any]) -> tuple[float, float, str | None]:
+        """One streamed reply, read to its end: (seconds to first token, seconds in all, finish reason)."""
         raise NotImplementedError
+
+    def ttft(self) -> float:
+        return self._stream(TTFT)[0]
 
     def long(self) -> tuple[float, str | None]:
         """A streamed reply of max_tokens=128 with end of text suppressed: (seconds, finish reason)."""
-        raise NotImplementedError
+        _, seconds, finish = self._stream(self.long_body)
+        return seconds, finish
 
     def concurrent(self, clients: int, total: int) -> float | None:
         return None
@@ -87,6 +92,7 @@ class Path_:
 
 class InProcess(Path_):
     name = "in-process"
+    long_body = {**LONG, "logit_bias": {EOS_TOKEN: -100}}  # llama_cpp wants token ids as ints
 
     def __init__(self, model: Path, threads: int) -> None:
         from llama_cpp import Llama
@@ -110,12 +116,6 @@ class InProcess(Path_):
         assert first is not None, "no token"
         return first, time.perf_counter() - t, finish
 
-    def ttft(self) -> float:
-        return self._stream(TTFT)[0]
-
-    def long(self) -> tuple[float, str | None]:
-        _, seconds, finish = self._stream({**LONG, "logit_bias": {EOS_TOKEN: -100}})
-        return seconds, finish
 
 
 class Http(Path_):
@@ -144,13 +144,6 @@ class Http(Path_):
                     first = time.perf_counter() - t
         assert first is not None, "no token"
         return first, time.perf_counter() - t, finish
-
-    def ttft(self) -> float:
-        return self._stream(TTFT)[0]
-
-    def long(self) -> tuple[float, str | None]:
-        _, seconds, finish = self._stream(LONG)
-        return seconds, finish
 
     def concurrent(self, clients: int, total: int) -> float:
         async def run() -> float:
@@ -219,13 +212,6 @@ class Worker(Path_):
             finish = event.get("finish_reason", finish)
         assert first is not None, "no token"
         return first, time.perf_counter() - t, finish
-
-    def ttft(self) -> float:
-        return self._stream(TTFT)[0]
-
-    def long(self) -> tuple[float, str | None]:
-        _, seconds, finish = self._stream(LONG)
-        return seconds, finish
 
     def concurrent(self, clients: int, total: int) -> float:
         # The process serves one request at a time; queue them all, as busy clients would.

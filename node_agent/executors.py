@@ -31,8 +31,14 @@ class ModelFile:
     error: str = ""
 
 
-def scan_model_dirs(dirs: tuple[Path, ...]) -> dict[str, ModelFile]:
-    """Every .gguf below `dirs`, recursively. Links that lead outside their folder are refused."""
+def scan_model_dirs(dirs: tuple[Path, ...], known: dict[str, ModelFile] | None = None) -> dict[str, ModelFile]:
+    """Every .gguf below `dirs`, recursively. Links that lead outside their folder are refused.
+
+    Headers are read only for files not in `known` with the same path, size and
+    modification time: a rescan every few seconds must not cost parsing time
+    that the models' own threads need.
+    """
+    known = known or {}
     found: dict[str, ModelFile] = {}
     for root in dirs:
         if not root.is_dir():
@@ -50,6 +56,11 @@ def scan_model_dirs(dirs: tuple[Path, ...]) -> dict[str, ModelFile]:
                 log.warning("ignoring %s: %s was found first under another folder", path, key)
                 continue
             stat = real.stat()
+            previous = known.get(key)
+            if previous is not None and (previous.path, previous.size, previous.mtime) == (
+                    real, stat.st_size, stat.st_mtime):
+                found[key] = previous
+                continue
             try:
                 info, error = read_gguf_header(real), ""
             except (InvalidGGUF, OSError) as exc:
@@ -111,7 +122,8 @@ class ExecutorManager:
 
     async def rescan(self) -> bool:
         """Bring executors in line with the files; True when anything changed."""
-        found = await asyncio.to_thread(scan_model_dirs, self.dirs)
+        known = {key: executor.model for key, executor in self.executors.items()}
+        found = await asyncio.to_thread(scan_model_dirs, self.dirs, known)
         changed = False
         for key in list(self.executors):
             current = found.get(key)

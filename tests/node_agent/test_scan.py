@@ -22,6 +22,21 @@ def test_it_finds_models_in_nested_folders_and_reports_invalid_ones(tmp_path: Pa
     assert found["broken.gguf"].info is None and "invalid GGUF" in found["broken.gguf"].error
 
 
+def test_a_rescan_reads_only_new_or_changed_headers(tmp_path: Path, model_path: Path, monkeypatch) -> None:
+    import node_agent.executors as executors
+
+    _link_or_copy(model_path, tmp_path / "a.gguf")
+    first = scan_model_dirs((tmp_path,))
+    reads: list[Path] = []
+    real_read = executors.read_gguf_header
+    monkeypatch.setattr(executors, "read_gguf_header", lambda p: reads.append(p) or real_read(p))
+    assert scan_model_dirs((tmp_path,), first) == first
+    assert reads == []
+    (tmp_path / "b.gguf").write_bytes(b"GGUF")
+    again = scan_model_dirs((tmp_path,), first)
+    assert set(again) == {"a.gguf", "b.gguf"} and [p.name for p in reads] == ["b.gguf"]
+
+
 def test_a_link_pointing_outside_the_folder_is_refused(tmp_path: Path, model_path: Path) -> None:
     folder = tmp_path / "models"
     folder.mkdir()

@@ -80,40 +80,42 @@ async def test_anything_before_auth_is_refused() -> None:
     assert not await Node.objects.aexists()
 
 
-async def test_node_events_reach_the_request_that_asked_and_cancel_reaches_the_node() -> None:
+async def _receive_skipping_pings(comm: WebsocketCommunicator) -> dict:
+    message = await comm.receive_json_from()
+    while message["type"] == "ping":
+        message = await comm.receive_json_from()
+    return message
+
+
+async def _linked_node_with_request(rid: str) -> tuple[WebsocketCommunicator, Node, str]:
+    """A linked node that has been sent request `rid`; returns the link, the node and the reply channel."""
     comm = _communicator()
     node_id = str(uuid.uuid4())
     assert (await _handshake(comm, KEY, node_id))["type"] == "welcome"
     node = await Node.objects.aget(node_id=node_id)
+    reply = await get_channel_layer().new_channel("reply.")
+    await get_channel_layer().send(node.channel_name, {
+        "type": "node.request", "id": rid, "reply_channel": reply, "executor": "SmolLM2.gguf", "op": "chat",
+        "stream": True, "body_json": "{}"})
+    return comm, node, reply
+
+
+async def test_node_events_reach_the_request_that_asked_and_cancel_reaches_the_node() -> None:
+    comm, node, reply = await _linked_node_with_request("r1")
     layer = get_channel_layer()
-    reply = await layer.new_channel("reply.")
-    await layer.send(node.channel_name, {"type": "node.request", "id": "r1", "reply_channel": reply,
-                                         "executor": "SmolLM2.gguf", "op": "chat", "stream": True, "body_json": "{}"})
-    request = await comm.receive_json_from()
-    while request["type"] == "ping":
-        request = await comm.receive_json_from()
-    assert request == {"type": "request", "id": "r1", "executor": "SmolLM2.gguf", "op": "chat", "stream": True,
-                       "body": {}}
+    assert await _receive_skipping_pings(comm) == {
+        "type": "request", "id": "r1", "executor": "SmolLM2.gguf", "op": "chat", "stream": True, "body": {}}
     await comm.send_json_to({"type": "delta", "id": "r1", "delta": {"content": "Hi"}})
     assert json.loads((await layer.receive(reply))["raw"])["delta"] == {"content": "Hi"}
     await layer.send(node.channel_name, {"type": "node.cancel", "id": "r1"})
-    message = await comm.receive_json_from()
-    while message["type"] == "ping":
-        message = await comm.receive_json_from()
-    assert message == {"type": "cancel", "id": "r1"}
+    assert await _receive_skipping_pings(comm) == {"type": "cancel", "id": "r1"}
     await comm.disconnect()
 
 
 async def test_a_dropped_link_fails_the_requests_in_flight_at_once() -> None:
-    comm = _communicator()
-    node_id = str(uuid.uuid4())
-    assert (await _handshake(comm, KEY, node_id))["type"] == "welcome"
-    node = await Node.objects.aget(node_id=node_id)
+    comm, _, reply = await _linked_node_with_request("r2")
     layer = get_channel_layer()
-    reply = await layer.new_channel("reply.")
-    await layer.send(node.channel_name, {"type": "node.request", "id": "r2", "reply_channel": reply,
-                                         "executor": "x", "op": "chat", "stream": False, "body_json": "{}"})
-    await comm.receive_json_from()
+    await _receive_skipping_pings(comm)
     await comm.disconnect()
     event = json.loads((await layer.receive(reply))["raw"])
     assert event["type"] == "error" and event["error"]["code"] == "node_disconnected"
