@@ -65,7 +65,7 @@ def node_link_closed(*, node_pk: int, channel_name: str, reason: str) -> None:
 
 def node_handshake_refused(*, node_id: str, address: str, reason: str) -> None:
     """Make a refused handshake visible on the gateway: in the log, and on the node if it is known."""
-    log.warning("node link refused from %s (node_id %.40s): %s", address, node_id, reason)
+    log.warning("node link refused from %s (node_id %.40r): %s", address, node_id, reason)
     try:
         uid = uuid.UUID(node_id)
     except ValueError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -65,4 +66,37 @@ def test_the_node_reconnects_by_itself_after_the_gateway_restarts(models_dir: Pa
         assert nodes.strip() == "1", "a reconnecting node must not make a second row"
     finally:
         assert agent.stop() == 0
+        gateway.stop()
+
+
+def test_a_node_lost_mid_stream_ends_the_stream_with_an_error_event_and_no_done(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "gw").mkdir()
+    (tmp_path / "node").mkdir()
+    gateway = Gateway(data_dir=tmp_path / "gw", port=free_port())
+    gateway.start()
+    agent = NodeAgent(gateway=gateway, models_dir=models_dir, state_dir=tmp_path / "node")
+    agent.start()
+    try:
+        agent.wait_for_model(MODEL_ID)
+        key = gateway.create_api_key("mid-stream")
+        events = []
+        started = time.monotonic()
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                          json={"model": MODEL_ID, "stream": True, "max_tokens": 3000, "logit_bias": {"2": -100},
+                                "messages": [{"role": "user", "content": "Write a very long story."}]},
+                          timeout=60) as response:
+            for line in response.iter_lines():
+                if line:
+                    events.append(line)
+                if len(events) == 3:
+                    agent.kill()  # SIGKILL: no goodbye on the link
+        assert time.monotonic() - started < 30, "the stream must end, not hang"
+        assert events[-1] != "data: [DONE]"
+        error = json.loads(events[-1].removeprefix("data: "))["error"]
+        assert error["code"] == "node_disconnected" and error["type"] == "server_error"
+        assert gateway.alive
+    finally:
+        agent.stop()
         gateway.stop()

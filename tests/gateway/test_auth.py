@@ -1,0 +1,42 @@
+"""API-key checks, in process: header forms, and revocation that takes effect at once."""
+
+from __future__ import annotations
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.test import AsyncClient
+
+from accounts.models import ApiKey, api_key_digest
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def _key() -> tuple[ApiKey, str]:
+    return await sync_to_async(ApiKey.create_with_raw_key)(name="auth-test")
+
+
+async def test_only_a_keyed_hash_of_the_key_is_stored() -> None:
+    key, raw = await _key()
+    assert raw.startswith("sk-optima-") and len(raw) > 40
+    stored = await ApiKey.objects.aget(pk=key.pk)
+    assert raw not in (stored.digest, stored.prefix) and stored.digest == api_key_digest(raw)
+    assert raw.startswith(stored.prefix)
+
+
+async def test_a_deleted_key_is_refused_at_once_even_after_being_cached() -> None:
+    key, raw = await _key()
+    client = AsyncClient()
+    headers = {"Authorization": f"Bearer {raw}"}
+    assert (await client.get("/v1/models", headers=headers)).status_code == 200
+    await key.adelete()
+    response = await client.get("/v1/models", headers=headers)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("header", [{"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Bearer"},
+                                    {"X-API-Key": ""}, {"Authorization": "Bearer sk-optima-" + "x" * 300}])
+async def test_malformed_credentials_are_401(header: dict[str, str]) -> None:
+    response = await AsyncClient().get("/v1/models", headers=header)
+    assert response.status_code == 401
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
