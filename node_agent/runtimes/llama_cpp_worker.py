@@ -78,6 +78,10 @@ class Worker:
             verbose=False,
         )
         self.formatter = self._make_formatter()
+        template = self.llm.metadata.get("tokenizer.chat_template") or ""
+        # A template that renders `tools` tells the model about them itself; for the
+        # others (SmolLM2's, the built-in formats) we describe them in the system turn.
+        self.template_knows_tools = not self.args.chat_format and "tools" in template
         self._embedder: Any = None
 
     # -- set-up -----------------------------------------------------------
@@ -240,6 +244,8 @@ class Worker:
             grammar = _grammar(json.dumps(forced["schema"], sort_keys=True))
         else:
             grammar = _response_format_grammar(body.get("response_format"))
+        if tools and not self.template_knows_tools:
+            messages = _with_tool_instructions(messages, tools)
         formatted = self.formatter(messages=messages, tools=tools, tool_choice=tool_choice if tools else None)
         prompt = self.llm.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True)
         params = self._sampling(body, len(prompt))
@@ -440,6 +446,23 @@ def _normalize_message(message: dict[str, Any]) -> dict[str, Any]:
     if message.get("name"):
         normalized["name"] = message["name"]
     return normalized
+
+
+TOOL_INSTRUCTIONS = (
+    "You can call the following tools. To call one, answer with nothing but "
+    '<tool_call>{{"name": "<tool name>", "arguments": {{<arguments as JSON>}}}}</tool_call>.\n'
+    "Tools (JSON): {tools}"
+)
+
+
+def _with_tool_instructions(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation with the tools described in its system turn (one is added if there is none)."""
+    specs = json.dumps([t["function"] for t in tools], ensure_ascii=False)
+    instructions = TOOL_INSTRUCTIONS.format(tools=specs)
+    if messages and messages[0]["role"] in ("system", "developer"):
+        first = {**messages[0], "role": "system", "content": f"{messages[0]['content']}\n\n{instructions}"}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": instructions}, *messages]
 
 
 def _json_or_text(value: Any) -> Any:
