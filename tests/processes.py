@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -72,11 +73,14 @@ def base_env(**extra: str) -> dict[str, str]:
 
 
 class Gateway(Process):
-    def __init__(self, *, data_dir: Path, port: int, **env: str) -> None:
+    """daphne serving the gateway; with `tls` (certificate file, key file) it serves HTTPS on localhost."""
+
+    def __init__(self, *, data_dir: Path, port: int, tls: tuple[Path, Path] | None = None, **env: str) -> None:
         super().__init__(data_dir / "gateway.log")
         self.data_dir = data_dir
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.tls = tls
+        self.url = f"https://localhost:{port}" if tls else f"http://127.0.0.1:{port}"
         self.env = base_env(OPTIMAGPT_DATA_DIR=str(data_dir), **env)
 
     def manage(self, *args: str) -> str:
@@ -89,16 +93,26 @@ class Gateway(Process):
     def start(self, migrate: bool = True) -> None:
         if migrate:
             self.manage("migrate", "--verbosity", "0")
-        self._spawn([sys.executable, "-m", "optimagpt.server", "-b", "127.0.0.1", "-p", str(self.port)], self.env)
+        if self.tls:
+            cert, key = self.tls
+            listen = ["-e", f"ssl:{self.port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"]
+        else:
+            listen = ["-b", "127.0.0.1", "-p", str(self.port)]
+        self._spawn([sys.executable, "-m", "optimagpt.server", *listen], self.env)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             assert self.alive, f"gateway exited:\n{self.log()}"
             try:
-                httpx.get(self.url + "/v1/models", timeout=1)
+                with self.http() as client:
+                    client.get("/v1/models", timeout=1)
                 return
             except httpx.TransportError:
                 time.sleep(0.1)
         raise TimeoutError(f"gateway did not listen within {START_TIMEOUT_S} s:\n{self.log()}")
+
+    def http(self) -> httpx.Client:
+        verify = ssl.create_default_context(cafile=str(self.tls[0])) if self.tls else True
+        return httpx.Client(base_url=self.url, verify=verify)
 
     def create_api_key(self, name: str) -> str:
         return self.manage("create_api_key", "--name", name).strip()
@@ -125,8 +139,8 @@ class NodeAgent(Process):
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self.alive, f"node agent exited:\n{self.log()}"
-            response = httpx.get(self.gateway.url + "/v1/models", headers={"Authorization": f"Bearer {key}"},
-                                 timeout=5)
+            with self.gateway.http() as client:
+                response = client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5)
             if response.status_code == 200 and any(m["id"] == model_id for m in response.json()["data"]):
                 return time.monotonic() - self.started_at
             time.sleep(0.2)

@@ -100,3 +100,60 @@ def test_a_node_lost_mid_stream_ends_the_stream_with_an_error_event_and_no_done(
     finally:
         agent.stop()
         gateway.stop()
+
+
+def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate for localhost and 127.0.0.1, as a gateway with its own CA would have."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "gateway.crt", folder / "gateway.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_an_https_gateway_is_dialed_over_wss_and_its_certificate_is_checked(models_dir: Path, tmp_path: Path) -> None:
+    for folder in ("gw", "node", "stranger"):
+        (tmp_path / folder).mkdir()
+    cert, key = _self_signed_certificate(tmp_path)
+    gateway = Gateway(data_dir=tmp_path / "gw", port=free_port(), tls=(cert, key))
+    gateway.start()
+    # Without the gateway's CA the agent must refuse to link, and keep trying.
+    stranger = NodeAgent(gateway=gateway, models_dir=models_dir, state_dir=tmp_path / "stranger")
+    agent = NodeAgent(gateway=gateway, models_dir=models_dir, state_dir=tmp_path / "node",
+                      extra_args=("--ca-file", str(cert)))
+    stranger.start()
+    agent.start()
+    try:
+        agent.wait_for_model(MODEL_ID)
+        assert "wss://localhost" in agent.log()
+        _wait_for(lambda: "CERTIFICATE_VERIFY_FAILED" in stranger.log(), 30, "the agent to reject the certificate")
+        assert stranger.alive
+        key_raw = gateway.create_api_key("tls")
+        with gateway.http() as client:
+            reply = client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key_raw}"},
+                                json={"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}],
+                                      "max_tokens": 2}, timeout=30)
+        assert reply.status_code == 200
+    finally:
+        assert agent.stop() == 0
+        assert stranger.stop() == 0
+        gateway.stop()
