@@ -1,10 +1,70 @@
 from django.contrib import admin, messages
+from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
+from django.core.exceptions import PermissionDenied
 
-from .models import ApiKey
+from .models import ApiKey, User
+from .users import UserRuleBroken, ensure_another_admin, user_delete
+
+
+class ProductPermissionAdmin(admin.ModelAdmin):
+    """Every action on these pages needs one product permission, not Django's per-model ones."""
+
+    permission = ""
+
+    def _allowed(self, request) -> bool:  # type: ignore[no-untyped-def]
+        return request.user.is_active and request.user.has_perm(self.permission)
+
+    def has_module_permission(self, request):  # type: ignore[no-untyped-def]
+        return self._allowed(request)
+
+    def has_view_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
+        return self._allowed(request)
+
+    def has_add_permission(self, request):  # type: ignore[no-untyped-def]
+        return self._allowed(request)
+
+    def has_change_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
+        return self._allowed(request)
+
+    def has_delete_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
+        return self._allowed(request)
+
+
+@admin.register(User)
+class UserAdmin(ProductPermissionAdmin, DjangoUserAdmin):
+    permission = "accounts.manage_users"
+    list_display = ("username", "first_name", "last_name", "user_type", "is_active", "last_login")
+    list_filter = ("user_type", "is_active")
+    fieldsets = (
+        *DjangoUserAdmin.fieldsets,
+        ("OptimaGPT", {"fields": ("user_type",)}),
+    )
+
+    def save_model(self, request, obj, form, change):  # type: ignore[no-untyped-def]
+        if change and ("user_type" in form.changed_data or "is_active" in form.changed_data):
+            stored = User.objects.get(pk=obj.pk)
+            if stored.user_type == User.Type.ADMIN and stored.is_active and (
+                    obj.user_type != User.Type.ADMIN or not obj.is_active):
+                try:
+                    ensure_another_admin(stored)
+                except UserRuleBroken as exc:
+                    raise PermissionDenied(str(exc)) from None
+        super().save_model(request, obj, form, change)
+
+    def delete_model(self, request, obj):  # type: ignore[no-untyped-def]
+        try:
+            user_delete(actor=request.user, user=obj)
+        except UserRuleBroken as exc:
+            raise PermissionDenied(str(exc)) from None
+
+    def delete_queryset(self, request, queryset):  # type: ignore[no-untyped-def]
+        for user in queryset:
+            self.delete_model(request, user)
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(ProductPermissionAdmin):
+    permission = "accounts.manage_api_keys"
     list_display = ("name", "prefix", "owner", "created_at", "last_used_at")
     search_fields = ("name", "prefix", "owner__username")
     readonly_fields = ("prefix", "created_at", "last_used_at")

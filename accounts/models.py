@@ -5,11 +5,44 @@ import hmac
 import secrets
 
 from django.conf import settings
+from django.contrib.auth.models import AbstractUser
 from django.db import models
 
 KEY_PREFIX = "sk-optima-"
 # Shown in lists so people can tell keys apart; far too short to guess the rest from.
 VISIBLE_CHARS = len(KEY_PREFIX) + 6
+
+
+# The product's permissions (REFERENCE.md section 1), as Django permissions on the User model.
+PERMISSIONS = [
+    ("chat", "Chat"),
+    ("access_gateway", "Access Gateway"),
+    ("manage_nodes", "Node Management"),
+    ("manage_executors", "Executor Management"),
+    ("manage_api_keys", "API Key Management"),
+    ("manage_certificates", "Certificate Management"),
+    ("manage_users", "User Management"),
+    ("access_settings", "Settings Access"),
+    ("manage_mcp", "MCP Management"),
+]
+
+
+class User(AbstractUser):
+    """A person: an Admin (management screens and Django admin) or a User (OptimaChat only)."""
+
+    class Type(models.TextChoices):
+        ADMIN = "admin", "Admin"
+        USER = "user", "User"
+
+    user_type = models.CharField(max_length=8, choices=Type.choices, default=Type.USER)
+
+    class Meta(AbstractUser.Meta):
+        permissions = PERMISSIONS
+        swappable = "AUTH_USER_MODEL"
+
+    @property
+    def is_admin_type(self) -> bool:
+        return self.user_type == self.Type.ADMIN
 
 
 def api_key_digest(raw_key: str) -> str:

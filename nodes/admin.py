@@ -1,5 +1,7 @@
 from django.contrib import admin
 
+from accounts.admin import ProductPermissionAdmin
+
 from .models import Executor, Node
 
 
@@ -12,7 +14,8 @@ class ExecutorInline(admin.TabularInline):
 
 
 @admin.register(Node)
-class NodeAdmin(admin.ModelAdmin):
+class NodeAdmin(ProductPermissionAdmin):
+    permission = "accounts.manage_nodes"
     list_display = ("name", "connected", "activated", "address", "version", "last_seen")
     list_filter = ("connected", "activated")
     readonly_fields = ("node_id", "address", "version", "connected", "channel_name", "hardware", "metrics",
@@ -21,7 +24,8 @@ class NodeAdmin(admin.ModelAdmin):
 
 
 @admin.register(Executor)
-class ExecutorAdmin(admin.ModelAdmin):
+class ExecutorAdmin(ProductPermissionAdmin):
+    permission = "accounts.manage_executors"
     list_display = ("model_id", "node", "state", "quantization", "parameter_count", "n_ctx")
     list_filter = ("state",)
     readonly_fields = [f.name for f in Executor._meta.fields]

@@ -4,6 +4,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
 from accounts.models import ApiKey
+from accounts.users import user_create
 
 LOCAL_KEY_NAME = "local default"
 
@@ -19,7 +20,7 @@ class Command(BaseCommand):
         users = get_user_model()
         if not users.objects.filter(is_superuser=True).exists():
             password = secrets.token_urlsafe(12)
-            users.objects.create_superuser(username=username, email="", password=password)
+            user_create(username=username, password=password, user_type=users.Type.ADMIN, is_superuser=True)
             self.stdout.write(f"Admin login:   {username} / {password}   (shown once; keep it)")
         else:
             self.stdout.write("Admin login:   the password printed at first start "

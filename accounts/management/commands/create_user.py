@@ -1,0 +1,28 @@
+import sys
+
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError
+
+from accounts.models import User
+from accounts.users import user_create
+
+
+class Command(BaseCommand):
+    help = "Create a user. The password is read from standard input, so it never shows in the process list."
+
+    def add_arguments(self, parser):  # type: ignore[no-untyped-def]
+        parser.add_argument("username")
+        parser.add_argument("--type", choices=User.Type.values, default=User.Type.USER)
+        parser.add_argument("--first-name", default="")
+        parser.add_argument("--last-name", default="")
+
+    def handle(self, *args, username: str, type: str, first_name: str, last_name: str, **options):  # type: ignore[no-untyped-def]
+        if User.objects.filter(username=username).exists():
+            raise CommandError(f"a user named {username!r} exists already")
+        password = sys.stdin.readline().rstrip("\n")
+        try:
+            user_create(username=username, password=password, user_type=type, first_name=first_name,
+                        last_name=last_name)
+        except ValidationError as exc:
+            raise CommandError("; ".join(exc.messages)) from None
+        self.stdout.write(f"created {type} {username}")
