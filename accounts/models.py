@@ -73,12 +73,31 @@ class ApiKey(models.Model):
     digest = models.CharField(max_length=64, unique=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="the key stops working at this time")
+    allowed_models = models.JSONField(default=list, blank=True,
+                                      help_text="model ids this key may use; empty means every model")
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    token_budget = models.PositiveBigIntegerField(null=True, blank=True,
+                                                  help_text="prompt plus completion tokens per budget period")
+    budget_period = models.CharField(max_length=5, choices=[("day", "per day"), ("month", "per month")],
+                                     default="day")
 
     objects = ApiKeyQuerySet.as_manager()
 
     class Meta:
         verbose_name = "API key"
         ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(budget_period__in=["day", "month"]),
+                                   name="apikey_budget_period_valid"),
+        ]
+
+    def is_expired(self, now) -> bool:  # type: ignore[no-untyped-def]
+        return self.expires_at is not None and self.expires_at <= now
+
+    def allows_model(self, model: str) -> bool:
+        return not self.allowed_models or model in self.allowed_models
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"

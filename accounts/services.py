@@ -18,36 +18,53 @@ from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 from django.utils import timezone
 
-from .models import ApiKey, api_key_digest
+from .models import ApiKey, User, api_key_digest
 
 # Writing last_used_at on every request would put a database write on the hot path.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
-_cache: dict[str, tuple[float, ApiKey]] = {}
+# digest -> (valid until, key, whether its owner may use the API)
+_cache: dict[str, tuple[float, ApiKey, bool]] = {}
 
 
-async def api_key_authenticate(*, raw_key: str) -> ApiKey | None:
-    """The ApiKey that `raw_key` is, or None."""
+def _load(raw_key: str) -> tuple[ApiKey, bool] | None:
+    key = ApiKey.objects.for_raw_key(raw_key)
+    if key is None:
+        return None
+    # A key acts for its owner: a deactivated owner, or one without Access Gateway, disables it.
+    owner_ok = key.owner is None or (key.owner.is_active and key.owner.has_perm("accounts.access_gateway"))
+    return key, owner_ok
+
+
+async def api_key_authenticate(*, raw_key: str) -> tuple[ApiKey, bool] | None:
+    """The ApiKey that `raw_key` is and whether its owner may use the API; None for no key."""
     digest = api_key_digest(raw_key)
     cached = _cache.get(digest)
     if cached is not None and cached[0] > time.monotonic():
-        key = cached[1]
+        key, owner_ok = cached[1], cached[2]
     else:
         # database_sync_to_async, not the async ORM: it also tidies the thread's
         # connections, which the API's lean handler leaves to the queries themselves.
-        key = await database_sync_to_async(ApiKey.objects.for_raw_key)(raw_key)
-        if key is None:
+        loaded = await database_sync_to_async(_load)(raw_key)
+        if loaded is None:
             _cache.pop(digest, None)
             return None
-        _cache[digest] = (time.monotonic() + settings.OPTIMAGPT_API_KEY_CACHE_S, key)
+        key, owner_ok = loaded
+        _cache[digest] = (time.monotonic() + settings.OPTIMAGPT_API_KEY_CACHE_S, key, owner_ok)
     now = timezone.now()
     if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
         key.last_used_at = now
         await database_sync_to_async(ApiKey.objects.filter(pk=key.pk).update)(last_used_at=now)
-    return key
+    return key, owner_ok
 
 
 @receiver(post_save, sender=ApiKey)
 @receiver(post_delete, sender=ApiKey)
 def _forget_cached_key(sender: type[ApiKey], instance: ApiKey, **kwargs: object) -> None:
     _cache.pop(instance.digest, None)
+
+
+@receiver(post_save, sender=User)
+def _forget_keys_of_changed_user(sender: type[User], instance: User, **kwargs: object) -> None:
+    for digest in [d for d, (_, key, _) in _cache.items() if key.owner_id == instance.pk]:
+        _cache.pop(digest, None)

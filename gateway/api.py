@@ -93,7 +93,7 @@ def _finish_reason(event: dict[str, Any]) -> str:
 # -- chat ---------------------------------------------------------------------
 @router.post("/chat/completions", summary="Create a chat completion")
 async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> HttpResponse:
-    call = await inference_start(model=body.model, op="chat", body_json=_node_body(request), stream=body.stream)
+    call = await inference_start(principal=request.auth, model=body.model, op="chat", body_json=_node_body(request), stream=body.stream)
     completion_id = "chatcmpl-" + uuid.uuid4().hex
     created = int(time.time())
     if not body.stream:
@@ -138,7 +138,7 @@ async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> Http
 # -- legacy completions -------------------------------------------------------
 @router.post("/completions", summary="Create a completion (legacy)")
 async def completions(request: HttpRequest, body: CompletionIn) -> HttpResponse:
-    call = await inference_start(model=body.model, op="completion", body_json=_node_body(request), stream=body.stream)
+    call = await inference_start(principal=request.auth, model=body.model, op="completion", body_json=_node_body(request), stream=body.stream)
     completion_id = "cmpl-" + uuid.uuid4().hex
     created = int(time.time())
     head = {"id": completion_id, "object": "text_completion", "created": created, "model": body.model,
@@ -168,7 +168,7 @@ async def completions(request: HttpRequest, body: CompletionIn) -> HttpResponse:
 # -- embeddings ---------------------------------------------------------------
 @router.post("/embeddings", summary="Create embeddings")
 async def embeddings(request: HttpRequest, body: EmbeddingIn) -> HttpResponse:
-    call = await inference_start(model=body.model, op="embedding", body_json=_node_body(request), stream=False)
+    call = await inference_start(principal=request.auth, model=body.model, op="embedding", body_json=_node_body(request), stream=False)
     event = await _collect(call)
     vectors = event["embeddings"]
     if body.dimensions is not None and body.dimensions != len(vectors[0]):

@@ -1,18 +1,30 @@
-"""API-key authentication for the OpenAI API, in the three header forms clients use."""
+"""Who is calling the OpenAI API: an API key (three header forms) or a user's JWT access token."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from django.http import HttpRequest
+from django.utils import timezone
 from ninja.security.base import AuthBase
 
-from accounts.models import ApiKey
+from accounts.models import KEY_PREFIX, ApiKey
 from accounts.services import api_key_authenticate
+from accounts.tokens import TokenRefused, access_token_user
 
-from .errors import AuthenticationFailed
+from .errors import AuthenticationFailed, PermissionDenied
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller of one request: a key (acting for its owner, if it has one) or a user with a JWT."""
+
+    user_id: int | None
+    api_key: ApiKey | None = None
 
 
 def raw_key_from_headers(request: HttpRequest) -> str | None:
-    """`Authorization: Bearer <key>`, `Authorization: ApiKey <key>` or `X-API-Key: <key>`."""
+    """`Authorization: Bearer <key or JWT>`, `Authorization: ApiKey <key>` or `X-API-Key: <key>`."""
     header = request.headers.get("Authorization", "")
     if header:
         scheme, _, value = header.partition(" ")
@@ -27,15 +39,36 @@ class ApiKeyAuth(AuthBase):
     openapi_type = "http"
     openapi_scheme = "bearer"
 
-    async def __call__(self, request: HttpRequest) -> ApiKey:
+    async def __call__(self, request: HttpRequest) -> Principal:
         raw = raw_key_from_headers(request)
         if raw is None:
             raise AuthenticationFailed(
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'.",
                 code="missing_api_key",
             )
-        key = await api_key_authenticate(raw_key=raw)
-        if key is None:
+        if raw.startswith(KEY_PREFIX) or raw.count(".") != 2:
+            return await self._key(raw)
+        return await self._jwt(raw)
+
+    @staticmethod
+    async def _key(raw: str) -> Principal:
+        found = await api_key_authenticate(raw_key=raw)
+        if found is None:
             # Never echo the key back: it may be a real key pasted into the wrong place.
             raise AuthenticationFailed("Incorrect API key provided.")
-        return key
+        key, owner_ok = found
+        if key.is_expired(timezone.now()):
+            raise AuthenticationFailed("This API key has expired.", code="api_key_expired")
+        if not owner_ok:
+            raise PermissionDenied("The owner of this API key may not use the API (Access Gateway).")
+        return Principal(user_id=key.owner_id, api_key=key)
+
+    @staticmethod
+    async def _jwt(raw: str) -> Principal:
+        try:
+            user, allowed = await access_token_user(raw)
+        except TokenRefused as exc:
+            raise AuthenticationFailed(str(exc), code="invalid_token") from None
+        if not allowed:
+            raise PermissionDenied("You may not use the API: you lack the Access Gateway permission.")
+        return Principal(user_id=user.pk)

@@ -33,6 +33,23 @@ class AuthenticationFailed(ApiError):
     code = "invalid_api_key"
 
 
+class PermissionDenied(ApiError):
+    status = 403
+    code = "permission_denied"
+
+
+class RateLimited(ApiError):
+    """Over a rate limit or token budget: 429, with Retry-After."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = max(1, retry_after)
+
+
 class ModelNotFound(ApiError):
     status = 404
     code = "model_not_found"

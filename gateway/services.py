@@ -18,7 +18,9 @@ from typing import Any
 from channels.layers import get_channel_layer
 from django.conf import settings
 
+from .auth import Principal
 from .errors import ApiError, NoCapacity, UpstreamError, UpstreamTimeout
+from .limits import principal_admit, principal_record
 from .routing.least_busy import Target, acquire, executor_select, release
 
 log = logging.getLogger("optimagpt.gateway")
@@ -40,7 +42,8 @@ def _event_error(event: dict[str, Any]) -> ApiError:
 class InferenceCall:
     """One request on its way to a node. Iterate it for events; `close()` cancels it if unfinished."""
 
-    def __init__(self, target: Target, request_id: str, reply_channel: str) -> None:
+    def __init__(self, target: Target, request_id: str, reply_channel: str, principal: Principal) -> None:
+        self.principal = principal
         self.target = target
         self.request_id = request_id
         self.reply_channel = reply_channel
@@ -67,6 +70,8 @@ class InferenceCall:
                     raise _event_error(event)
                 if kind == "end":
                     self.finished = True
+                    if event.get("usage"):
+                        await principal_record(principal=self.principal, usage=event["usage"])
                     yield event
                     return
                 yield event
@@ -90,15 +95,17 @@ class InferenceCall:
                 log.warning("could not cancel request %s on its node", self.request_id)
 
 
-async def inference_start(*, model: str, op: str, body_json: str, stream: bool) -> InferenceCall:
+async def inference_start(*, principal: Principal, model: str, op: str, body_json: str,
+                          stream: bool) -> InferenceCall:
     """Route the request to an executor of `model` and send it; raises ModelNotFound or NoCapacity.
 
     `body_json` is the request body, already validated, as JSON text: it travels to
     the inference process as it is.
     """
+    await principal_admit(principal=principal, model=model)
     target = await executor_select(model=model)
     layer = get_channel_layer()
-    call = InferenceCall(target, uuid.uuid4().hex, await layer.new_channel("reply."))
+    call = InferenceCall(target, uuid.uuid4().hex, await layer.new_channel("reply."), principal)
     acquire(target)
     try:
         await asyncio.wait_for(layer.send(target.channel_name, {

@@ -9,6 +9,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
+from accounts.api import router as auth_router
 from gateway.api import router as openai_router
 from gateway.errors import ApiError
 
@@ -17,6 +18,7 @@ log = logging.getLogger("optimagpt.api")
 api = NinjaAPI(title="OptimaGPT", version="1", description="OpenAI-compatible API of the OptimaGPT gateway",
                urls_namespace="api")
 api.add_router("/v1", openai_router)
+api.add_router("/api/auth", auth_router)
 
 
 def error_response(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
@@ -26,7 +28,11 @@ def error_response(status: int, message: str, *, type: str = "invalid_request_er
 
 @api.exception_handler(ApiError)
 def on_api_error(request: HttpRequest, exc: ApiError) -> HttpResponse:
-    return JsonResponse(exc.body(), status=exc.status)
+    response = JsonResponse(exc.body(), status=exc.status)
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        response["Retry-After"] = str(retry_after)
+    return response
 
 
 @api.exception_handler(ValidationError)

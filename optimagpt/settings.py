@@ -7,6 +7,8 @@ Redis channel layer and a real Celery broker.
 
 from __future__ import annotations
 
+import hashlib
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -39,6 +41,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "rest_framework_simplejwt.token_blacklist",
     "accounts",
     "nodes",
     "gateway",
@@ -81,6 +84,7 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
     # WAL lets the gateway's reads go on while a node report writes; the busy
     # timeout turns a brief lock into a wait instead of "database is locked".
     DATABASES["default"]["OPTIONS"] = {
@@ -146,6 +150,22 @@ OPTIMAGPT_API_KEY_CACHE_S = env_float("OPTIMAGPT_API_KEY_CACHE_S", 5.0)
 # How long the router trusts its view of the executors of a model without asking the database.
 OPTIMAGPT_ROUTE_CACHE_S = env_float("OPTIMAGPT_ROUTE_CACHE_S", 1.0)
 DATA_UPLOAD_MAX_MEMORY_SIZE = OPTIMAGPT_MAX_BODY_BYTES
+
+# JWTs for applications and OptimaChat. Signed with JWT_SIGNING_KEY, or a key derived from
+# SECRET_KEY (never a default). A password change or deactivation invalidates a user's tokens.
+SIMPLE_JWT = {
+    "SIGNING_KEY": env_secret("JWT_SIGNING_KEY")
+    or hashlib.sha256(b"optimagpt-jwt\n" + SECRET_KEY.encode()).hexdigest(),
+    "ALGORITHM": "HS256",
+    "ACCESS_TOKEN_LIFETIME": timedelta(seconds=env_int("JWT_ACCESS_TOKEN_LIFETIME_S", 3600)),
+    "REFRESH_TOKEN_LIFETIME": timedelta(seconds=env_int("JWT_REFRESH_TOKEN_LIFETIME_S", 14 * 24 * 3600)),
+    "CHECK_REVOKE_TOKEN": True,
+    "CHECK_USER_IS_ACTIVE": True,
+    "UPDATE_LAST_LOGIN": True,
+}
+# Failed logins allowed per client address (and per username) in OPTIMAGPT_LOGIN_WINDOW_S.
+OPTIMAGPT_LOGIN_FAILURES = env_int("OPTIMAGPT_LOGIN_FAILURES", 5)
+OPTIMAGPT_LOGIN_WINDOW_S = env_int("OPTIMAGPT_LOGIN_WINDOW_S", 900)
 
 LOGGING = {
     "version": 1,

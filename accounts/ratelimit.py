@@ -1,0 +1,95 @@
+"""Counters in fixed time windows, for rate limits, token budgets and the login throttle.
+
+In-process by default; with REDIS_URL set, in Redis, so that every gateway process
+counts against the same limits. Both are async-native: no thread hop on the API path.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+from django.conf import settings
+
+REDIS_TIMEOUT_S = 2.0
+
+
+class Counter(Protocol):
+    async def get(self, key: str) -> int: ...
+    async def add(self, key: str, amount: int, window_s: int) -> int: ...
+    async def ttl(self, key: str) -> int: ...
+    async def clear(self, key: str) -> None: ...
+
+
+class MemoryCounter:
+    """Counts for one gateway process (the embedded default)."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, tuple[float, int]] = {}
+
+    def _live(self, key: str) -> tuple[float, int] | None:
+        entry = self._counts.get(key)
+        if entry is not None and entry[0] <= time.monotonic():
+            del self._counts[key]
+            return None
+        return entry
+
+    async def get(self, key: str) -> int:
+        entry = self._live(key)
+        return entry[1] if entry else 0
+
+    async def add(self, key: str, amount: int, window_s: int) -> int:
+        entry = self._live(key)
+        expires, value = entry if entry else (time.monotonic() + window_s, 0)
+        self._counts[key] = (expires, value + amount)
+        if len(self._counts) > 100_000:  # a flood of distinct keys must not grow memory without end
+            now = time.monotonic()
+            self._counts = {k: v for k, v in self._counts.items() if v[0] > now}
+        return value + amount
+
+    async def ttl(self, key: str) -> int:
+        entry = self._live(key)
+        return max(1, int(entry[0] - time.monotonic()) + 1) if entry else 0
+
+    async def clear(self, key: str) -> None:
+        self._counts.pop(key, None)
+
+
+class RedisCounter:
+    """Counts shared by every gateway process that uses the same Redis."""
+
+    def __init__(self, url: str) -> None:
+        import redis.asyncio as redis
+
+        self._redis = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
+                                           socket_connect_timeout=REDIS_TIMEOUT_S)
+
+    @staticmethod
+    def _key(key: str) -> str:
+        return f"optimagpt:count:{key}"
+
+    async def get(self, key: str) -> int:
+        return int(await self._redis.get(self._key(key)) or 0)
+
+    async def add(self, key: str, amount: int, window_s: int) -> int:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incrby(self._key(key), amount)
+            pipe.expire(self._key(key), window_s, nx=True)  # the window starts with its first count
+            value, _ = await pipe.execute()
+        return int(value)
+
+    async def ttl(self, key: str) -> int:
+        return max(0, int(await self._redis.ttl(self._key(key))))
+
+    async def clear(self, key: str) -> None:
+        await self._redis.delete(self._key(key))
+
+
+_counter: Counter | None = None
+
+
+def counter() -> Counter:
+    global _counter
+    if _counter is None:
+        _counter = RedisCounter(settings.REDIS_URL) if settings.REDIS_URL else MemoryCounter()
+    return _counter

@@ -1,0 +1,128 @@
+"""JWTs (djangorestframework-simplejwt) for people and apps: login, refresh, logout, and checking one.
+
+simplejwt's own checks apply: signature with our key and HS256 only (so `alg: none`
+and other secrets fail), expiry, token type, the blacklist for refresh tokens, an
+active user, and the hash_password claim, which a password change invalidates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.contrib.auth import authenticate
+from django.db.models.signals import m2m_changed, post_save
+from django.dispatch import receiver
+from rest_framework_simplejwt.exceptions import TokenError
+from rest_framework_simplejwt.settings import api_settings
+from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
+from rest_framework_simplejwt.utils import get_md5_hash_password
+
+from .models import User
+
+
+class TokenRefused(Exception):
+    """The credentials or token are not valid; the message is safe to show."""
+
+
+@dataclass(frozen=True)
+class TokenPair:
+    access_token: str
+    refresh_token: str
+    expires_in: int
+
+    def body(self) -> dict[str, object]:
+        return {"access_token": self.access_token, "token_type": "Bearer", "expires_in": self.expires_in,
+                "refresh_token": self.refresh_token}
+
+
+def _lifetime() -> int:
+    return int(api_settings.ACCESS_TOKEN_LIFETIME.total_seconds())
+
+
+def token_pair_for_login(*, username: str, password: str, device_id: str | None = None) -> TokenPair:
+    """Tokens for a username and password (sync: password hashing takes a while)."""
+    user = authenticate(username=username, password=password)
+    if user is None:
+        raise TokenRefused("Incorrect username or password.")
+    refresh = RefreshToken.for_user(user)
+    if device_id:
+        refresh["device_id"] = device_id[:200]
+    return TokenPair(str(refresh.access_token), str(refresh), _lifetime())
+
+
+def _current_user(token: RefreshToken | AccessToken) -> User:
+    try:
+        user = User.objects.get(pk=token[api_settings.USER_ID_CLAIM])
+    except (User.DoesNotExist, KeyError):
+        raise TokenRefused("The token's user does not exist.") from None
+    if not user.is_active:
+        raise TokenRefused("The token's user is deactivated.")
+    if token.get(api_settings.REVOKE_TOKEN_CLAIM) != get_md5_hash_password(user.password):
+        raise TokenRefused("The token was revoked by a password change.")
+    return user
+
+
+def token_refresh(*, refresh_token: str) -> TokenPair:
+    try:
+        refresh = RefreshToken(refresh_token)
+    except TokenError as exc:
+        raise TokenRefused(f"Invalid refresh token: {exc}") from None
+    _current_user(refresh)
+    return TokenPair(str(refresh.access_token), refresh_token, _lifetime())
+
+
+def token_logout(*, refresh_token: str) -> None:
+    """Blacklist a refresh token; it can never make access tokens again."""
+    try:
+        RefreshToken(refresh_token).blacklist()
+    except TokenError as exc:
+        raise TokenRefused(f"Invalid refresh token: {exc}") from None
+
+
+# Verified access tokens' users, by user id: a database round trip per API call
+# would cost a thread hop. Saving a user (password change, deactivation,
+# permission change through the user's save) drops the entry at once.
+_users: dict[int, tuple[float, User, bool]] = {}
+
+
+def _load_user(token: AccessToken) -> tuple[User, bool]:
+    user = _current_user(token)
+    return user, user.has_perm("accounts.access_gateway")
+
+
+async def access_token_user(raw: str) -> tuple[User, bool]:
+    """The user of a valid access token, and whether they hold Access Gateway.
+
+    The signature and expiry are checked here, in the event loop (pure CPU);
+    the database is asked only when the user is not cached.
+    """
+    try:
+        token = AccessToken(raw)
+    except TokenError as exc:
+        raise TokenRefused(f"Invalid token: {exc}") from None
+    user_id = token.get(api_settings.USER_ID_CLAIM)
+    cached = _users.get(user_id)
+    if cached is not None and cached[0] > time.monotonic():
+        user, allowed = cached[1], cached[2]
+    else:
+        user, allowed = await database_sync_to_async(_load_user)(token)
+        _users[user.pk] = (time.monotonic() + settings.OPTIMAGPT_API_KEY_CACHE_S, user, allowed)
+    if token.get(api_settings.REVOKE_TOKEN_CLAIM) != get_md5_hash_password(user.password):
+        raise TokenRefused("The token was revoked by a password change.")
+    return user, allowed
+
+
+@receiver(post_save, sender=User)
+def _forget_cached_user(sender: type[User], instance: User, **kwargs: object) -> None:
+    _users.pop(instance.pk, None)
+
+
+@receiver(m2m_changed, sender=User.user_permissions.through)
+def _forget_user_with_changed_permissions(sender: object, instance: object, **kwargs: object) -> None:
+    if isinstance(instance, User):
+        _users.pop(instance.pk, None)
+    else:  # changed from the permission's side: we cannot tell whose, so forget everyone
+        _users.clear()
