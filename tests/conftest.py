@@ -77,3 +77,11 @@ def require_service(variable: str) -> str:
             pytest.fail(f"{variable} is not set, and CI must run this test")
         pytest.skip(f"{variable} is not set")
     return url
+
+
+@pytest.fixture(autouse=True)
+def _fresh_counters() -> None:
+    """Rate-limit counters are per process; each test starts with none (database ids repeat between tests)."""
+    import accounts.ratelimit
+
+    accounts.ratelimit._counter = None

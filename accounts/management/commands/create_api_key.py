@@ -1,7 +1,9 @@
-from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from datetime import timedelta
 
-from accounts.models import ApiKey
+from django.core.management.base import BaseCommand, CommandError
+from django.utils import timezone
+
+from accounts.models import ApiKey, User
 
 
 class Command(BaseCommand):
@@ -9,14 +11,30 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):  # type: ignore[no-untyped-def]
         parser.add_argument("--name", required=True, help="what the key is for")
-        parser.add_argument("--user", help="username of the key's owner")
+        parser.add_argument("--user", help="username of the key's owner (the key acts for them)")
+        parser.add_argument("--models", nargs="+", default=[], help="model ids the key may use (default: all)")
+        parser.add_argument("--rpm", type=int, help="requests per minute")
+        parser.add_argument("--tpm", type=int, help="tokens per minute")
+        parser.add_argument("--budget", type=int, help="tokens per budget period")
+        parser.add_argument("--budget-period", choices=["day", "month"], default="day")
+        parser.add_argument("--expires-in-days", type=float, help="the key stops working after this many days")
 
-    def handle(self, *args, name: str, user: str | None, **options):  # type: ignore[no-untyped-def]
+    def handle(self, *args, name: str, user: str | None, models: list[str], rpm: int | None,  # type: ignore[no-untyped-def]
+               tpm: int | None, budget: int | None, budget_period: str, expires_in_days: float | None, **options):
         owner = None
         if user:
             try:
-                owner = get_user_model().objects.get(username=user)
-            except get_user_model().DoesNotExist:
+                owner = User.objects.get(username=user)
+            except User.DoesNotExist:
                 raise CommandError(f"no user named {user!r}") from None
-        _, raw = ApiKey.create_with_raw_key(name=name, owner=owner)
+        for value, flag in ((rpm, "--rpm"), (tpm, "--tpm"), (budget, "--budget")):
+            if value is not None and value < 1:
+                raise CommandError(f"{flag} must be at least 1")
+        key, raw = ApiKey.create_with_raw_key(name=name, owner=owner)
+        key.allowed_models = models
+        key.requests_per_minute, key.tokens_per_minute, key.token_budget = rpm, tpm, budget
+        key.budget_period = budget_period
+        if expires_in_days is not None:
+            key.expires_at = timezone.now() + timedelta(days=expires_in_days)
+        key.save()
         self.stdout.write(raw)
