@@ -2,7 +2,7 @@ from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.core.exceptions import PermissionDenied
 
-from .models import ApiKey, User
+from .models import ApiKey, Usage, User
 from .users import UserRuleBroken, ensure_another_admin, user_delete
 
 
@@ -78,3 +78,19 @@ class ApiKeyAdmin(ProductPermissionAdmin):
         obj.pk, obj.prefix, obj.digest, obj.created_at = key.pk, key.prefix, key.digest, key.created_at
         obj._state.adding = False
         messages.warning(request, f"API key created. Copy it now, it will not be shown again: {raw}")
+
+
+@admin.register(Usage)
+class UsageAdmin(ProductPermissionAdmin):
+    """Read-only: rows are written by the gateway's usage accounting."""
+
+    permission = "accounts.manage_api_keys"
+    list_display = ("day", "api_key", "user", "requests", "prompt_tokens", "completion_tokens")
+    list_filter = ("day",)
+    search_fields = ("api_key__name", "user__username")
+
+    def has_add_permission(self, request):  # type: ignore[no-untyped-def]
+        return False
+
+    def has_change_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
+        return False

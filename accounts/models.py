@@ -108,3 +108,29 @@ class ApiKey(models.Model):
         raw = KEY_PREFIX + secrets.token_urlsafe(32)
         key = cls.objects.create(name=name, owner=owner, prefix=raw[:VISIBLE_CHARS], digest=api_key_digest(raw))
         return key, raw
+
+
+class Usage(models.Model):
+    """Tokens used in one day (UTC) through one API key, or by one user (JWT or any of their keys)."""
+
+    day = models.DateField()
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.CASCADE, related_name="usage")
+    user = models.ForeignKey(User, null=True, blank=True, on_delete=models.CASCADE, related_name="usage")
+    requests = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-day"]
+        constraints = [
+            # One row per key and day, one per user and day: each row counts for exactly one of them.
+            models.CheckConstraint(condition=models.Q(api_key__isnull=True) ^ models.Q(user__isnull=True),
+                                   name="usage_for_key_or_user"),
+            models.UniqueConstraint(fields=["day", "api_key"], condition=models.Q(api_key__isnull=False),
+                                    name="usage_unique_key_day"),
+            models.UniqueConstraint(fields=["day", "user"], condition=models.Q(user__isnull=False),
+                                    name="usage_unique_user_day"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.api_key or self.user}: {self.prompt_tokens}+{self.completion_tokens}"

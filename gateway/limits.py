@@ -12,10 +12,14 @@ import calendar
 from datetime import datetime, timezone
 from typing import Any
 
+from channels.db import database_sync_to_async
+
 from accounts.models import ApiKey
-from accounts.ratelimit import counter
+from accounts.ratelimit import Counter, MemoryCounter, counter
+from accounts.usage import usage_tokens_since
 
 from .auth import Principal
+from .usage import usage_add
 from .errors import PermissionDenied, RateLimited
 
 MINUTE_S = 60
@@ -31,6 +35,21 @@ def _budget_window(key: ApiKey, now: datetime) -> tuple[str, int]:
         end = now.replace(hour=23, minute=59, second=59)
         label = now.strftime("%Y-%m-%d")
     return f"budget:{key.pk}:{label}", int((end - now).total_seconds()) + 1
+
+
+_budgets_loaded: set[str] = set()
+
+
+async def _load_budget_spent(key: ApiKey, name: str, counts: Counter) -> None:
+    """An in-process counter starts empty when the gateway starts: begin it at what the database recorded."""
+    if name in _budgets_loaded or not isinstance(counts, MemoryCounter):
+        return
+    _budgets_loaded.add(name)
+    now = datetime.now(timezone.utc).date()
+    since = now.replace(day=1) if key.budget_period == "month" else now
+    spent = await database_sync_to_async(usage_tokens_since)(api_key_id=key.pk, since=since)
+    if spent:
+        await counts.add(name, spent, _budget_window(key, datetime.now(timezone.utc))[1] + MINUTE_S)
 
 
 async def principal_admit(*, principal: Principal, model: str) -> None:
@@ -54,6 +73,7 @@ async def principal_admit(*, principal: Principal, model: str) -> None:
                               retry_after=await counts.ttl(name))
     if key.token_budget:
         name, seconds_left = _budget_window(key, datetime.now(timezone.utc))
+        await _load_budget_spent(key, name, counts)
         if await counts.get(name) >= key.token_budget:
             raise RateLimited(f"Token budget reached: {key.token_budget} tokens per {key.budget_period}.",
                               retry_after=seconds_left, code="budget_exceeded")
@@ -62,6 +82,7 @@ async def principal_admit(*, principal: Principal, model: str) -> None:
 async def principal_record(*, principal: Principal, usage: dict[str, Any]) -> None:
     """Count a finished request's tokens against the key's limits."""
     key = principal.api_key
+    usage_add(api_key_id=key.pk if key else None, user_id=principal.user_id, usage=usage)
     tokens = int(usage.get("total_tokens") or 0)
     if key is None or tokens <= 0:
         return

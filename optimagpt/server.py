@@ -66,6 +66,12 @@ def main(argv: list[str]) -> None:
     except BaseException:  # noqa: BLE001 - report, then still skip the crashing shutdown
         logging.getLogger("optimagpt.server").exception("daphne failed")
         code = 1
+    try:
+        from gateway.usage import usage_flush_sync
+
+        usage_flush_sync()
+    except Exception:  # noqa: BLE001 - a failed final write must not hide daphne's exit code
+        logging.getLogger("optimagpt.server").exception("could not write the last usage")
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -163,6 +163,8 @@ SIMPLE_JWT = {
     "CHECK_USER_IS_ACTIVE": True,
     "UPDATE_LAST_LOGIN": True,
 }
+# Seconds between writes of the usage accounting (tokens per key and user per day).
+OPTIMAGPT_USAGE_FLUSH_S = env_float("OPTIMAGPT_USAGE_FLUSH_S", 2.0)
 # Failed logins allowed per client address (and per username) in OPTIMAGPT_LOGIN_WINDOW_S.
 OPTIMAGPT_LOGIN_FAILURES = env_int("OPTIMAGPT_LOGIN_FAILURES", 5)
 OPTIMAGPT_LOGIN_WINDOW_S = env_int("OPTIMAGPT_LOGIN_WINDOW_S", 900)
