@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from channels.db import database_sync_to_async
-from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 from ninja import Router
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.errors import AuthenticationFailed, RateLimited
 
-from .ratelimit import counter
+from .ratelimit import login_failed, login_retry_after
 from .tokens import TokenRefused, token_logout, token_pair_for_login, token_refresh
 
 router = Router(tags=["Auth"])
@@ -32,24 +31,18 @@ class RefreshIn(AuthIn):
     refresh_token: Annotated[str, Field(min_length=1, max_length=4096)]
 
 
-def _throttle_keys(request: HttpRequest, username: str) -> list[str]:
-    return [f"login:addr:{request.META.get('REMOTE_ADDR', '?')}", f"login:user:{username.lower()}"]
-
-
 @router.post("/login", summary="Log in with username and password; returns JWTs")
 async def login(request: HttpRequest, body: LoginIn) -> JsonResponse:
-    keys = _throttle_keys(request, body.username)
-    for key in keys:
-        if await counter().get(key) >= settings.OPTIMAGPT_LOGIN_FAILURES:
-            retry_after = await counter().ttl(key)
-            raise RateLimited(f"Too many failed logins; try again in {retry_after} s.", retry_after=retry_after,
-                              code="too_many_attempts")
+    address = request.META.get("REMOTE_ADDR", "?")
+    retry_after = await login_retry_after(address=address, username=body.username)
+    if retry_after:
+        raise RateLimited(f"Too many failed logins; try again in {retry_after} s.", retry_after=retry_after,
+                          code="too_many_attempts")
     try:
         pair = await database_sync_to_async(token_pair_for_login)(
             username=body.username, password=body.password, device_id=body.deviceId)
     except TokenRefused as exc:
-        for key in keys:
-            await counter().add(key, 1, settings.OPTIMAGPT_LOGIN_WINDOW_S)
+        await login_failed(address=address, username=body.username)
         raise AuthenticationFailed(str(exc), code="invalid_credentials") from None
     return JsonResponse(pair.body())
 

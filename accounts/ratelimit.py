@@ -93,3 +93,20 @@ def counter() -> Counter:
     if _counter is None:
         _counter = RedisCounter(settings.REDIS_URL) if settings.REDIS_URL else MemoryCounter()
     return _counter
+
+
+def _login_keys(address: str, username: str) -> list[str]:
+    return [f"login:addr:{address}", f"login:user:{username.lower()[:150]}"]
+
+
+async def login_retry_after(*, address: str, username: str) -> int:
+    """Seconds until this address or username may try again; 0 when not throttled."""
+    for key in _login_keys(address, username):
+        if await counter().get(key) >= settings.OPTIMAGPT_LOGIN_FAILURES:
+            return max(1, await counter().ttl(key))
+    return 0
+
+
+async def login_failed(*, address: str, username: str) -> None:
+    for key in _login_keys(address, username):
+        await counter().add(key, 1, settings.OPTIMAGPT_LOGIN_WINDOW_S)

@@ -1,5 +1,5 @@
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
 from chat.views import home
 
@@ -8,5 +8,6 @@ from .api import api
 urlpatterns = [
     path("", home, name="home"),
     path("admin/", admin.site.urls),
+    path("", include("accounts.urls")),
     path("", api.urls),
 ]

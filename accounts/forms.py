@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from django import forms
+from django.contrib.auth.password_validation import password_validators_help_text_html, validate_password
+from django.core.exceptions import ValidationError
+
+from .models import User
+
+
+class UserCreateForm(forms.Form):
+    first_name = forms.CharField(max_length=150, required=False)
+    last_name = forms.CharField(max_length=150, required=False)
+    username = forms.CharField(max_length=150)
+    password = forms.CharField(widget=forms.PasswordInput(render_value=False), min_length=8,
+                               help_text=password_validators_help_text_html())
+    user_type = forms.ChoiceField(label="Type", choices=User.Type.choices, initial=User.Type.USER)
+
+    def clean_username(self) -> str:
+        username = self.cleaned_data["username"]
+        if User.objects.filter(username__iexact=username).exists():
+            raise ValidationError("A user with that username exists already.")
+        return username
+
+    def clean(self) -> dict:
+        data = super().clean()
+        if data.get("password") and data.get("username"):
+            try:
+                validate_password(data["password"], User(username=data["username"],
+                                                         first_name=data.get("first_name", ""),
+                                                         last_name=data.get("last_name", "")))
+            except ValidationError as exc:
+                self.add_error("password", exc)
+        return data
+
+
+class ApiKeyCreateForm(forms.Form):
+    name = forms.CharField(max_length=100)
+    owner = forms.ModelChoiceField(queryset=User.objects.filter(is_active=True).order_by("username"),
+                                   required=False, help_text="the key acts for this user")
+    expires_at = forms.DateTimeField(required=False, label="Expires (UTC)",
+                                     widget=forms.DateTimeInput(attrs={"type": "datetime-local"}))
+    allowed_models = forms.CharField(required=False, label="Models",
+                                     help_text="model ids separated by commas; empty means all")
+    requests_per_minute = forms.IntegerField(required=False, min_value=1)
+    tokens_per_minute = forms.IntegerField(required=False, min_value=1)
+    token_budget = forms.IntegerField(required=False, min_value=1, label="Token budget")
+    budget_period = forms.ChoiceField(choices=[("day", "per day"), ("month", "per month")], initial="day")
+
+    def clean_allowed_models(self) -> list[str]:
+        return [m.strip() for m in self.cleaned_data["allowed_models"].split(",") if m.strip()]
+
+    def clean_expires_at(self) -> datetime | None:
+        return self.cleaned_data["expires_at"]
