@@ -9,6 +9,18 @@ from django.core import checks
 
 
 @checks.register(checks.Tags.security)
+def check_secret_key(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]:
+    if settings.SECRET_KEY_MISSING and not settings.DEBUG:
+        return [checks.Error(
+            "SECRET_KEY is not set, and DEBUG is off.",
+            hint="Set SECRET_KEY (or SECRET_KEY_FILE) to a long random string, e.g. the output of "
+                 "python -c 'import secrets; print(secrets.token_urlsafe(50))'. ./optimagpt.sh run makes one.",
+            id="optimagpt.E001",
+        )]
+    return []
+
+
+@checks.register(checks.Tags.security)
 def check_node_access_key(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]:
     key = settings.OPTIMAGPT_NODE_ACCESS_KEY
     if not key:

@@ -14,13 +14,18 @@ from typing import Any
 
 from django.core import signals
 from django.core.asgi import get_asgi_application
-from django.core.exceptions import RequestAborted
+from django.core.exceptions import ImproperlyConfigured, RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
 from django.urls import set_script_prefix
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "optimagpt.settings")
 django_asgi_app = get_asgi_application()
+
+from gateway.checks import check_secret_key  # noqa: E402
+
+for _error in check_secret_key(None):
+    raise ImproperlyConfigured(f"{_error.msg} {_error.hint}")
 
 API_PREFIX = "/v1/"
 

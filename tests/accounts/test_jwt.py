@@ -108,3 +108,17 @@ async def test_forged_expired_and_malformed_tokens_are_401(admin: User) -> None:
 def test_the_jwt_key_is_not_a_default() -> None:
     assert settings.SIMPLE_JWT["SIGNING_KEY"] not in (settings.SECRET_KEY, "", None)
     assert len(settings.SIMPLE_JWT["SIGNING_KEY"]) >= 32
+
+
+async def test_no_password_or_token_reaches_the_logs(admin: User, caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    await _login("ada", "a-wrong-password-123")
+    tokens = (await _login("ada")).json()
+    await _post("/api/auth/refresh", {"refresh_token": tokens["refresh_token"]})
+    await _models(tokens["access_token"])
+    await _models(tokens["access_token"] + "x")
+    await _post("/api/auth/logout", {"refresh_token": tokens["refresh_token"]})
+    for secret in (PASSWORD, "a-wrong-password-123", tokens["access_token"], tokens["refresh_token"]):
+        assert secret not in caplog.text
