@@ -6,5 +6,5 @@ class GatewayConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks  # noqa: F401 - registers the system checks
+        from . import checks, services  # noqa: F401 - register the system checks and the revocation receiver
         from .routing import least_busy  # noqa: F401 - connects the route cache to node changes

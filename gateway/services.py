@@ -17,6 +17,10 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.db.models.signals import post_delete
+from django.dispatch import receiver
+
+from accounts.models import ApiKey
 
 from .auth import Principal
 from .errors import ApiError, NoCapacity, UpstreamError, UpstreamTimeout
@@ -39,6 +43,17 @@ def _event_error(event: dict[str, Any]) -> ApiError:
                          code=error.get("code") or "node_error")
 
 
+# Requests in flight in this process, by API key, so that revoking a key ends them.
+_calls_by_key: dict[int, set[InferenceCall]] = {}
+
+
+@receiver(post_delete, sender=ApiKey)
+def _end_requests_of_revoked_key(sender: type[ApiKey], instance: ApiKey, **kwargs: Any) -> None:
+    # Signals run in whichever thread deleted the key; each call belongs to the event loop that made it.
+    for call in list(_calls_by_key.get(instance.pk, ())):
+        asyncio.run_coroutine_threadsafe(call.revoke(), call.loop)
+
+
 class InferenceCall:
     """One request on its way to a node. Iterate it for events; `close()` cancels it if unfinished."""
 
@@ -49,6 +64,16 @@ class InferenceCall:
         self.reply_channel = reply_channel
         self.finished = False
         self._released = False
+        self.loop = asyncio.get_running_loop()
+        if principal.api_key is not None:
+            _calls_by_key.setdefault(principal.api_key.pk, set()).add(self)
+
+    async def revoke(self) -> None:
+        """End the request because its API key was revoked, whether queued on the node or streaming."""
+        await get_channel_layer().send(self.reply_channel, {"type": "node.event", "raw": json.dumps({
+            "type": "error", "id": self.request_id, "revoked": True,
+            "error": {"message": "The API key was revoked.", "type": "invalid_request_error",
+                      "code": "api_key_revoked", "status": 401}})})
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """Node events up to and including `end`; an `error` event is raised as ApiError."""
@@ -66,7 +91,8 @@ class InferenceCall:
                 event = json.loads(message["raw"])
                 kind = event.get("type")
                 if kind == "error":
-                    self.finished = True
+                    # A revoked request is still running on the node: close() must cancel it there.
+                    self.finished = not event.get("revoked")
                     raise _event_error(event)
                 if kind == "end":
                     self.finished = True
@@ -84,6 +110,12 @@ class InferenceCall:
             return
         self._released = True
         release(self.target)
+        if self.principal.api_key is not None:
+            calls = _calls_by_key.get(self.principal.api_key.pk)
+            if calls is not None:
+                calls.discard(self)
+                if not calls:
+                    del _calls_by_key[self.principal.api_key.pk]
         if not self.finished:
             # The client left or we gave up: the node must stop generating for nobody.
             try:
