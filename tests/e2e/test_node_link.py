@@ -53,7 +53,7 @@ def test_the_node_reconnects_by_itself_after_the_gateway_restarts(models_dir: Pa
     agent.start()
     try:
         agent.wait_for_model(MODEL_ID)
-        assert gateway.stop() == 0
+        assert gateway.stop() == 0, gateway.log()[-3000:]
         _wait_for(lambda: "link to" in agent.log() and "lost" in agent.log(), 30, "the agent to notice")
         gateway.start(migrate=False)
         agent.wait_for_model(MODEL_ID, timeout_s=45)
