@@ -65,10 +65,11 @@ class UserAdmin(ProductPermissionAdmin, DjangoUserAdmin):
 @admin.register(ApiKey)
 class ApiKeyAdmin(ProductPermissionAdmin):
     permission = "accounts.manage_api_keys"
-    list_display = ("name", "prefix", "owner", "created_at", "last_used_at")
+    list_display = ("name", "prefix", "owner", "created_at", "last_used_at", "expires_at")
     search_fields = ("name", "prefix", "owner__username")
     readonly_fields = ("prefix", "created_at", "last_used_at")
-    fields = ("name", "owner", "prefix", "created_at", "last_used_at")
+    fields = ("name", "owner", "prefix", "created_at", "last_used_at", "expires_at", "allowed_models",
+              "requests_per_minute", "tokens_per_minute", "token_budget", "budget_period")
 
     def save_model(self, request, obj, form, change):  # type: ignore[no-untyped-def]
         if change:

@@ -99,3 +99,24 @@ def test_a_new_api_key_is_shown_once_and_revoking_stops_it_at_once(admin: User, 
     assert _as(member).post(f"/manage/api-keys/{key.pk}/revoke/").status_code == 403
     assert client.post(f"/manage/api-keys/{key.pk}/revoke/").status_code == 302
     assert _as(None).get("/v1/models", headers={"Authorization": f"Bearer {raw}"}).status_code == 401
+
+
+def _actions(admin: User, member: User) -> list[tuple[str, dict]]:
+    key, _ = ApiKey.create_with_raw_key(name="kept")
+    return [
+        ("/manage/users/", {"username": "mallory", "password": NEW_PASSWORD, "user_type": "admin"}),
+        (f"/manage/users/{admin.pk}/delete/", {}),
+        (f"/manage/users/{admin.pk}/type/", {"user_type": "user"}),
+        ("/manage/api-keys/", {"name": "sneaky", "budget_period": "day"}),
+        (f"/manage/api-keys/{key.pk}/revoke/", {}),
+    ]
+
+
+def test_no_action_works_without_its_permission_or_without_logging_in(admin: User, member: User) -> None:
+    for path, form in _actions(admin, member):
+        assert _as(member).post(path, form).status_code == 403, path
+        visitor = _as(None).post(path, form)
+        assert visitor.status_code == 302 and visitor["Location"].startswith("/login/"), path
+    assert not User.objects.filter(username="mallory").exists()
+    assert User.objects.get(pk=admin.pk).user_type == "admin"
+    assert ApiKey.objects.filter(name="kept").exists() and not ApiKey.objects.filter(name="sneaky").exists()
