@@ -58,13 +58,22 @@ async def api_key_authenticate(*, raw_key: str) -> tuple[ApiKey, bool] | None:
     return key, owner_ok
 
 
+def forget_key(digest: str) -> None:
+    _cache.pop(digest, None)
+
+
+def forget_keys_of_user(user_id: int | None) -> None:
+    """Drop the keys owned by `user_id` (by anyone, when None: we cannot tell whose)."""
+    for digest in [d for d, (_, key, _) in _cache.items() if user_id is None or key.owner_id == user_id]:
+        _cache.pop(digest, None)
+
+
 @receiver(post_save, sender=ApiKey)
 @receiver(post_delete, sender=ApiKey)
 def _forget_cached_key(sender: type[ApiKey], instance: ApiKey, **kwargs: object) -> None:
-    _cache.pop(instance.digest, None)
+    forget_key(instance.digest)
 
 
 @receiver(post_save, sender=User)
 def _forget_keys_of_changed_user(sender: type[User], instance: User, **kwargs: object) -> None:
-    for digest in [d for d, (_, key, _) in _cache.items() if key.owner_id == instance.pk]:
-        _cache.pop(digest, None)
+    forget_keys_of_user(instance.pk)

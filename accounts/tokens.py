@@ -115,14 +115,19 @@ async def access_token_user(raw: str) -> tuple[User, bool]:
     return user, allowed
 
 
+def forget_user(user_id: int | None) -> None:
+    """Drop a cached user (everyone, when None: a change from the permission's side names nobody)."""
+    if user_id is None:
+        _users.clear()
+    else:
+        _users.pop(user_id, None)
+
+
 @receiver(post_save, sender=User)
 def _forget_cached_user(sender: type[User], instance: User, **kwargs: object) -> None:
-    _users.pop(instance.pk, None)
+    forget_user(instance.pk)
 
 
 @receiver(m2m_changed, sender=User.user_permissions.through)
 def _forget_user_with_changed_permissions(sender: object, instance: object, **kwargs: object) -> None:
-    if isinstance(instance, User):
-        _users.pop(instance.pk, None)
-    else:  # changed from the permission's side: we cannot tell whose, so forget everyone
-        _users.clear()
+    forget_user(instance.pk if isinstance(instance, User) else None)

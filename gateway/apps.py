@@ -6,5 +6,6 @@ class GatewayConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks, services  # noqa: F401 - register the system checks and the revocation receiver
+        # Register the system checks, the revocation receiver and the broadcast of changes.
+        from . import checks, invalidation, services  # noqa: F401
         from .routing import least_busy  # noqa: F401 - connects the route cache to node changes

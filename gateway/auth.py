@@ -13,6 +13,7 @@ from accounts.services import api_key_authenticate
 from accounts.tokens import TokenRefused, access_token_user
 
 from .errors import AuthenticationFailed, PermissionDenied
+from .invalidation import invalidation_listener_start
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class ApiKeyAuth(AuthBase):
     openapi_scheme = "bearer"
 
     async def __call__(self, request: HttpRequest) -> Principal:
+        invalidation_listener_start()
         raw = raw_key_from_headers(request)
         if raw is None:
             raise AuthenticationFailed(

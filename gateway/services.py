@@ -9,6 +9,7 @@ channel of its own. Leaving early (client gone, timeout) sends `node.cancel`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from channels.layers import get_channel_layer
+from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
 from django.db.models.signals import post_delete
 from django.dispatch import receiver
@@ -47,11 +49,36 @@ def _event_error(event: dict[str, Any]) -> ApiError:
 _calls_by_key: dict[int, set[InferenceCall]] = {}
 
 
+async def _drop_channel(channel: str) -> None:
+    """Let the layer forget a reply channel that will never be read again.
+
+    Channels has no call for this. The Redis pub/sub layer keeps every channel made
+    by new_channel() subscribed, one subscription per request for ever, until a
+    receive on it is cancelled, which is its documented clean-up; so we cancel one.
+    The in-memory layer drops a channel by itself once it is read empty.
+    """
+    layer = get_channel_layer()
+    if not isinstance(layer, RedisPubSubChannelLayer):
+        return
+    waiter = asyncio.ensure_future(layer.receive(channel))
+    await asyncio.sleep(0)  # let it start waiting, so that cancelling it unsubscribes
+    waiter.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await waiter
+
+
+def revoke_calls_of_key(key_id: int) -> None:
+    """End this process's requests made with a revoked key. Safe from any thread."""
+    for call in list(_calls_by_key.get(key_id, ())):
+        if not call.revoked:
+            call.revoked = True
+            # Each call belongs to the event loop that made it; the caller may be a signal in another thread.
+            asyncio.run_coroutine_threadsafe(call.revoke(), call.loop)
+
+
 @receiver(post_delete, sender=ApiKey)
 def _end_requests_of_revoked_key(sender: type[ApiKey], instance: ApiKey, **kwargs: Any) -> None:
-    # Signals run in whichever thread deleted the key; each call belongs to the event loop that made it.
-    for call in list(_calls_by_key.get(instance.pk, ())):
-        asyncio.run_coroutine_threadsafe(call.revoke(), call.loop)
+    revoke_calls_of_key(instance.pk)
 
 
 class InferenceCall:
@@ -63,6 +90,7 @@ class InferenceCall:
         self.request_id = request_id
         self.reply_channel = reply_channel
         self.finished = False
+        self.revoked = False
         self._released = False
         self.loop = asyncio.get_running_loop()
         if principal.api_key is not None:
@@ -110,6 +138,7 @@ class InferenceCall:
             return
         self._released = True
         release(self.target)
+        await _drop_channel(self.reply_channel)
         if self.principal.api_key is not None:
             calls = _calls_by_key.get(self.principal.api_key.pk)
             if calls is not None:

@@ -99,8 +99,12 @@ REDIS_URL = env_str("REDIS_URL")
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 60},
+            # The pub/sub layer, not channels_redis.core: in the core layer every reply
+            # channel of a process shares one blocking read, and with two waiting at once
+            # (a node link and a request on the same gateway) a message for one waited
+            # until the other got one (measured: 3 s, until the next event came along).
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
         }
     }
 else:

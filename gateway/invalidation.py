@@ -1,0 +1,109 @@
+"""Telling every gateway process that a key or a user changed, over the channel layer.
+
+Each process caches verified keys and users (accounts.services, accounts.tokens)
+and tracks the requests it has in flight per key (gateway.services). A change
+saved through one process reaches that process's caches through Django signals
+at once; this module carries it to the others: the signal receivers below send
+to a group that every gateway process listens to. In the embedded default there
+is one process, and the broadcast only repeats what the signals already did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import InMemoryChannelLayer, get_channel_layer
+from django.db.models.signals import m2m_changed, post_delete, post_save
+from django.dispatch import receiver
+
+from accounts import services as key_cache
+from accounts import tokens as user_cache
+from accounts.models import ApiKey, User
+
+log = logging.getLogger("optimagpt.invalidation")
+
+GROUP = "optimagpt.invalidation"
+# Group membership expires on the Redis layer (a day by default); joining again renews it.
+REJOIN_S = 3600.0
+SEND_TIMEOUT_S = 5.0
+
+_listener: asyncio.Task[None] | None = None
+
+
+def _shared() -> bool:
+    """Whether other gateway processes can exist: only with a layer they share (Redis)."""
+    return not isinstance(get_channel_layer(), InMemoryChannelLayer)
+
+
+def _broadcast(message: dict[str, Any]) -> None:
+    """Send from a signal receiver (sync code, never the event loop's own thread)."""
+    if not _shared():
+        return
+
+    async def send() -> None:
+        await asyncio.wait_for(get_channel_layer().group_send(GROUP, {"type": "invalidate", **message}),
+                               SEND_TIMEOUT_S)
+
+    try:
+        async_to_sync(send)()
+    except Exception as exc:  # noqa: BLE001 - other processes then notice within their cache lifetime
+        log.warning("could not tell other gateway processes about a change: %s", type(exc).__name__)
+
+
+@receiver(post_save, sender=ApiKey)
+@receiver(post_delete, sender=ApiKey)
+def _key_changed(sender: type[ApiKey], instance: ApiKey, **kwargs: Any) -> None:
+    _broadcast({"key_id": instance.pk, "digest": instance.digest, "deleted": "created" not in kwargs})
+
+
+@receiver(post_save, sender=User)
+@receiver(post_delete, sender=User)
+def _user_changed(sender: type[User], instance: User, **kwargs: Any) -> None:
+    _broadcast({"user_id": instance.pk})
+
+
+@receiver(m2m_changed, sender=User.user_permissions.through)
+def _permissions_changed(sender: object, instance: object, **kwargs: Any) -> None:
+    if kwargs.get("action", "").startswith("post_"):
+        _broadcast({"user_id": instance.pk if isinstance(instance, User) else None})
+
+
+def _apply(message: dict[str, Any]) -> None:
+    from .services import revoke_calls_of_key
+
+    if "digest" in message:
+        key_cache.forget_key(message["digest"])
+        if message.get("deleted"):
+            revoke_calls_of_key(message["key_id"])
+    if "user_id" in message:
+        user_cache.forget_user(message["user_id"])
+        key_cache.forget_keys_of_user(message["user_id"])
+
+
+async def _listen() -> None:
+    layer = get_channel_layer()
+    channel = await layer.new_channel("invalidation.")
+    while True:
+        try:
+            await layer.group_add(GROUP, channel)
+            message = await asyncio.wait_for(layer.receive(channel), REJOIN_S)
+        except asyncio.TimeoutError:
+            continue
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Redis away for a moment: try again shortly
+            log.warning("invalidation listener: %s", type(exc).__name__)
+            await asyncio.sleep(1.0)
+            continue
+        _apply(message)
+
+
+def invalidation_listener_start() -> None:
+    """Start this process's listener once, from the event loop (the first API request does it)."""
+    global _listener
+    loop = asyncio.get_running_loop()
+    if (_listener is None or _listener.done() or _listener.get_loop() is not loop) and _shared():
+        _listener = loop.create_task(_listen(), name="invalidation listener")
