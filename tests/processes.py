@@ -117,6 +117,25 @@ class Gateway(Process):
     def create_api_key(self, name: str) -> str:
         return self.manage("create_api_key", "--name", name).strip()
 
+    def admin_browser(self, username: str, password: str) -> httpx.Client:
+        """A new Admin, logged in through the login page; the client keeps the session and CSRF cookies."""
+        subprocess.run([sys.executable, "manage.py", "create_user", username, "--type", "admin"], cwd=REPO,
+                       env=self.env, input=password + "\n", text=True, check=True, capture_output=True)
+        browser = self.http()
+        browser.get("/login/")
+        response = browser.post("/login/", data={"username": username, "password": password,
+                                                 "csrfmiddlewaretoken": browser.cookies["csrftoken"]})
+        assert response.status_code == 302, response.text
+        return browser
+
+    def revoke_api_key(self, browser: httpx.Client, name: str) -> None:
+        """Revoke the key called `name` on the API-keys page, as an admin would."""
+        key_id = self.manage("shell", "--no-imports", "-c",
+                             f"from accounts.models import ApiKey; print(ApiKey.objects.get(name={name!r}).pk)")
+        response = browser.post(f"/manage/api-keys/{key_id.strip()}/revoke/",
+                                data={"csrfmiddlewaretoken": browser.cookies["csrftoken"]})
+        assert response.status_code == 302
+
 
 class NodeAgent(Process):
     def __init__(self, *, gateway: Gateway, models_dir: Path, state_dir: Path, access_key: str = NODE_ACCESS_KEY,

@@ -6,12 +6,11 @@ A request that arrives at gateway A is served by a node linked to gateway B.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -19,7 +18,7 @@ import openai
 import pytest
 
 from tests.conftest import MODEL_ID, require_service
-from tests.processes import REPO, Gateway, NodeAgent, free_port
+from tests.processes import Gateway, NodeAgent, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -50,24 +49,34 @@ def redis_url() -> str:
     return url
 
 
-def test_a_request_at_gateway_a_is_served_by_a_node_linked_to_gateway_b(
-    database_url: str, redis_url: str, models_dir: Path, tmp_path: Path
-) -> None:
-    env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
-    gateways = []
-    for name in ("a", "b"):
+@contextmanager
+def two_gateways_and_a_node(tmp_path: Path, models_dir: Path, env: dict[str, str],
+                            node_on: str) -> Iterator[tuple[Gateway, Gateway]]:
+    """Gateways A and B on the same PostgreSQL and Redis, and a node linked to `node_on` ("a" or "b")."""
+    for name in ("a", "b", "node"):
         (tmp_path / name).mkdir()
-        gateways.append(Gateway(data_dir=tmp_path / name, port=free_port(), **env))
-    gateway_a, gateway_b = gateways
-    (tmp_path / "node").mkdir()
-    agent = NodeAgent(gateway=gateway_b, models_dir=models_dir, state_dir=tmp_path / "node")
+    gateway_a = Gateway(data_dir=tmp_path / "a", port=free_port(), **env)
+    gateway_b = Gateway(data_dir=tmp_path / "b", port=free_port(), **env)
+    agent = NodeAgent(gateway=gateway_a if node_on == "a" else gateway_b, models_dir=models_dir,
+                      state_dir=tmp_path / "node")
     try:
         gateway_a.start()
         gateway_b.start(migrate=False)
         agent.start()
         agent.wait_for_model(MODEL_ID)
-        assert "linked from" in gateway_b.log() and "linked from" not in gateway_a.log()
+        yield gateway_a, gateway_b
+    finally:
+        assert agent.stop() == 0
+        gateway_a.stop()
+        gateway_b.stop()
 
+
+def test_a_request_at_gateway_a_is_served_by_a_node_linked_to_gateway_b(
+    database_url: str, redis_url: str, models_dir: Path, tmp_path: Path
+) -> None:
+    env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
+    with two_gateways_and_a_node(tmp_path, models_dir, env, node_on="b") as (gateway_a, gateway_b):
+        assert "linked from" in gateway_b.log() and "linked from" not in gateway_a.log()
         client = openai.OpenAI(base_url=gateway_a.url + "/v1", api_key=gateway_a.create_api_key("scale-out"),
                                max_retries=0, timeout=60)
         assert MODEL_ID in [m.id for m in client.models.list()]
@@ -81,29 +90,17 @@ def test_a_request_at_gateway_a_is_served_by_a_node_linked_to_gateway_b(
         embedding = client.embeddings.create(model=MODEL_ID, input=["one", "two"])
         assert [d.index for d in embedding.data] == [0, 1]
         assert not [line for line in gateway_a.log().splitlines() if "ERROR" in line]
-    finally:
-        assert agent.stop() == 0
-        for gateway in gateways:
-            gateway.stop()
 
 
 def test_a_key_revoked_through_gateway_b_stops_at_once_on_gateway_a(
     database_url: str, redis_url: str, models_dir: Path, tmp_path: Path
 ) -> None:
+    # A key cache of an hour: only the broadcast can tell gateway A in time.
     env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url, "OPTIMAGPT_API_KEY_CACHE_S": "3600"}
-    for name in ("a", "b", "node"):
-        (tmp_path / name).mkdir()
-    gateway_a = Gateway(data_dir=tmp_path / "a", port=free_port(), **env)
-    gateway_b = Gateway(data_dir=tmp_path / "b", port=free_port(), **env)
-    agent = NodeAgent(gateway=gateway_a, models_dir=models_dir, state_dir=tmp_path / "node")
-    try:
-        gateway_a.start()
-        gateway_b.start(migrate=False)
-        agent.start()
-        agent.wait_for_model(MODEL_ID)
+    with two_gateways_and_a_node(tmp_path, models_dir, env, node_on="a") as (gateway_a, gateway_b):
         raw = gateway_a.create_api_key("doomed")
         headers = {"Authorization": f"Bearer {raw}"}
-        assert gateway_a.http().get("/v1/models", headers=headers).status_code == 200  # cached on A for an hour
+        assert gateway_a.http().get("/v1/models", headers=headers).status_code == 200  # now cached on A
         lines: list[str] = []
 
         def stream() -> None:
@@ -118,24 +115,8 @@ def test_a_key_revoked_through_gateway_b_stops_at_once_on_gateway_a(
         while len(lines) < 2:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-
-        subprocess.run([sys.executable, "manage.py", "create_user", "boss", "--type", "admin"], cwd=REPO,
-                       env=gateway_b.env, input="a-long-admin-password-9\n", text=True, check=True,
-                       capture_output=True)
-        key_id = gateway_b.manage("shell", "--no-imports", "-c",
-                                  "from accounts.models import ApiKey; print(ApiKey.objects.get(name='doomed').pk)")
-        with gateway_b.http() as browser:
-            browser.get("/login/")
-            browser.post("/login/", data={"username": "boss", "password": "a-long-admin-password-9",
-                                          "csrfmiddlewaretoken": browser.cookies["csrftoken"]})
-            revoked = browser.post(f"/manage/api-keys/{key_id.strip()}/revoke/",
-                                   data={"csrfmiddlewaretoken": browser.cookies["csrftoken"]})
-            assert revoked.status_code == 302
+        gateway_b.revoke_api_key(gateway_b.admin_browser("boss", "a-long-admin-password-9"), "doomed")
         streamer.join(10)
         assert not streamer.is_alive()
         assert json.loads(lines[-1].removeprefix("data: "))["error"]["code"] == "api_key_revoked"
         assert gateway_a.http().get("/v1/models", headers=headers).status_code == 401
-    finally:
-        agent.stop()
-        gateway_a.stop()
-        gateway_b.stop()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 
@@ -12,26 +10,14 @@ import httpx
 import pytest
 
 from tests.conftest import MODEL_ID
-from tests.processes import REPO
 
 pytestmark = pytest.mark.e2e
 
 ADMIN_PASSWORD = "revocation-admin-password-1"
 
 
-def _admin_session(gateway) -> httpx.Client:  # type: ignore[no-untyped-def]
-    subprocess.run([sys.executable, "manage.py", "create_user", "revoker", "--type", "admin"], cwd=REPO,
-                   env=gateway.env, input=ADMIN_PASSWORD + "\n", text=True, check=True, capture_output=True)
-    browser = gateway.http()
-    browser.get("/login/")
-    response = browser.post("/login/", data={"username": "revoker", "password": ADMIN_PASSWORD,
-                                             "csrfmiddlewaretoken": browser.cookies["csrftoken"]})
-    assert response.status_code == 302
-    return browser
-
-
 def test_revoking_a_key_ends_its_streaming_and_queued_requests(gateway, node, api_key) -> None:  # type: ignore[no-untyped-def]
-    browser = _admin_session(gateway)
+    browser = gateway.admin_browser("revoker", ADMIN_PASSWORD)
     doomed = gateway.create_api_key("doomed")
     headers = {"Authorization": f"Bearer {doomed}"}
     long_body = {"model": MODEL_ID, "stream": True, "max_tokens": 3000, "logit_bias": {"2": -100},
@@ -58,10 +44,7 @@ def test_revoking_a_key_ends_its_streaming_and_queued_requests(gateway, node, ap
     waiter.start()
     time.sleep(0.5)  # the second request is now queued behind the first on the node
 
-    key_id = gateway.manage("shell", "--no-imports", "-c",
-                            "from accounts.models import ApiKey; print(ApiKey.objects.get(name='doomed').pk)").strip()
-    assert browser.post(f"/manage/api-keys/{key_id}/revoke/",
-                        data={"csrfmiddlewaretoken": browser.cookies["csrftoken"]}).status_code == 302
+    gateway.revoke_api_key(browser, "doomed")
     revoked_at = time.monotonic()
     streamer.join(10)
     waiter.join(10)
