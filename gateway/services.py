@@ -46,7 +46,9 @@ def _event_error(event: dict[str, Any]) -> ApiError:
 
 
 # Requests in flight in this process, by API key, so that revoking a key ends them.
+# Touched only on the event loop that runs the requests (`_loop`).
 _calls_by_key: dict[int, set[InferenceCall]] = {}
+_loop: asyncio.AbstractEventLoop | None = None
 
 
 async def _drop_channel(channel: str) -> None:
@@ -68,12 +70,25 @@ async def _drop_channel(channel: str) -> None:
 
 
 def revoke_calls_of_key(key_id: int) -> None:
-    """End this process's requests made with a revoked key. Safe from any thread."""
+    """End this process's requests made with a revoked key. Safe from any thread (signals run in many)."""
+    loop = _loop
+    if loop is None or loop.is_closed():
+        return
+    try:
+        on_loop = asyncio.get_running_loop() is loop
+    except RuntimeError:
+        on_loop = False
+    if on_loop:
+        _revoke_now(key_id)
+    else:
+        loop.call_soon_threadsafe(_revoke_now, key_id)
+
+
+def _revoke_now(key_id: int) -> None:
     for call in list(_calls_by_key.get(key_id, ())):
         if not call.revoked:
             call.revoked = True
-            # Each call belongs to the event loop that made it; the caller may be a signal in another thread.
-            asyncio.run_coroutine_threadsafe(call.revoke(), call.loop)
+            asyncio.ensure_future(call.revoke())
 
 
 @receiver(post_delete, sender=ApiKey)
@@ -92,7 +107,8 @@ class InferenceCall:
         self.finished = False
         self.revoked = False
         self._released = False
-        self.loop = asyncio.get_running_loop()
+        global _loop
+        _loop = asyncio.get_running_loop()
         if principal.api_key is not None:
             _calls_by_key.setdefault(principal.api_key.pk, set()).add(self)
 
