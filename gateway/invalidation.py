@@ -16,6 +16,7 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import InMemoryChannelLayer, get_channel_layer
+from django.db import transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
 from django.dispatch import receiver
 
@@ -39,9 +40,13 @@ def _shared() -> bool:
 
 
 def _broadcast(message: dict[str, Any]) -> None:
-    """Send from a signal receiver (sync code, never the event loop's own thread)."""
-    if not _shared():
-        return
+    """Send once the change is committed, so that no process re-reads the old row and caches it again."""
+    if _shared():
+        transaction.on_commit(lambda: _send(message))
+
+
+def _send(message: dict[str, Any]) -> None:
+    """From sync code: a signal receiver's thread, never the event loop's own."""
 
     async def send() -> None:
         await asyncio.wait_for(get_channel_layer().group_send(GROUP, {"type": "invalidate", **message}),
