@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 from .env import env_bool, env_float, env_int, env_list, env_secret, env_str
 
@@ -112,8 +113,14 @@ else:
         "default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 1000, "expiry": 60}}
     }
 
+# Tasks run in the process that enqueues them, unless CELERY_WORKER says a worker
+# (`celery -A optimagpt worker`) takes them from Redis: with REDIS_URL alone and no
+# worker, queued tasks (usage accounting) would wait for ever.
+CELERY_WORKER = env_bool("CELERY_WORKER", False)
+if CELERY_WORKER and not REDIS_URL:
+    raise ImproperlyConfigured("CELERY_WORKER=true needs REDIS_URL: the worker takes its tasks from Redis.")
 CELERY_BROKER_URL = REDIS_URL or "memory://"
-CELERY_TASK_ALWAYS_EAGER = not REDIS_URL
+CELERY_TASK_ALWAYS_EAGER = not CELERY_WORKER
 CELERY_TASK_TIME_LIMIT = 300
 
 AUTH_PASSWORD_VALIDATORS = [
