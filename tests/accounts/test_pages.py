@@ -120,3 +120,10 @@ def test_no_action_works_without_its_permission_or_without_logging_in(admin: Use
     assert not User.objects.filter(username="mallory").exists()
     assert User.objects.get(pk=admin.pk).user_type == "admin"
     assert ApiKey.objects.filter(name="kept").exists() and not ApiKey.objects.filter(name="sneaky").exists()
+
+
+def test_the_pages_styles_are_served_with_debug_off() -> None:
+    assert not settings.DEBUG
+    for path in ("/static/css/optimagpt.css", "/static/admin/css/base.css"):
+        response = Client().get(path)
+        assert response.status_code == 200 and response["Content-Type"].startswith("text/css")
