@@ -24,7 +24,6 @@ from .hardware import Gpus, hardware_info, metrics_sample
 from .protocol import (
     CLOSE_AUTH_FAILED,
     CLOSE_HEARTBEAT_LOST,
-    CLOSE_PROTOCOL_ERROR,
     HANDSHAKE_TIMEOUT_S,
     PROTOCOL_VERSION,
     gateway_proof,

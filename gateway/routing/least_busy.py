@@ -17,7 +17,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.dispatch import receiver
 
-from nodes.models import Executor, Node
+from nodes.models import Executor
 from nodes.signals import executors_changed
 
 from ..errors import ModelNotFound, NoCapacity

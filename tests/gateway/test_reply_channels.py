@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from channels.layers import get_channel_layer
 from django.test import override_settings
 
