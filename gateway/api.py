@@ -66,16 +66,18 @@ async def _collect(call: InferenceCall) -> dict[str, Any]:
 
 
 async def _stream(events: AsyncIterator[dict[str, Any]], first: dict[str, Any], chunk: Any,
-                  final_usage: Any) -> AsyncIterator[bytes]:
-    """SSE as OpenAI sends it; a failure after the first byte becomes an error event and no [DONE]."""
+                  usage_head: dict[str, Any] | None) -> AsyncIterator[bytes]:
+    """SSE as OpenAI sends it; a failure after the first byte becomes an error event and no [DONE].
+
+    With `usage_head` (stream_options.include_usage), a last chunk with no choices carries the usage.
+    """
     try:
         event: dict[str, Any] | None = first
         while event is not None:
             yield _sse(chunk(event))
             if event["type"] == "end":
-                usage = final_usage(event)
-                if usage is not None:
-                    yield _sse(usage)
+                if usage_head is not None:
+                    yield _sse({**usage_head, "choices": [], "usage": event["usage"]})
                 yield b"data: [DONE]\n\n"
                 return
             event = await anext(events, None)
@@ -128,11 +130,8 @@ async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> Http
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
         return {**head, "choices": [choice], **usage_field}
 
-    def final_usage(event: dict[str, Any]) -> dict[str, Any] | None:
-        return {**head, "choices": [], "usage": event["usage"]} if include_usage else None
-
-    return StreamingHttpResponse(_stream(events, first, chunk, final_usage), content_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+    return StreamingHttpResponse(_stream(events, first, chunk, head if include_usage else None),
+                                 content_type="text/event-stream", headers=SSE_HEADERS)
 
 
 # -- legacy completions -------------------------------------------------------
@@ -158,11 +157,8 @@ async def completions(request: HttpRequest, body: CompletionIn) -> HttpResponse:
             choice = {"index": 0, "text": event["text"], "logprobs": None, "finish_reason": None}
         return {**head, "choices": [choice]}
 
-    def final_usage(event: dict[str, Any]) -> dict[str, Any] | None:
-        return {**head, "choices": [], "usage": event["usage"]} if include_usage else None
-
-    return StreamingHttpResponse(_stream(events, first, chunk, final_usage), content_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+    return StreamingHttpResponse(_stream(events, first, chunk, head if include_usage else None),
+                                 content_type="text/event-stream", headers=SSE_HEADERS)
 
 
 # -- embeddings ---------------------------------------------------------------
