@@ -75,3 +75,10 @@ class UpstreamTimeout(ApiError):
     status = 504
     type = "server_error"
     code = "timeout"
+
+
+class Conflict(ApiError):
+    """The request is fine but the object is not in a state that allows it (a node offline, a file-backed row)."""
+
+    status = 409
+    code = "conflict"

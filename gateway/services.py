@@ -96,14 +96,18 @@ def _end_requests_of_revoked_key(sender: type[ApiKey], instance: ApiKey, **kwarg
     revoke_calls_of_key(instance.pk)
 
 
-class InferenceCall:
-    """One request on its way to a node. Iterate it for events; `close()` cancels it if unfinished."""
+class Call:
+    """One request on its way to an executor. Iterate `events()`; `close()` cancels it if unfinished.
 
-    def __init__(self, target: Target, request_id: str, reply_channel: str, principal: Principal) -> None:
+    Subclasses say how events arrive (`_receive`) and how an unfinished request
+    is called off (`_cancel`); this class keeps the books: the router's count, the
+    registry that lets a revoked key end its requests, usage on the `end` event.
+    """
+
+    def __init__(self, target: Target, request_id: str, principal: Principal) -> None:
         self.principal = principal
         self.target = target
         self.request_id = request_id
-        self.reply_channel = reply_channel
         self.finished = False
         self.revoked = False
         self._released = False
@@ -111,17 +115,26 @@ class InferenceCall:
         _loop = asyncio.get_running_loop()
         if principal.api_key is not None:
             _calls_by_key.setdefault(principal.api_key.pk, set()).add(self)
+        acquire(target)
+
+    def _revoked_event(self) -> dict[str, Any]:
+        return {"type": "error", "id": self.request_id, "revoked": True,
+                "error": {"message": "The API key was revoked.", "type": "invalid_request_error",
+                          "code": "api_key_revoked", "status": 401}}
 
     async def revoke(self) -> None:
-        """End the request because its API key was revoked, whether queued on the node or streaming."""
-        await get_channel_layer().send(self.reply_channel, {"type": "node.event", "raw": json.dumps({
-            "type": "error", "id": self.request_id, "revoked": True,
-            "error": {"message": "The API key was revoked.", "type": "invalid_request_error",
-                      "code": "api_key_revoked", "status": 401}})})
+        """End the request because its API key was revoked, whether queued or streaming."""
+        raise NotImplementedError
+
+    async def _receive(self, timeout_s: float) -> dict[str, Any]:
+        """The next event; asyncio.TimeoutError when none came within `timeout_s`."""
+        raise NotImplementedError
+
+    async def _cancel(self) -> None:
+        raise NotImplementedError
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Node events up to and including `end`; an `error` event is raised as ApiError."""
-        layer = get_channel_layer()
+        """Events up to and including `end`; an `error` event is raised as ApiError."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.OPTIMAGPT_REQUEST_DEADLINE_S
         timeout = settings.OPTIMAGPT_FIRST_EVENT_TIMEOUT_S
@@ -129,13 +142,12 @@ class InferenceCall:
             while True:
                 remaining = min(timeout, deadline - loop.time())
                 try:
-                    message = await asyncio.wait_for(layer.receive(self.reply_channel), max(remaining, 0.001))
+                    event = await self._receive(max(remaining, 0.001))
                 except asyncio.TimeoutError:
                     raise UpstreamTimeout("The node did not answer in time.") from None
-                event = json.loads(message["raw"])
                 kind = event.get("type")
                 if kind == "error":
-                    # A revoked request is still running on the node: close() must cancel it there.
+                    # A revoked request is still running: close() must cancel it.
                     self.finished = not event.get("revoked")
                     raise _event_error(event)
                 if kind == "end":
@@ -154,13 +166,32 @@ class InferenceCall:
             return
         self._released = True
         release(self.target)
-        await _drop_channel(self.reply_channel)
         if self.principal.api_key is not None:
             calls = _calls_by_key.get(self.principal.api_key.pk)
             if calls is not None:
                 calls.discard(self)
                 if not calls:
                     del _calls_by_key[self.principal.api_key.pk]
+        await self._cancel()
+
+
+class InferenceCall(Call):
+    """A request to an executor on a node, over the channel layer and the node's link."""
+
+    def __init__(self, target: Target, request_id: str, reply_channel: str, principal: Principal) -> None:
+        super().__init__(target, request_id, principal)
+        self.reply_channel = reply_channel
+
+    async def revoke(self) -> None:
+        await get_channel_layer().send(self.reply_channel, {"type": "node.event",
+                                                            "raw": json.dumps(self._revoked_event())})
+
+    async def _receive(self, timeout_s: float) -> dict[str, Any]:
+        message = await asyncio.wait_for(get_channel_layer().receive(self.reply_channel), timeout_s)
+        return json.loads(message["raw"])
+
+    async def _cancel(self) -> None:
+        await _drop_channel(self.reply_channel)
         if not self.finished:
             # The client left or we gave up: the node must stop generating for nobody.
             try:
@@ -173,7 +204,7 @@ class InferenceCall:
 
 
 async def inference_start(*, principal: Principal, model: str, op: str, body_json: str,
-                          stream: bool) -> InferenceCall:
+                          stream: bool) -> Call:
     """Route the request to an executor of `model` and send it; raises ModelNotFound or NoCapacity.
 
     `body_json` is the request body, already validated, as JSON text: it travels to
@@ -181,9 +212,13 @@ async def inference_start(*, principal: Principal, model: str, op: str, body_jso
     """
     await principal_admit(principal=principal, model=model)
     target = await executor_select(model=model)
+    if target.remote:
+        from .connectors.remote import remote_call_start  # builds on Call, defined above: imported here
+
+        return await remote_call_start(target=target, principal=principal, op=op, body_json=body_json,
+                                       stream=stream)
     layer = get_channel_layer()
     call = InferenceCall(target, uuid.uuid4().hex, await layer.new_channel("reply."), principal)
-    acquire(target)
     try:
         await asyncio.wait_for(layer.send(target.channel_name, {
             "type": "node.request",
@@ -204,3 +239,29 @@ async def inference_start(*, principal: Principal, model: str, op: str, body_jso
         await call.close()
         raise
     return call
+
+
+CONFIGURE_TIMEOUT_S = 60.0
+
+
+async def node_configure(*, channel_name: str, executor_key: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """Ask the node holding `channel_name` to change an executor's settings; its new description, or ApiError.
+
+    The node applies the change (restarting the model's processes if needed) before it answers.
+    """
+    layer = get_channel_layer()
+    reply_channel = await layer.new_channel("reply.")
+    try:
+        await asyncio.wait_for(layer.send(channel_name, {
+            "type": "node.request", "id": uuid.uuid4().hex, "reply_channel": reply_channel,
+            "executor": executor_key, "op": "configure", "stream": False, "body_json": json.dumps(changes),
+        }), SEND_TIMEOUT_S)
+        message = await asyncio.wait_for(layer.receive(reply_channel), CONFIGURE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise UpstreamTimeout("The node did not confirm the change in time.") from None
+    finally:
+        await _drop_channel(reply_channel)
+    event = json.loads(message["raw"])
+    if event.get("type") != "end":
+        raise _event_error(event)
+    return event["executor"]

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from .executors import ExecutorManager
+from .executors import ExecutorManager, NodeDefaults, SettingsStore
 from .hardware import Gpus
 from .link import Dialer, load_node_id
 from .settings import parse_settings
@@ -27,12 +27,15 @@ async def serve(argv: list[str] | None = None) -> None:
         if dialer is not None:
             dialer.executors_changed()
 
-    manager = ExecutorManager(dirs=settings.model_dirs, n_ctx=settings.n_ctx, threads=settings.threads,
-                              n_gpu_layers=n_gpu_layers, stream_interval_ms=settings.stream_interval_ms,
-                              on_change=executors_changed)
+    defaults = NodeDefaults(n_ctx_cap=settings.n_ctx, threads=settings.threads, n_gpu_layers=n_gpu_layers,
+                            stream_interval_ms=settings.stream_interval_ms, hang_timeout_s=settings.hang_timeout_s)
+    manager = ExecutorManager(dirs=settings.model_dirs, embedding_dirs=settings.embedding_model_dirs,
+                              defaults=defaults, store=SettingsStore(settings.state_dir / "executors.json"),
+                              enable=settings.enable, on_change=executors_changed)
     dialer = Dialer(settings=settings, node_id=load_node_id(settings.state_dir), manager=manager, gpus=gpus)
-    log.info("node %s: models from %s, %d threads per model", settings.name,
-             ", ".join(map(str, settings.model_dirs)), settings.threads)
+    log.info("node %s: models from %s, embedding models from %s, %d threads per model", settings.name,
+             ", ".join(map(str, settings.model_dirs)), ", ".join(map(str, settings.embedding_model_dirs)) or "nowhere",
+             settings.threads)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

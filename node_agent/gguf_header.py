@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from gguf import GGUFValueType, LlamaFileType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 GGUF_MAGIC = b"GGUF"
 # Strings and arrays longer than this are not metadata a header should carry;
@@ -54,6 +54,27 @@ class GGUFInfo:
     embedding_length: int | None
     chat_template: str | None
     metadata: dict[str, object] = field(repr=False)
+
+    @property
+    def family(self) -> str:
+        """The model family as its makers name it (SmolLM2, gemma-3), else the architecture."""
+        return str(self.metadata.get("general.basename") or self.architecture)
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of f16 key and value cache one token of context takes; 0 when the header does not say."""
+        arch = self.architecture
+
+        def value(suffix: str) -> int:
+            v = self.metadata.get(f"{arch}.{suffix}")
+            return int(v) if isinstance(v, int) else 0
+
+        layers, heads = value("block_count"), value("attention.head_count")
+        kv_heads = value("attention.head_count_kv") or heads
+        if not layers or not heads:
+            return 0
+        head_dim_k = value("attention.key_length") or (self.embedding_length or 0) // heads
+        head_dim_v = value("attention.value_length") or head_dim_k
+        return layers * kv_heads * (head_dim_k + head_dim_v) * 2
 
 
 def _read(f: BinaryIO, n: int) -> bytes:
@@ -119,6 +140,14 @@ def _quantization_name(file_type: object) -> str:
         return "unknown"
 
 
+def _tensor_bytes(ggml_type: int, elements: int) -> int:
+    try:
+        block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    except (ValueError, KeyError):
+        raise InvalidGGUF(f"unknown tensor type {ggml_type}") from None
+    return elements // block_size * type_size
+
+
 def read_gguf_header(path: Path) -> GGUFInfo:
     """Parse the header of `path`; raise InvalidGGUF for anything that is not a readable GGUF."""
     with open(path, "rb") as f:
@@ -136,21 +165,28 @@ def read_gguf_header(path: Path) -> GGUFInfo:
             key = _read_string(f)
             metadata[key] = _read_value(f, _value_type(_unpack(f, "<I")), key)
         parameters = 0
+        data_bytes = 0  # end of the last tensor, from the start of the data section
         for _ in range(tensor_count):
             _skip_string(f)
             n_dims = _unpack(f, "<I")
             if n_dims > 8:
                 raise InvalidGGUF("tensor with more than 8 dimensions")
             dims = struct.unpack(f"<{n_dims}Q", _read(f, 8 * n_dims))
-            _read(f, 4 + 8)  # ggml type, data offset
+            ggml_type, offset = struct.unpack("<IQ", _read(f, 4 + 8))
             count = 1
             for d in dims:
                 count *= d
             parameters += count
-        # The tensor data must actually be there: a truncated download has a
-        # good header and no weights, and would only fail later in llama.cpp.
-        if tensor_count and path.stat().st_size <= f.tell():
-            raise InvalidGGUF("file has a header but no tensor data")
+            data_bytes = max(data_bytes, offset + _tensor_bytes(ggml_type, count))
+        alignment = metadata.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment <= 0:
+            raise InvalidGGUF(f"bad alignment {alignment!r}")
+        data_start = -(-f.tell() // alignment) * alignment
+        # The tensor data must all be there: a truncated download has a good header
+        # and only part of the weights, and would only fail later inside llama.cpp.
+        size = path.stat().st_size
+        if tensor_count and size < data_start + data_bytes:
+            raise InvalidGGUF(f"file is truncated: its tensors need {data_start + data_bytes} bytes, it has {size}")
 
     arch = str(metadata.get("general.architecture", "unknown"))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import __version__
-from .executors import ExecutorManager
+from .executors import ExecutorManager, SettingsError
 from .hardware import Gpus, hardware_info, metrics_sample
 from .protocol import (
     CLOSE_AUTH_FAILED,
@@ -76,6 +76,7 @@ class NodeSession:
         self._in_flight: dict[str, Any] = {}  # request id -> LlamaCppProcess
         self._last_heard = time.monotonic()
         self._executors_dirty = asyncio.Event()
+        self._control_tasks: set[asyncio.Task[None]] = set()
 
     async def _send(self, message: dict[str, Any]) -> None:
         await self.socket.send(json.dumps(message, separators=(",", ":")))
@@ -161,8 +162,13 @@ class NodeSession:
 
     async def _start_request(self, raw: str, message: dict[str, Any]) -> None:
         rid = str(message.get("id"))
+        if message.get("op") == "configure":
+            # Applying may restart processes for seconds: not on the loop that reads the link.
+            task = asyncio.create_task(self._configure(rid, message))
+            self._control_tasks.add(task)
+            task.add_done_callback(self._control_tasks.discard)
+            return
         executor = self.manager.executors.get(str(message.get("executor")))
-        process = executor.process if executor is not None else None
 
         async def forward(raw: str, event: dict[str, Any]) -> None:
             if event.get("type") in ("end", "error"):
@@ -171,13 +177,32 @@ class NodeSession:
                 await self.socket.send(raw)
 
         # The worker reads op, id, stream and body from the message itself: pass it on untouched.
-        if process is None or not isinstance(message.get("body"), dict) or not process.submit(rid, raw, forward):
+        process = None
+        if executor is not None and isinstance(message.get("body"), dict):
+            process = executor.submit(rid, raw, forward)
+        if process is None:
             state = executor.state if executor is not None else "unknown"
             await self._send({"type": "error", "id": rid, "error": {
                 "message": f"executor {message.get('executor')!r} is not ready (state {state})",
                 "type": "server_error", "code": "executor_unavailable", "status": 503}})
             return
         self._in_flight[rid] = process
+
+    async def _configure(self, rid: str, message: dict[str, Any]) -> None:
+        """Change an executor's settings at the gateway's request; answer with its new description."""
+        try:
+            described = await self.manager.configure(str(message.get("executor")), message.get("body"))
+            reply: dict[str, Any] = {"type": "end", "id": rid, "executor": described}
+        except SettingsError as exc:
+            reply = {"type": "error", "id": rid, "error": {
+                "message": str(exc), "type": "invalid_request_error", "code": "invalid_settings", "status": 400}}
+        except Exception as exc:  # noqa: BLE001 - the gateway must get an answer, whatever went wrong
+            log.exception("configuring %s failed", message.get("executor"))
+            reply = {"type": "error", "id": rid, "error": {
+                "message": f"the node failed to apply the settings: {type(exc).__name__}",
+                "type": "server_error", "code": "node_error", "status": 500}}
+        with contextlib.suppress(Exception):  # the link may have dropped meanwhile
+            await self._send(reply)
 
     async def _heartbeat(self) -> None:
         """Ping every interval; close the link when the gateway has been silent for three."""

@@ -28,6 +28,10 @@ def _secret(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
+def _env_list(name: str, default: str) -> list[str]:
+    return [item for item in (_env(name, default) or "").split(":") if item]
+
+
 def link_url(gateway_url: str) -> str:
     """The WebSocket address of the gateway's node link: https gives wss, http gives ws."""
     parts = urlsplit(gateway_url)
@@ -43,12 +47,15 @@ class AgentSettings:
     gateway_url: str
     access_key: str
     model_dirs: tuple[Path, ...]
+    embedding_model_dirs: tuple[Path, ...]
+    enable: tuple[str, ...]
     name: str
     state_dir: Path
     threads: int
     n_ctx: int
     n_gpu_layers: int | None
     stream_interval_ms: float
+    hang_timeout_s: float
     heartbeat_interval_s: float
     rescan_interval_s: float
     metrics_interval_s: float
@@ -74,6 +81,13 @@ def parse_settings(argv: list[str] | None = None) -> AgentSettings:
     parser.add_argument("--models-dir", action="append", default=None,
                         help="folder scanned recursively for .gguf files; repeatable "
                              "(env OPTIMAGPT_MODELS_DIRS, separated by ':')")
+    parser.add_argument("--embedding-models-dir", action="append", default=None,
+                        help="folder of embedding models, scanned recursively; they serve /v1/embeddings only. "
+                             "Repeatable (env OPTIMAGPT_EMBEDDING_MODELS_DIRS, separated by ':')")
+    parser.add_argument("--enable", action="append", default=None, metavar="PATTERN",
+                        help="start models whose file name or path matches this glob when first seen ('*': all); "
+                             "others appear offline until an admin starts them. Repeatable "
+                             "(env OPTIMAGPT_NODE_ENABLE, separated by ':')")
     parser.add_argument("--name", default=_env("OPTIMAGPT_NODE_NAME", socket.gethostname()),
                         help="name shown on the gateway (env OPTIMAGPT_NODE_NAME)")
     parser.add_argument("--state-dir", default=_env("OPTIMAGPT_NODE_STATE_DIR",
@@ -82,13 +96,18 @@ def parse_settings(argv: list[str] | None = None) -> AgentSettings:
     parser.add_argument("--threads", type=int, default=int(_env("OPTIMAGPT_NODE_THREADS", "0") or 0),
                         help="llama.cpp threads per model; 0 means one per core (env OPTIMAGPT_NODE_THREADS)")
     parser.add_argument("--ctx", type=int, default=int(_env("OPTIMAGPT_NODE_CTX", "4096") or 4096),
-                        help="context window per model, capped at the model's own (env OPTIMAGPT_NODE_CTX)")
+                        help="largest context window chosen automatically (0: the model's own); a model's own "
+                             "setting may ask for more (env OPTIMAGPT_NODE_CTX)")
     parser.add_argument("--n-gpu-layers", type=int, default=None,
                         help="layers to offload to the GPU; default all when an NVIDIA GPU is found, else 0")
     parser.add_argument("--stream-interval-ms", type=float,
                         default=float(_env("OPTIMAGPT_NODE_STREAM_INTERVAL_MS", str(DEFAULT_STREAM_INTERVAL_MS))),
                         help="join tokens made within this many ms into one streamed chunk; 0 sends each token "
                              "alone (env OPTIMAGPT_NODE_STREAM_INTERVAL_MS)")
+    parser.add_argument("--hang-timeout", type=float,
+                        default=float(_env("OPTIMAGPT_NODE_HANG_TIMEOUT_S", "300") or 300),
+                        help="seconds an inference process with work may stay silent before it is killed as hung "
+                             "(env OPTIMAGPT_NODE_HANG_TIMEOUT_S)")
     parser.add_argument("--heartbeat-interval", type=float,
                         default=float(_env("OPTIMAGPT_HEARTBEAT_INTERVAL_S", "2") or 2))
     parser.add_argument("--rescan-interval", type=float, default=5.0)
@@ -100,7 +119,9 @@ def parse_settings(argv: list[str] | None = None) -> AgentSettings:
     access_key = _secret("OPTIMAGPT_NODE_ACCESS_KEY")
     if not access_key:
         parser.error("set the node access key in OPTIMAGPT_NODE_ACCESS_KEY or OPTIMAGPT_NODE_ACCESS_KEY_FILE")
-    dirs = args.models_dir or [d for d in (_env("OPTIMAGPT_MODELS_DIRS", "models") or "").split(":") if d]
+    dirs = args.models_dir or _env_list("OPTIMAGPT_MODELS_DIRS", "models")
+    embedding_dirs = args.embedding_models_dir or _env_list("OPTIMAGPT_EMBEDDING_MODELS_DIRS", "")
+    enable = args.enable or _env_list("OPTIMAGPT_NODE_ENABLE", "")
     try:
         link_url(args.gateway_url)
     except ValueError as exc:
@@ -109,12 +130,15 @@ def parse_settings(argv: list[str] | None = None) -> AgentSettings:
         gateway_url=args.gateway_url,
         access_key=access_key,
         model_dirs=tuple(Path(d).resolve() for d in dirs),
+        embedding_model_dirs=tuple(Path(d).resolve() for d in embedding_dirs),
+        enable=tuple(enable),
         name=args.name,
         state_dir=Path(args.state_dir),
         threads=args.threads or os.cpu_count() or 1,
         n_ctx=args.ctx,
         n_gpu_layers=args.n_gpu_layers,
         stream_interval_ms=args.stream_interval_ms,
+        hang_timeout_s=args.hang_timeout,
         heartbeat_interval_s=args.heartbeat_interval,
         rescan_interval_s=args.rescan_interval,
         metrics_interval_s=args.metrics_interval,

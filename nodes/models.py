@@ -36,16 +36,34 @@ class Node(models.Model):
         return timezone.now() - timedelta(seconds=3 * settings.OPTIMAGPT_HEARTBEAT_INTERVAL_S)
 
 
+def _on_live_node() -> models.Q:
+    return models.Q(node__connected=True, node__activated=True, node__last_seen__gte=Node.live_cutoff())
+
+
+def _remote_up() -> models.Q:
+    return models.Q(node__isnull=True, enabled=True, state=Executor.State.ONLINE)
+
+
 class ExecutorQuerySet(models.QuerySet["Executor"]):
     def ready(self, *, model: str | None = None) -> ExecutorQuerySet:
-        """Executors that can take a request now: online, on an activated node heard from lately."""
-        ready = self.filter(state=Executor.State.ONLINE, node__connected=True, node__activated=True,
-                            node__last_seen__gte=Node.live_cutoff())
+        """Executors that can take a request now: online on an activated node heard from lately, or an
+        enabled remote upstream that answered its last check."""
+        ready = self.filter((models.Q(state=Executor.State.ONLINE) & _on_live_node()) | _remote_up())
         return ready if model is None else ready.filter(model_id=model)
+
+    def routable(self, *, model: str) -> ExecutorQuerySet:
+        """Ready executors, and local ones (re)starting on a live node: a request sent to those waits on
+        the node until the process is up, instead of being refused while a crashed process restarts."""
+        states = [Executor.State.ONLINE, Executor.State.STARTING]
+        return self.filter((models.Q(state__in=states) & _on_live_node()) | _remote_up(), model_id=model)
 
 
 class Executor(models.Model):
-    """One model on one node, as the node reports it."""
+    """One model on one node, as the node reports it; or a remote OpenAI-compatible upstream (no node).
+
+    A local executor's settings live on its node, which applies them; this row
+    mirrors what the node last reported. A remote one is configured here.
+    """
 
     class State(models.TextChoices):
         OFFLINE = "offline"
@@ -54,25 +72,67 @@ class Executor(models.Model):
         STOPPING = "stopping"
         FAILED = "failed"
 
-    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="executors")
-    key = models.CharField(max_length=500, help_text="model file path relative to the node's models folder")
-    model_id = models.CharField(max_length=200, db_index=True)
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="executors", null=True, blank=True)
+    key = models.CharField(max_length=500, help_text="model file path relative to the node's models folder; "
+                                                     "for a remote upstream, its name")
+    model_id = models.CharField(max_length=200, db_index=True, help_text="the public model id clients ask for")
     name = models.CharField(max_length=200, blank=True)
+    family = models.CharField(max_length=100, blank=True)
     architecture = models.CharField(max_length=64, blank=True)
     parameter_count = models.BigIntegerField(default=0)
     quantization = models.CharField(max_length=32, blank=True)
     context_length = models.PositiveIntegerField(default=0)
+    embedding_length = models.PositiveIntegerField(default=0)
     n_ctx = models.PositiveIntegerField(default=0)
     size_bytes = models.BigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64, blank=True)
+    description = models.TextField(blank=True)
+    embedding = models.BooleanField(default=False, help_text="serves embeddings only")
+    valid = models.BooleanField(default=True)
+    enabled = models.BooleanField(default=False)
+    replicas = models.PositiveIntegerField(default=1)
+    replicas_online = models.PositiveIntegerField(default=0)
+    settings = models.JSONField(default=dict, blank=True, help_text="the settings the node applies")
     state = models.CharField(max_length=16, choices=State.choices, default=State.OFFLINE)
     error = models.TextField(blank=True)
+    # Remote upstreams only.
+    base_url = models.URLField(max_length=500, blank=True, help_text="OpenAI-compatible base URL, e.g. "
+                                                                    "https://api.example.com/v1")
+    upstream_model = models.CharField(max_length=200, blank=True, help_text="the model name the upstream knows")
+    upstream_key_encrypted = models.TextField(blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     objects = ExecutorQuerySet.as_manager()
 
     class Meta:
         ordering = ["model_id"]
-        constraints = [models.UniqueConstraint(fields=["node", "key"], name="executor_unique_key_per_node")]
+        constraints = [
+            models.UniqueConstraint(fields=["node", "key"], name="executor_unique_key_per_node"),
+            models.UniqueConstraint(fields=["key"], condition=models.Q(node__isnull=True),
+                                    name="remote_executor_unique_name"),
+            models.CheckConstraint(condition=models.Q(node__isnull=False) | ~models.Q(base_url=""),
+                                   name="remote_executor_has_base_url"),
+        ]
 
     def __str__(self) -> str:
-        return f"{self.model_id} on {self.node_id}"
+        return f"{self.model_id} on {self.node_id or self.base_url}"
+
+    @property
+    def is_remote(self) -> bool:
+        return self.node_id is None
+
+    @property
+    def kind(self) -> str:
+        if self.is_remote:
+            return "remote"
+        return "embedding" if self.embedding else "chat"
+
+    def set_upstream_key(self, raw: str) -> None:
+        from .secrets import encrypt
+
+        self.upstream_key_encrypted = encrypt(raw) if raw else ""
+
+    def upstream_key(self) -> str:
+        from .secrets import decrypt
+
+        return decrypt(self.upstream_key_encrypted) if self.upstream_key_encrypted else ""

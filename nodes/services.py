@@ -14,8 +14,9 @@ from .signals import executors_changed
 
 log = logging.getLogger("optimagpt.nodes")
 
-_EXECUTOR_FIELDS = ("model_id", "name", "architecture", "parameter_count", "quantization", "context_length",
-                    "n_ctx", "size_bytes", "state", "error")
+_EXECUTOR_FIELDS = ("model_id", "name", "family", "architecture", "parameter_count", "quantization",
+                    "context_length", "embedding_length", "n_ctx", "size_bytes", "sha256", "description",
+                    "embedding", "valid", "replicas", "replicas_online", "settings", "state", "error")
 
 
 class NodeRefused(Exception):
@@ -85,6 +86,25 @@ def node_register(*, node_pk: int, hardware: dict[str, Any], executors: list[dic
     executors_sync(node_pk=node_pk, reported=executors)
 
 
+def _report_values(report: dict[str, Any]) -> dict[str, Any]:
+    """The fields of one executor as a node reports it, fitted to the columns (a long name must not fail a sync)."""
+    values: dict[str, Any] = {}
+    for name in _EXECUTOR_FIELDS:
+        if name not in report:
+            continue
+        value = report[name]
+        field = Executor._meta.get_field(name)
+        max_length = getattr(field, "max_length", None)
+        if max_length and isinstance(value, str):
+            value = value[:max_length]
+        values[name] = value
+    if values.get("state") not in Executor.State.values:
+        values["state"] = Executor.State.FAILED
+    settings = values.get("settings")
+    values["enabled"] = bool(settings.get("enabled")) if isinstance(settings, dict) else False
+    return values
+
+
 def executors_sync(*, node_pk: int, reported: list[dict[str, Any]]) -> None:
     """Make the node's Executor rows exactly what it reported: add, update, and drop the missing."""
     by_key = {str(e["key"]): e for e in reported if e.get("key")}
@@ -92,14 +112,25 @@ def executors_sync(*, node_pk: int, reported: list[dict[str, Any]]) -> None:
         existing = {e.key: e for e in Executor.objects.select_for_update().filter(node_id=node_pk)}
         Executor.objects.filter(node_id=node_pk).exclude(key__in=list(by_key)).delete()
         for key, report in by_key.items():
-            values = {f: report[f] for f in _EXECUTOR_FIELDS if f in report}
-            if values.get("state") not in Executor.State.values:
-                values["state"] = Executor.State.FAILED
-            executor = existing.get(key)
-            if executor is None:
-                Executor.objects.create(node_id=node_pk, key=key, **values)
-            elif any(getattr(executor, f) != v for f, v in values.items()):
-                for f, v in values.items():
-                    setattr(executor, f, v)
-                executor.save()
+            _apply_report(existing.get(key), node_pk, key, _report_values(report))
     executors_changed.send(sender=Executor)
+
+
+def executor_reported(*, node_pk: int, report: dict[str, Any]) -> Executor:
+    """Update one executor from its description (the node's answer to a settings change)."""
+    key = str(report.get("key", ""))
+    with transaction.atomic():
+        existing = Executor.objects.select_for_update().filter(node_id=node_pk, key=key).first()
+        executor = _apply_report(existing, node_pk, key, _report_values(report))
+    executors_changed.send(sender=Executor)
+    return executor
+
+
+def _apply_report(executor: Executor | None, node_pk: int, key: str, values: dict[str, Any]) -> Executor:
+    if executor is None:
+        return Executor.objects.create(node_id=node_pk, key=key, **values)
+    if any(getattr(executor, f) != v for f, v in values.items()):
+        for f, v in values.items():
+            setattr(executor, f, v)
+        executor.save()
+    return executor

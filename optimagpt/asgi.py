@@ -27,7 +27,8 @@ from gateway.checks import check_secret_key  # noqa: E402
 for _error in check_secret_key(None):
     raise ImproperlyConfigured(f"{_error.msg} {_error.hint}")
 
-API_PREFIX = "/v1/"
+# Paths served by the lean handler: the OpenAI API and OptimaGPT's own, both authenticated by key or JWT.
+API_PREFIXES = ("/v1/", "/optima/v1/")
 
 
 class ApiHandler(ASGIHandler):
@@ -115,7 +116,7 @@ class SplitByPath:
         self.site = site
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        app = self.api if scope["path"].startswith(API_PREFIX) else self.site
+        app = self.api if scope["path"].startswith(API_PREFIXES) else self.site
         await app(scope, receive, send)
 
 

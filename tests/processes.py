@@ -139,12 +139,13 @@ class Gateway(Process):
 
 class NodeAgent(Process):
     def __init__(self, *, gateway: Gateway, models_dir: Path, state_dir: Path, access_key: str = NODE_ACCESS_KEY,
-                 name: str = "e2e-node", extra_args: tuple[str, ...] = ()) -> None:
+                 name: str = "e2e-node", extra_args: tuple[str, ...] = (),
+                 enable: tuple[str, ...] = ("SmolLM2-*.gguf",)) -> None:
         super().__init__(state_dir / "agent.log")
         self.gateway = gateway
         self.argv = [sys.executable, "-m", "node_agent", "--gateway-url", gateway.url, "--models-dir",
                      str(models_dir), "--state-dir", str(state_dir), "--name", name, "--rescan-interval", "1",
-                     *extra_args]
+                     *(f"--enable={pattern}" for pattern in enable), *extra_args]
         self.env = base_env(OPTIMAGPT_NODE_ACCESS_KEY=access_key, OPTIMAGPT_NODE_LOG_LEVEL="DEBUG")
         self.started_at = 0.0
 

@@ -2,7 +2,8 @@
 
 "Busy" is the number of requests this gateway process has in flight on the
 executor. Ties go to the executor used least recently, so equal executors take
-turns.
+turns. An executor that is (re)starting on a live node is picked only when no
+online one exists: the request waits on the node until the process is up.
 """
 
 from __future__ import annotations
@@ -25,17 +26,21 @@ from ..errors import ModelNotFound, NoCapacity
 _in_flight: Counter[int] = Counter()
 _last_pick: dict[int, int] = {}
 _ticket = itertools.count()
-# model id -> (valid until, ready executors as (pk, key, channel)). A database
+# model id -> (valid until, routable executors as (pk, key, channel, online)). A database
 # query costs a thread hop per request; changes made by this process's node
 # links clear the cache at once, other processes' within OPTIMAGPT_ROUTE_CACHE_S.
-_ready: dict[str, tuple[float, list[tuple[int, str, str]]]] = {}
+_ready: dict[str, tuple[float, list[tuple[int, str, str, bool]]]] = {}
 
 
 @dataclass(frozen=True)
 class Target:
     executor_pk: int
     executor_key: str
-    channel_name: str
+    channel_name: str  # the node link's consumer; empty for a remote upstream, which this gateway calls itself
+
+    @property
+    def remote(self) -> bool:
+        return not self.channel_name
 
 
 async def executor_select(*, model: str) -> Target:
@@ -51,13 +56,14 @@ async def executor_select(*, model: str) -> Target:
         if await database_sync_to_async(Executor.objects.filter(model_id=model).exists)():
             raise NoCapacity(f"No node can serve the model '{model}' right now.", param="model")
         raise ModelNotFound(f"The model '{model}' does not exist.", param="model")
-    pk, key, channel = min(rows, key=lambda r: (_in_flight[r[0]], _last_pick.get(r[0], -1)))
+    pk, key, channel, _ = min(rows, key=lambda r: (not r[3], _in_flight[r[0]], _last_pick.get(r[0], -1)))
     _last_pick[pk] = next(_ticket)
-    return Target(executor_pk=pk, executor_key=key, channel_name=channel)
+    return Target(executor_pk=pk, executor_key=key, channel_name=channel or "")
 
 
-def _ready_executors(model: str) -> list[tuple[int, str, str]]:
-    return list(Executor.objects.ready(model=model).values_list("pk", "key", "node__channel_name"))
+def _ready_executors(model: str) -> list[tuple[int, str, str, bool]]:
+    rows = Executor.objects.routable(model=model).values_list("pk", "key", "node__channel_name", "state")
+    return [(pk, key, channel, state == Executor.State.ONLINE) for pk, key, channel, state in rows]
 
 
 def acquire(target: Target) -> None:

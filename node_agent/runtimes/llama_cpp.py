@@ -40,7 +40,10 @@ class ProcessConfig:
     chat_format: str | None = None
     max_tokens_cap: int = 0
     stream_interval_ms: float = 0.0
+    embedding: bool = False
     load_timeout_s: float = 120.0
+    # A process with requests in flight that writes nothing for this long is hung: killed, counted as a crash.
+    hang_timeout_s: float = 300.0
 
     def argv(self) -> list[str]:
         argv = [
@@ -62,14 +65,27 @@ class ProcessConfig:
         ]
         if self.chat_format:
             argv += ["--chat-format", self.chat_format]
+        if self.embedding:
+            argv.append("--embedding")
         return argv
+
+
+@dataclass
+class _Request:
+    sink: EventSink
+    line: bytes  # the request as written to the worker's stdin
+    answered: bool = False  # an event went out: the client has seen something, so no replay
+    replays: int = 0
 
 
 class LlamaCppProcess:
     """One supervised worker: restarted after a crash, given up after 3 crashes in a row.
 
     `state` is one of offline, starting, online, stopping, failed; every change
-    is reported through `on_state`.
+    is reported through `on_state`. While the process (re)starts, requests wait
+    in a backlog and go to it once it is ready; a request the dead process had
+    not answered at all is replayed once on the next one, so a crash loses only
+    replies already under way.
     """
 
     def __init__(self, config: ProcessConfig, on_state: Callable[[], None]) -> None:
@@ -77,12 +93,16 @@ class LlamaCppProcess:
         self.state = "offline"
         self.last_error = ""
         self.pid: int | None = None
+        self.n_ctx = 0  # as the running worker reports it
         self._on_state = on_state
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
-        self._sinks: dict[str, EventSink] = {}
+        self._requests: dict[str, _Request] = {}
+        self._backlog: list[str] = []  # request ids not yet written to a process, oldest first
         self._stderr_tail: deque[str] = deque(maxlen=20)
         self._wanted = False
+        self._last_progress = 0.0
+        self._hung = False
 
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> None:
@@ -91,9 +111,10 @@ class LlamaCppProcess:
             self._task = asyncio.create_task(self._supervise(), name=f"supervise {self.config.model_path}")
 
     async def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the process and free its memory; requests in flight end with an error."""
+        """Stop the process and free its memory; requests in flight or waiting end with an error."""
         self._wanted = False
         if self._task is None:
+            self._fail_all("the model was stopped")
             return
         self._set_state("stopping")
         proc = self._proc
@@ -110,6 +131,7 @@ class LlamaCppProcess:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         self._task = None
+        self._fail_all("the model was stopped")
         self._set_state("offline")
 
     def _set_state(self, state: str) -> None:
@@ -130,6 +152,7 @@ class LlamaCppProcess:
                         self.config.model_path, error, crashes, MAX_CONSECUTIVE_CRASHES)
             if crashes >= MAX_CONSECUTIVE_CRASHES:
                 self._set_state("failed")
+                self._fail_all("the model's inference process keeps crashing")
                 return
             self._set_state("starting")
             await asyncio.sleep(min(0.5 * 2 ** (crashes - 1), 10.0))
@@ -139,6 +162,7 @@ class LlamaCppProcess:
         """Run the process until it exits; return why it ended."""
         self._set_state("starting")
         self._stderr_tail.clear()
+        self._hung = False
         proc = await asyncio.create_subprocess_exec(
             *self.config.argv(),
             stdin=asyncio.subprocess.PIPE,
@@ -150,6 +174,7 @@ class LlamaCppProcess:
         self._proc = proc
         self.pid = proc.pid
         stderr_task = asyncio.create_task(self._drain_stderr(proc))
+        watchdog: asyncio.Task[None] | None = None
         try:
             assert proc.stdout is not None
             try:
@@ -160,13 +185,24 @@ class LlamaCppProcess:
             if not ready:
                 await proc.wait()
                 return self._exit_reason(proc)
+            with contextlib.suppress(ValueError, AttributeError):
+                self.n_ctx = int(json.loads(ready).get("n_ctx") or 0)
             self.last_error = ""
+            self._last_progress = time.monotonic()
             self._set_state("online")
+            self._write_backlog()
+            watchdog = asyncio.create_task(self._watch_progress(proc))
             while line := await proc.stdout.readline():
+                self._last_progress = time.monotonic()
                 await self._dispatch(line)
             await proc.wait()
+            if self._hung:
+                return (f"no progress for {self.config.hang_timeout_s:.0f} s with requests in flight; "
+                        "killed as hung")
             return self._exit_reason(proc)
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
@@ -174,7 +210,19 @@ class LlamaCppProcess:
             await asyncio.wait_for(stderr_task, 5)
             self._proc = None
             self.pid = None
-            self._fail_in_flight("the inference process stopped")
+            self._requeue_or_fail()
+
+    async def _watch_progress(self, proc: asyncio.subprocess.Process) -> None:
+        """Kill a process that has work but writes nothing for hang_timeout_s (a hang counts as a crash)."""
+        timeout = self.config.hang_timeout_s
+        while proc.returncode is None:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            if self._written() and time.monotonic() - self._last_progress > timeout:
+                log.warning("inference process %s made no progress for %.0f s; killing it", proc.pid, timeout)
+                self._hung = True
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                return
 
     def _exit_reason(self, proc: asyncio.subprocess.Process) -> str:
         tail = " | ".join(self._stderr_tail)
@@ -197,38 +245,75 @@ class LlamaCppProcess:
             return
         rid = event.get("id")
         kind = event.get("type")
-        sink = self._sinks.pop(rid, None) if kind in ("end", "error") else self._sinks.get(rid)
-        if sink is not None:
-            await sink(text.rstrip("\n"), event)
+        request = self._requests.pop(rid, None) if kind in ("end", "error") else self._requests.get(rid)
+        if request is not None:
+            request.answered = True
+            await request.sink(text.rstrip("\n"), event)
 
-    def _fail_in_flight(self, message: str) -> None:
-        sinks, self._sinks = self._sinks, {}
-        for rid, sink in sinks.items():
+    def _requeue_or_fail(self) -> None:
+        """After the process ended: replay unanswered requests on the next one, fail the others."""
+        restarting = self._wanted
+        for rid, request in list(self._requests.items()):
+            if rid in self._backlog:
+                continue
+            if restarting and not request.answered and request.replays == 0:
+                request.replays += 1
+                self._backlog.append(rid)
+            else:
+                self._fail(rid, "the inference process stopped")
+
+    def _fail_all(self, message: str) -> None:
+        for rid in list(self._requests):
+            self._fail(rid, message)
+
+    def _fail(self, rid: str, message: str) -> None:
+        request = self._requests.pop(rid, None)
+        with contextlib.suppress(ValueError):
+            self._backlog.remove(rid)
+        if request is not None:
             event = {"type": "error", "id": rid,
                      "error": {"message": message, "type": "server_error", "code": "executor_lost", "status": 502}}
-            asyncio.create_task(sink(json.dumps(event), event))
+            asyncio.create_task(request.sink(json.dumps(event), event))
 
     # -- requests -----------------------------------------------------------
     @property
     def in_flight(self) -> int:
-        return len(self._sinks)
+        return len(self._requests)
+
+    def _written(self) -> int:
+        """Requests the current process has been given and not yet answered in full (the backlog is a subset)."""
+        return len(self._requests) - len(self._backlog)
 
     def submit(self, rid: str, request_json: str, sink: EventSink) -> bool:
-        """Queue a request on the process; False when it is not online.
+        """Queue a request on the process; False when it is neither online nor (re)starting.
 
         `request_json` is one JSON object with op, id, stream and body (other
         keys are ignored), such as the link's request message passed on as it came.
         """
-        proc = self._proc
-        if self.state != "online" or proc is None or proc.stdin is None or proc.stdin.is_closing():
+        if not self._wanted or self.state not in ("online", "starting"):
             return False
-        self._sinks[rid] = sink
-        proc.stdin.write(request_json.encode() + b"\n")
+        self._requests[rid] = _Request(sink, request_json.encode() + b"\n")
+        self._backlog.append(rid)
+        if self.state == "online":
+            self._write_backlog()
         return True
+
+    def _write_backlog(self) -> None:
+        proc = self._proc
+        if proc is None or proc.stdin is None or proc.stdin.is_closing():
+            return
+        if not self._written():
+            self._last_progress = time.monotonic()  # idle until now: the hang clock starts here
+        backlog, self._backlog = self._backlog, []
+        for rid in backlog:
+            proc.stdin.write(self._requests[rid].line)
 
     def cancel(self, rid: str) -> None:
         """Stop generating for `rid` at the next token; its sink gets no more events."""
-        self._sinks.pop(rid, None)
+        self._requests.pop(rid, None)
+        if rid in self._backlog:
+            self._backlog.remove(rid)
+            return
         proc = self._proc
         if proc is not None and proc.stdin is not None and not proc.stdin.is_closing():
             proc.stdin.write((json.dumps({"op": "cancel", "id": rid}) + "\n").encode())

@@ -68,6 +68,13 @@ class Worker:
 
         self.args = args
         self.out = out
+        self._embedder: Any = None
+        if args.embedding:
+            # An embedding model: one context, in embedding mode, and no chat.
+            self.llm = self._embedder = self._embedding_context(args.n_ctx)
+            self.formatter = None
+            self.template_knows_tools = False
+            return
         self.llm = Llama(
             model_path=args.model,
             n_ctx=args.n_ctx,
@@ -82,7 +89,6 @@ class Worker:
         # A template that renders `tools` tells the model about them itself; for the
         # others (SmolLM2's, the built-in formats) we describe them in the system turn.
         self.template_knows_tools = not self.args.chat_format and "tools" in template
-        self._embedder: Any = None
 
     # -- set-up -----------------------------------------------------------
     def _make_formatter(self) -> Any:
@@ -97,6 +103,9 @@ class Worker:
         metadata = self.llm.metadata
         template = metadata.get("tokenizer.chat_template")
         if not template:
+            # Base models ship no template; gemma's own turn markers suit its family, ChatML the rest.
+            if str(metadata.get("general.architecture", "")).startswith("gemma"):
+                return llama_chat_format.format_gemma
             return llama_chat_format.format_chatml
         model = self.llm._model
 
@@ -115,19 +124,22 @@ class Worker:
     def embedder(self) -> Any:
         """A second context on the same mmapped weights, in embedding mode, made on first use."""
         if self._embedder is None:
-            import llama_cpp
-
-            self._embedder = llama_cpp.Llama(
-                model_path=self.args.model,
-                n_ctx=min(self.args.n_ctx, 2048),
-                n_threads=self.args.threads,
-                n_threads_batch=self.args.threads,
-                n_gpu_layers=self.args.n_gpu_layers,
-                embedding=True,
-                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
-                verbose=False,
-            )
+            self._embedder = self._embedding_context(min(self.args.n_ctx, 2048))
         return self._embedder
+
+    def _embedding_context(self, n_ctx: int) -> Any:
+        import llama_cpp
+
+        return llama_cpp.Llama(
+            model_path=self.args.model,
+            n_ctx=n_ctx,
+            n_threads=self.args.threads,
+            n_threads_batch=self.args.threads,
+            n_gpu_layers=self.args.n_gpu_layers,
+            embedding=True,
+            pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+            verbose=False,
+        )
 
     # -- dispatch ---------------------------------------------------------
     def handle(self, request: dict[str, Any]) -> None:
@@ -137,6 +149,8 @@ class Worker:
                 self.out.send({"type": "end", "id": rid, "finish_reason": "cancelled"})
                 return
             op = request.get("op")
+            if self.args.embedding and op != "embedding":
+                raise RequestError("this model serves embeddings only; use /v1/embeddings")
             if op == "chat":
                 self.chat(rid, request["body"], bool(request.get("stream")))
             elif op == "completion":
@@ -573,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chat-format", default=None)
     parser.add_argument("--max-tokens-cap", type=int, default=0)
     parser.add_argument("--stream-interval-ms", type=float, default=0.0)
+    parser.add_argument("--embedding", action="store_true", help="load the model for embeddings only")
     args = parser.parse_args(argv)
 
     # The protocol owns the original stdout; anything native code prints goes to stderr.

@@ -58,8 +58,26 @@ async def test_it_picks_the_least_busy_executor_and_takes_turns_among_equals() -
     assert third.channel_name == first.channel_name, "equally idle: the one used longest ago goes next"
 
 
-async def test_executors_that_are_not_online_are_never_picked() -> None:
+async def test_stopped_failed_and_stopping_executors_are_never_picked() -> None:
     node = await _node("n")
-    await Executor.objects.acreate(node=node, key="s.gguf", model_id="m", state="starting")
+    for state in ("offline", "failed", "stopping"):
+        await Executor.objects.acreate(node=node, key=f"{state}.gguf", model_id="m", state=state)
     with pytest.raises(NoCapacity):
         await executor_select(model="m")
+
+
+async def test_a_starting_executor_is_picked_only_when_none_is_online() -> None:
+    a, b = await _node("a"), await _node("b")
+    starting = await Executor.objects.acreate(node=a, key="m.gguf", model_id="m", state="starting")
+    assert (await executor_select(model="m")).executor_pk == starting.pk, "requests wait for a restarting process"
+    online = await Executor.objects.acreate(node=b, key="m.gguf", model_id="m", state="online")
+    from nodes.signals import executors_changed
+
+    executors_changed.send(sender=Executor)
+    picked = []
+    for _ in range(3):
+        picked.append(await executor_select(model="m"))
+        acquire(picked[-1])
+    for target in picked:
+        release(target)
+    assert {t.executor_pk for t in picked} == {online.pk}, "an online executor wins even when busier"

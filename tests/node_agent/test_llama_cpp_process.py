@@ -82,24 +82,68 @@ async def test_a_bad_request_is_an_error_event_and_the_process_lives_on(process:
     assert process.state == "online"
 
 
-async def test_a_killed_process_is_restarted_and_requests_in_flight_fail(process: LlamaCppProcess) -> None:
-    events: list[dict[str, Any]] = []
+async def test_a_killed_process_is_restarted_a_started_reply_fails_and_an_unanswered_one_is_replayed(
+        process: LlamaCppProcess) -> None:
+    streaming: list[dict[str, Any]] = []
+    queued: list[dict[str, Any]] = []
 
-    async def sink(raw: str, event: dict[str, Any]) -> None:
-        events.append(event)
+    async def sink_of(events: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
+        async def sink(raw: str, event: dict[str, Any]) -> None:
+            events.append(event)
+        return sink
 
     process.submit("doomed", json.dumps({"op": "chat", "id": "doomed", "stream": True, "body": {
-        "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 2000}}), sink)
+        "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 2000}}),
+        await sink_of(streaming))
+    # Queued behind the long reply inside the worker: it has had no answer when the process dies.
+    process.submit("behind", json.dumps({"op": "chat", "id": "behind", "stream": False, "body": {
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}}), await sink_of(queued))
+    while not streaming:
+        await asyncio.sleep(0.01)
     first_pid = process.pid
     assert first_pid is not None
     os.kill(first_pid, signal.SIGKILL)
     await _wait_state(process, "starting", 5)
+    # Sent while the process restarts: it waits for the new one instead of being refused.
+    meanwhile = asyncio.create_task(_request(process, {"op": "chat", "id": "meanwhile", "stream": False, "body": {
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}}))
     await _wait_state(process, "online", 30)
     assert process.pid != first_pid
-    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "executor_lost"
-    again = await _request(process, {"op": "chat", "id": "again", "stream": False,
-                                     "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}})
-    assert again[-1]["type"] == "end"
+    assert streaming[-1]["type"] == "error" and streaming[-1]["error"]["code"] == "executor_lost", \
+        "a reply already under way cannot be resumed: it ends with an error, never with duplicated text"
+    assert (await asyncio.wait_for(meanwhile, 30))[-1]["type"] == "end"
+    deadline = time.monotonic() + 30
+    while not queued and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert [e["type"] for e in queued] == ["end"] and queued[0]["usage"]["completion_tokens"] <= 3
+
+
+async def test_a_process_that_hangs_with_work_is_killed_and_restarted(model_path: Path) -> None:
+    proc = LlamaCppProcess(ProcessConfig(model_path=str(model_path), n_ctx=512, threads=2, n_gpu_layers=0,
+                                         hang_timeout_s=1.0), on_state=lambda: None)
+    proc.start()
+    try:
+        await _wait_state(proc, "online")
+        hung_pid = proc.pid
+        assert hung_pid is not None
+        os.kill(hung_pid, signal.SIGSTOP)  # alive, but makes no progress at all
+        events: list[dict[str, Any]] = []
+
+        async def sink(raw: str, event: dict[str, Any]) -> None:
+            events.append(event)
+
+        assert proc.submit("stuck", json.dumps({"op": "chat", "id": "stuck", "stream": False, "body": {
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}}), sink)
+        await _wait_state(proc, "starting", 10)
+        assert "hung" in proc.last_error
+        await _wait_state(proc, "online", 30)
+        assert proc.pid != hung_pid
+        deadline = time.monotonic() + 30
+        while not events and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert events and events[-1]["type"] == "end", "the unanswered request is served by the new process"
+    finally:
+        await proc.stop()
 
 
 async def test_it_gives_up_after_three_crashes_in_a_row(tmp_path: Path) -> None:

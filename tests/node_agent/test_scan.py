@@ -37,11 +37,35 @@ def test_a_rescan_reads_only_new_or_changed_headers(tmp_path: Path, model_path: 
     assert set(again) == {"a.gguf", "b.gguf"} and [p.name for p in reads] == ["b.gguf"]
 
 
-def test_a_link_pointing_outside_the_folder_is_refused(tmp_path: Path, model_path: Path) -> None:
+def test_a_link_pointing_outside_the_folder_is_refused_and_reported(tmp_path: Path, model_path: Path) -> None:
     folder = tmp_path / "models"
     folder.mkdir()
     (folder / "escape.gguf").symlink_to(model_path)
-    assert scan_model_dirs((folder,)) == {}
+    (folder / "sub").symlink_to(model_path.parent, target_is_directory=True)
+    found = scan_model_dirs((folder,))
+    assert set(found) == {"escape.gguf"}, "a linked folder is not walked into"
+    assert found["escape.gguf"].info is None and "points outside" in found["escape.gguf"].error
+
+
+def test_truncated_tiny_and_text_files_are_invalid(tmp_path: Path, model_path: Path) -> None:
+    data = model_path.read_bytes()
+    (tmp_path / "truncated.gguf").write_bytes(data[: len(data) // 2])
+    (tmp_path / "one-byte-short.gguf").write_bytes(data[:-1])
+    (tmp_path / "four.gguf").write_bytes(b"GGUF")
+    (tmp_path / "notes.gguf").write_text("these are my notes, renamed\n" * 100)
+    found = scan_model_dirs((tmp_path,))
+    assert {k: (m.info is None) for k, m in found.items()} == {
+        "truncated.gguf": True, "one-byte-short.gguf": True, "four.gguf": True, "notes.gguf": True}
+    assert "truncated" in found["truncated.gguf"].error
+    assert "bad magic" in found["notes.gguf"].error
+
+
+def test_embedding_folders_give_keys_of_their_own(tmp_path: Path, model_path: Path) -> None:
+    _link_or_copy(model_path, tmp_path / "chat" / "m.gguf")
+    _link_or_copy(model_path, tmp_path / "embed" / "m.gguf")
+    found = scan_model_dirs((tmp_path / "chat",), embedding_dirs=(tmp_path / "embed",))
+    assert set(found) == {"m.gguf", "embed:m.gguf"}
+    assert found["embed:m.gguf"].embedding_folder and not found["m.gguf"].embedding_folder
 
 
 def test_model_ids_are_lower_case_file_names() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from node_agent.default_model import CATALOG, DEFAULT_MODEL
 from nodes.models import Executor
 
 READY_TIMEOUT_S = 120.0
@@ -55,9 +56,11 @@ class Command(BaseCommand):
                        children, "the gateway to listen")
             self.stdout.write(f"Gateway:       {url}/   (OpenAI API at {url}/v1, admin at {url}/admin/)")
             if not no_local_node:
+                # The default model starts by itself; other files appear offline until an admin starts them.
                 children.append(subprocess.Popen(
                     [sys.executable, "-m", "node_agent", "--gateway-url", url, "--models-dir", models_dir,
-                     "--name", "Local Node", "--state-dir", str(Path(settings.DATA_DIR) / "local-node")]))
+                     "--name", "Local Node", "--state-dir", str(Path(settings.DATA_DIR) / "local-node"),
+                     "--enable", CATALOG[DEFAULT_MODEL].filename]))
                 self._wait(lambda: Executor.objects.filter(state=Executor.State.ONLINE,
                                                            node__connected=True).exists(),
                            children, "the local node's first model")

@@ -1,0 +1,228 @@
+"""OptimaGPT's own API under /optima/v1: models by kind, capabilities, and executor management.
+
+Same credentials as /v1 (API key or JWT). Managing executors also needs the
+owner's Executor Management permission. Errors use OpenAI's `{"error": {...}}` body.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from channels.db import database_sync_to_async
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from ninja import Router
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
+
+from accounts.models import User
+from nodes.models import Executor, Node
+
+from .auth import ApiKeyAuth, Principal
+from .errors import ApiError, InvalidRequest, ModelNotFound, PermissionDenied
+from .executors import executor_configure, executor_delete, executor_remote_create
+
+router = Router(auth=ApiKeyAuth(), tags=["OptimaGPT"])
+
+ROUTING_STRATEGY = "least_busy"
+ModelId = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
+
+
+class NotReady(ApiError):
+    status = 503
+    type = "server_error"
+    code = "not_ready"
+
+
+# -- models and capabilities -----------------------------------------------------
+@database_sync_to_async
+def _ready_rows() -> list[dict[str, Any]]:
+    return list(Executor.objects.ready().values("model_id", "name", "embedding", "n_ctx", "embedding_length",
+                                                "description", "node_id", "base_url"))
+
+
+def _owner(row: dict[str, Any]) -> str:
+    if row["node_id"] is None:
+        return urlsplit(row["base_url"]).hostname or "remote"
+    return "optimagpt"
+
+
+@router.get("/models", summary="Models that can be served now, chat and embedding apart")
+async def optima_models(request: HttpRequest) -> HttpResponse:
+    chat: dict[str, dict[str, Any]] = {}
+    embed: dict[str, dict[str, Any]] = {}
+    for row in await _ready_rows():
+        model_id = row["model_id"]
+        if row["embedding"]:
+            entry = embed.setdefault(model_id, {"id": model_id, "name": row["name"] or model_id,
+                                                "owned_by": _owner(row), "dimensions": None,
+                                                "description": row["description"]})
+            entry["dimensions"] = entry["dimensions"] or row["embedding_length"] or None
+        else:
+            entry = chat.setdefault(model_id, {"id": model_id, "name": row["name"] or model_id,
+                                               "owned_by": _owner(row), "ctx_max": None,
+                                               "description": row["description"]})
+            # Any of the executors may take a request: the window a client can count on is the smallest.
+            if row["n_ctx"]:
+                entry["ctx_max"] = min(entry["ctx_max"] or row["n_ctx"], row["n_ctx"])
+        entry["description"] = entry["description"] or row["description"]
+    return JsonResponse({"object": "list", "chat_models": sorted(chat.values(), key=lambda m: m["id"]),
+                         "embed_models": sorted(embed.values(), key=lambda m: m["id"])})
+
+
+@database_sync_to_async
+def _capabilities() -> dict[str, Any]:
+    ready = Executor.objects.ready()
+    live_nodes = Node.objects.filter(connected=True, activated=True, last_seen__gte=Node.live_cutoff())
+    return {
+        "canChat": ready.filter(embedding=False).exists(),
+        # Local chat models make embeddings too (a second context on the same weights).
+        "canEmbed": ready.filter(embedding=True).exists() or ready.filter(node__isnull=False).exists(),
+        "numNodes": live_nodes.count(),
+        "routing": ROUTING_STRATEGY,
+    }
+
+
+@router.get("/capabilities", summary="What the gateway can do now; 503 while no model can be served")
+async def optima_capabilities(request: HttpRequest) -> HttpResponse:
+    capabilities = await _capabilities()
+    if not (capabilities["canChat"] or capabilities["canEmbed"]):
+        error = NotReady("No model can be served yet: no node is linked with a running model.")
+        response = JsonResponse({**error.body(), **capabilities}, status=error.status)
+        response["Retry-After"] = "5"
+        return response
+    return JsonResponse(capabilities)
+
+
+# -- executors ------------------------------------------------------------------
+@database_sync_to_async
+def _require_executor_management(principal: Principal) -> None:
+    user = User.objects.filter(pk=principal.user_id, is_active=True).first() if principal.user_id else None
+    if user is None or not user.has_perm("accounts.manage_executors"):
+        raise PermissionDenied("Managing executors needs the Executor Management permission.")
+
+
+def executor_out(e: Executor) -> dict[str, Any]:
+    """An executor as the API and the pages show it; a remote upstream's key is never part of it."""
+    out: dict[str, Any] = {
+        "id": e.pk, "kind": e.kind, "node": {"id": e.node_id, "name": e.node.name} if e.node_id else None,
+        "key": e.key, "model_id": e.model_id, "name": e.name, "description": e.description, "state": e.state,
+        "error": e.error, "enabled": e.enabled, "embedding": e.embedding,
+    }
+    if e.is_remote:
+        out.update(base_url=e.base_url, upstream_model=e.upstream_model, has_api_key=bool(e.upstream_key_encrypted))
+    else:
+        out.update(family=e.family, architecture=e.architecture, parameter_count=e.parameter_count,
+                   quantization=e.quantization, context_length=e.context_length,
+                   embedding_length=e.embedding_length, n_ctx=e.n_ctx, size_bytes=e.size_bytes, sha256=e.sha256,
+                   valid=e.valid, replicas=e.replicas, replicas_online=e.replicas_online, settings=e.settings)
+    return out
+
+
+_out = database_sync_to_async(executor_out)  # reads the node's name: a query
+
+
+@database_sync_to_async
+def _executor(executor_id: int) -> Executor:
+    executor = Executor.objects.select_related("node").filter(pk=executor_id).first()
+    if executor is None:
+        raise ModelNotFound(f"No executor {executor_id}.", code="executor_not_found")
+    return executor
+
+
+def _json_object(request: HttpRequest) -> dict[str, Any]:
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError:
+        raise InvalidRequest("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return body
+
+
+class RemoteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    model_id: ModelId
+    base_url: HttpUrl
+    upstream_model: Annotated[str, Field(max_length=200)] = ""
+    api_key: Annotated[str, Field(max_length=4096)] = ""
+    description: Annotated[str, Field(max_length=1000)] = ""
+    embedding: bool = False
+    enabled: bool = True
+
+
+class RemoteUpdateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model_id: ModelId | None = None
+    base_url: HttpUrl | None = None
+    upstream_model: Annotated[str, Field(max_length=200)] | None = None
+    api_key: Annotated[str, Field(max_length=4096)] | None = None
+    description: Annotated[str, Field(max_length=1000)] | None = None
+    embedding: bool | None = None
+    enabled: bool | None = None
+
+
+def _validated(schema: type[BaseModel], body: dict[str, Any]) -> dict[str, Any]:
+    try:
+        parsed = schema.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidRequest(f"Invalid value for '{where}': {first['msg']}", param=where or None) from None
+    values = parsed.model_dump(exclude_unset=True)
+    if "base_url" in values:
+        values["base_url"] = str(values["base_url"]).rstrip("/")
+    return values
+
+
+@router.get("/executors", summary="Every executor: models on nodes and remote upstreams")
+async def executors_list(request: HttpRequest) -> HttpResponse:
+    await _require_executor_management(request.auth)
+    rows = await database_sync_to_async(lambda: [executor_out(e) for e in Executor.objects.select_related("node")])()
+    return JsonResponse({"object": "list", "data": rows})
+
+
+@router.post("/executors", summary="Register a remote OpenAI-compatible upstream as an executor")
+async def executors_create_remote(request: HttpRequest) -> HttpResponse:
+    await _require_executor_management(request.auth)
+    values = _validated(RemoteIn, _json_object(request))
+    executor = await executor_remote_create(**values)
+    return JsonResponse(await _out(executor), status=201)
+
+
+@router.get("/executors/{executor_id}", summary="One executor")
+async def executors_get(request: HttpRequest, executor_id: int) -> HttpResponse:
+    await _require_executor_management(request.auth)
+    return JsonResponse(await _out(await _executor(executor_id)))
+
+
+@router.patch("/executors/{executor_id}", summary="Change an executor's settings (applied by restarting it)")
+async def executors_update(request: HttpRequest, executor_id: int) -> HttpResponse:
+    await _require_executor_management(request.auth)
+    executor = await _executor(executor_id)
+    changes = _json_object(request)
+    if executor.is_remote:
+        changes = _validated(RemoteUpdateIn, changes)
+    return JsonResponse(await _out(await executor_configure(executor=executor, changes=changes)))
+
+
+@router.post("/executors/{executor_id}/start", summary="Start an executor (and keep it enabled)")
+async def executors_start(request: HttpRequest, executor_id: int) -> HttpResponse:
+    await _require_executor_management(request.auth)
+    executor = await executor_configure(executor=await _executor(executor_id), changes={"enabled": True})
+    return JsonResponse(await _out(executor))
+
+
+@router.post("/executors/{executor_id}/stop", summary="Stop an executor and free its memory")
+async def executors_stop(request: HttpRequest, executor_id: int) -> HttpResponse:
+    await _require_executor_management(request.auth)
+    executor = await executor_configure(executor=await _executor(executor_id), changes={"enabled": False})
+    return JsonResponse(await _out(executor))
+
+
+@router.delete("/executors/{executor_id}", summary="Remove a remote upstream")
+async def executors_delete(request: HttpRequest, executor_id: int) -> HttpResponse:
+    await _require_executor_management(request.auth)
+    await executor_delete(executor=await _executor(executor_id))
+    return HttpResponse(status=204)
