@@ -105,7 +105,7 @@ def _require_executor_management(principal: Principal) -> None:
 def executor_out(e: Executor) -> dict[str, Any]:
     """An executor as the API and the pages show it; a remote upstream's key is never part of it."""
     out: dict[str, Any] = {
-        "id": e.pk, "kind": e.kind, "node": {"id": e.node_id, "name": e.node.name} if e.node_id else None,
+        "id": e.pk, "kind": e.kind, "node": ({"id": e.node_id, "name": e.node.name, "connected": e.node.connected} if e.node_id else None),
         "key": e.key, "model_id": e.model_id, "name": e.name, "description": e.description, "state": e.state,
         "error": e.error, "enabled": e.enabled, "embedding": e.embedding,
     }
