@@ -191,8 +191,9 @@ def _model_object(model_id: str, created: int) -> dict[str, Any]:
 def _served_models() -> dict[str, int]:
     """Model ids a connected node serves now, with when each was first seen."""
     served: dict[str, int] = {}
-    for model_id, created in Executor.objects.ready().values_list("model_id", "node__created_at"):
-        stamp = int(created.timestamp())
+    rows = Executor.objects.ready().values_list("model_id", "node__created_at", "updated_at")
+    for model_id, node_created, updated in rows:
+        stamp = int((node_created or updated).timestamp())  # a remote upstream has no node
         served[model_id] = min(stamp, served.get(model_id, stamp))
     return served
 

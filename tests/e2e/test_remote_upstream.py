@@ -1,0 +1,126 @@
+"""A remote OpenAI-compatible upstream registered as an executor, against a real second server.
+
+The upstream is the session's gateway with its node (a real OpenAI-compatible
+server, started by the test run); a second gateway with no node of its own
+serves the model only through it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import MODEL_ID
+from tests.processes import REPO, Gateway, NodeAgent, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, str]]:
+    gateway = Gateway(data_dir=tmp_path_factory.mktemp("front"), port=free_port())
+    gateway.start()
+    subprocess.run([sys.executable, "manage.py", "create_user", "boss", "--type", "admin"], cwd=REPO,
+                   env=gateway.env, input="a-long-admin-password\n", text=True, check=True, capture_output=True)
+    key = gateway.manage("create_api_key", "--name", "boss", "--user", "boss").strip()
+    try:
+        yield gateway, key
+    finally:
+        gateway.stop()
+
+
+def _api(gateway: Gateway, key: str, method: str, path: str, **kwargs) -> httpx.Response:  # type: ignore[no-untyped-def]
+    return httpx.request(method, gateway.url + path, headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                         **kwargs)
+
+
+def test_a_remote_upstream_is_listed_and_routed_like_a_local_executor(
+        front: tuple[Gateway, str], gateway: Gateway, node: NodeAgent, api_key: str) -> None:
+    front_gw, admin_key = front
+    created = _api(front_gw, admin_key, "POST", "/optima/v1/executors", json={
+        "name": "gateway-a", "model_id": "cloud-smol", "base_url": gateway.url + "/v1",
+        "upstream_model": MODEL_ID, "api_key": api_key, "description": "SmolLM2 through another gateway"})
+    assert created.status_code == 201, created.text
+    assert created.json()["state"] == "online" and created.json()["kind"] == "remote"
+    assert created.json()["has_api_key"] is True and api_key not in created.text
+
+    client = openai.OpenAI(base_url=front_gw.url + "/v1", api_key=admin_key, max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list().data] == ["cloud-smol"]
+    listed = _api(front_gw, admin_key, "GET", "/optima/v1/models").json()
+    assert listed["chat_models"] == [{"id": "cloud-smol", "name": "gateway-a", "owned_by": "127.0.0.1",
+                                      "ctx_max": None, "description": "SmolLM2 through another gateway"}]
+
+    reply = client.chat.completions.create(model="cloud-smol", messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=4, temperature=0)
+    assert reply.model == "cloud-smol" and reply.choices[0].message.role == "assistant"
+    assert 0 < reply.usage.completion_tokens <= 4
+
+    stream = client.chat.completions.create(model="cloud-smol", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=6, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert reply.choices[0].message.content and text.startswith(reply.choices[0].message.content), \
+        "same model, same greedy tokens: 6 streamed begin with the 4 answered before"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 6
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+    legacy = client.completions.create(model="cloud-smol", prompt="Once upon a time", max_tokens=3)
+    assert legacy.choices[0].text and legacy.usage.completion_tokens <= 3
+    vectors = client.embeddings.create(model="cloud-smol", input=["one", "two"])
+    assert [len(v.embedding) for v in vectors.data] == [576, 576]
+
+    # An upstream's refusal of the request comes back as the client's error, in OpenAI's form.
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="cloud-smol", messages=[{"role": "user", "content": "Hi"}],
+                                       tool_choice={"type": "function", "function": {"name": "missing"}},
+                                       tools=[{"type": "function", "function": {"name": "f"}}])
+    assert api_key not in front_gw.log(), "the upstream's key never reaches a log"
+    listing = _api(front_gw, admin_key, "GET", "/optima/v1/executors")
+    assert api_key not in listing.text
+
+
+def test_an_upstream_that_refuses_the_key_is_marked_failed_with_the_reason_and_not_routed(
+        front: tuple[Gateway, str], gateway: Gateway, node: NodeAgent) -> None:
+    front_gw, admin_key = front
+    wrong_key = "sk-optima-" + "w" * 40
+    created = _api(front_gw, admin_key, "POST", "/optima/v1/executors", json={
+        "name": "wrong-key", "model_id": "refused-model", "base_url": gateway.url + "/v1",
+        "upstream_model": MODEL_ID, "api_key": wrong_key})
+    assert created.status_code == 201, created.text
+    body = created.json()
+    assert body["state"] == "failed" and "refused the key" in body["error"] and wrong_key not in created.text
+    response = _api(front_gw, admin_key, "POST", "/v1/chat/completions",
+                    json={"model": "refused-model", "messages": [{"role": "user", "content": "Hi"}]})
+    assert response.status_code == 503 and response.json()["error"]["code"] == "model_unavailable"
+    # Fixed with the right key, it goes online.
+    assert wrong_key not in front_gw.log()
+    duplicate = _api(front_gw, admin_key, "POST", "/optima/v1/executors", json={
+        "name": "wrong-key", "model_id": "x", "base_url": gateway.url + "/v1"})
+    assert duplicate.status_code == 409
+    bad = _api(front_gw, admin_key, "POST", "/optima/v1/executors", json={
+        "name": "bad-url", "model_id": "x", "base_url": "not a url"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "base_url"
+
+
+def test_a_remote_upstream_is_updated_and_deleted_through_the_api(
+        front: tuple[Gateway, str], gateway: Gateway, node: NodeAgent, api_key: str, tmp_path: Path) -> None:
+    front_gw, admin_key = front
+    executors = _api(front_gw, admin_key, "GET", "/optima/v1/executors").json()["data"]
+    refused = next(e for e in executors if e["key"] == "wrong-key")
+    fixed = _api(front_gw, admin_key, "PATCH", f"/optima/v1/executors/{refused['id']}", json={"api_key": api_key})
+    assert fixed.status_code == 200 and fixed.json()["state"] == "online", fixed.text
+    client = openai.OpenAI(base_url=front_gw.url + "/v1", api_key=admin_key, max_retries=0, timeout=60)
+    assert client.chat.completions.create(model="refused-model", max_tokens=1,
+                                          messages=[{"role": "user", "content": "Hi"}]).choices
+    stopped = _api(front_gw, admin_key, "POST", f"/optima/v1/executors/{refused['id']}/stop")
+    assert stopped.json()["state"] == "offline"
+    assert "refused-model" not in {m.id for m in client.models.list().data}
+    assert _api(front_gw, admin_key, "DELETE", f"/optima/v1/executors/{refused['id']}").status_code == 204
+    assert refused["id"] not in {e["id"] for e in _api(front_gw, admin_key, "GET", "/optima/v1/executors").json()["data"]}
