@@ -9,5 +9,6 @@ urlpatterns = [
     path("", home, name="home"),
     path("admin/", admin.site.urls),
     path("", include("accounts.urls")),
+    path("", include("nodes.urls")),
     path("", api.urls),
 ]

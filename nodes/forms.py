@@ -1,0 +1,73 @@
+"""Forms of the executors pages. Local settings are checked again by the node (ExecutorSettings), the one authority."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+
+from nodes.models import Executor
+
+_EMBEDDING_CHOICES = [("", "by folder"), ("true", "embeddings only"), ("false", "chat")]
+
+
+class ExecutorSettingsForm(forms.Form):
+    enabled = forms.BooleanField(required=False, help_text="runs now and after the node restarts")
+    alias = forms.CharField(required=False, max_length=200, label="Public model id",
+                            help_text="empty: from the file name")
+    description = forms.CharField(required=False, max_length=1000, widget=forms.Textarea(attrs={"rows": 2}),
+                                  help_text="empty: from the GGUF header")
+    n_ctx = forms.IntegerField(required=False, min_value=0, label="Context window",
+                               help_text="tokens; empty or 0: the model's own, as free memory allows")
+    n_gpu_layers = forms.IntegerField(required=False, min_value=-1, label="GPU layers",
+                                      help_text="empty: all where a GPU exists, else none; -1: all")
+    threads = forms.IntegerField(required=False, min_value=0, help_text="empty or 0: the node's default")
+    replicas = forms.IntegerField(min_value=1, max_value=16, initial=1,
+                                  help_text="processes sharing the weights, one parallel request each")
+    chat_format = forms.CharField(required=False, max_length=40, help_text="e.g. chatml, gemma; empty: the "
+                                                                         "model's own template")
+    embedding = forms.ChoiceField(required=False, choices=_EMBEDDING_CHOICES, label="Mode")
+    max_tokens = forms.IntegerField(required=False, min_value=0, label="Max tokens per reply",
+                                    help_text="empty or 0: no cap beyond the context window")
+
+    @classmethod
+    def for_executor(cls, executor: Executor, data: Any = None) -> ExecutorSettingsForm:
+        settings = dict(executor.settings or {})
+        embedding = settings.get("embedding")
+        settings["embedding"] = "" if embedding is None else str(embedding).lower()
+        return cls(data, initial=settings)
+
+    def changes(self) -> dict[str, Any]:
+        """The settings as the node takes them: only what differs from the form's initial values."""
+        data = dict(self.cleaned_data)
+        data["embedding"] = {"": None, "true": True, "false": False}[data["embedding"] or ""]
+        for name in ("n_ctx", "threads", "max_tokens"):
+            data[name] = data[name] or 0
+        return {k: v for k, v in data.items() if v != self.initial.get(k, self.fields[k].initial)}
+
+
+class RemoteUpstreamForm(forms.Form):
+    name = forms.CharField(max_length=200)
+    model_id = forms.RegexField(regex=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", max_length=200, label="Public model id")
+    base_url = forms.URLField(max_length=500, label="Base URL", assume_scheme="https",
+                              help_text="e.g. https://api.example.com/v1")
+    upstream_model = forms.CharField(required=False, max_length=200, label="Upstream model",
+                                     help_text="empty: the public model id")
+    api_key = forms.CharField(required=False, max_length=4096, label="API key",
+                              widget=forms.PasswordInput(render_value=False),
+                              help_text="stored encrypted, never shown again")
+    description = forms.CharField(required=False, max_length=1000)
+    embedding = forms.BooleanField(required=False, label="Embeddings only")
+    enabled = forms.BooleanField(required=False, initial=True)
+
+
+class RemoteUpstreamUpdateForm(RemoteUpstreamForm):
+    name = None  # type: ignore[assignment]
+    api_key = forms.CharField(required=False, max_length=4096, label="API key",
+                              widget=forms.PasswordInput(render_value=False), help_text="empty: keep the stored key")
+
+    def changes(self) -> dict[str, Any]:
+        data = dict(self.cleaned_data)
+        if not data["api_key"]:
+            del data["api_key"]
+        return data

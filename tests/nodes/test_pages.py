@@ -1,0 +1,87 @@
+"""The executors pages: each action needs Executor Management; failures are messages and change nothing."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from django.test import Client
+from django.utils import timezone
+
+from accounts.models import User
+from nodes.models import Executor, Node
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _as(user: User | None) -> Client:
+    client = Client()
+    if user is not None:
+        client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def local() -> Executor:
+    node = Node.objects.create(node_id=uuid.uuid4(), name="far-node", connected=False, last_seen=timezone.now())
+    return Executor.objects.create(node=node, key="m.gguf", model_id="m", state="offline", valid=True,
+                                   settings={"enabled": False, "n_ctx": 0, "replicas": 1})
+
+
+def _actions(executor: Executor) -> list[tuple[str, str]]:
+    pk = executor.pk
+    return [("get", "/manage/executors/"), ("get", "/manage/executors/?format=json"),
+            ("get", f"/manage/executors/{pk}/"), ("post", f"/manage/executors/{pk}/"),
+            ("post", f"/manage/executors/{pk}/start/"), ("post", f"/manage/executors/{pk}/stop/"),
+            ("post", f"/manage/executors/{pk}/delete/"), ("post", "/manage/executors/")]
+
+
+def test_every_action_is_refused_without_the_permission_and_changes_nothing(
+        member: User, local: Executor) -> None:
+    for method, path in _actions(local):
+        response = getattr(_as(member), method)(path, {"replicas": 2, "name": "x", "model_id": "x",
+                                                       "base_url": "http://127.0.0.1:9/v1"})
+        assert response.status_code == 403, (method, path)
+        response = getattr(_as(None), method)(path)
+        assert response.status_code == 302 and "/login/" in response["Location"], (method, path)
+    assert Executor.objects.count() == 1 and Executor.objects.get().settings["replicas"] == 1
+
+
+def test_the_menu_shows_executors_only_with_the_permission(admin: User, member: User) -> None:
+    assert b'href="/manage/executors/"' in _as(admin).get("/manage/users/").content
+    member.user_permissions.add(*admin.user_permissions.filter(codename="manage_users"))
+    assert b'href="/manage/executors/"' not in _as(member).get("/manage/users/").content
+
+
+def test_the_list_shows_models_and_a_start_on_a_disconnected_node_explains_itself(
+        admin: User, local: Executor) -> None:
+    page = _as(admin).get("/manage/executors/")
+    assert page.status_code == 200 and b"far-node" in page.content and b"Start" in page.content
+    response = _as(admin).post(f"/manage/executors/{local.pk}/start/", follow=True)
+    assert b"is not connected" in response.content
+    local.refresh_from_db()
+    assert local.state == "offline" and local.settings["enabled"] is False
+    data = _as(admin).get("/manage/executors/?format=json").json()["data"]
+    assert [(e["model_id"], e["state"], e["node"]["connected"]) for e in data] == [("m", "offline", False)]
+
+
+def test_bad_settings_are_shown_on_the_form(admin: User, local: Executor) -> None:
+    response = _as(admin).post(f"/manage/executors/{local.pk}/", {"replicas": 0, "n_ctx": -3})
+    assert response.status_code == 400
+    assert b"greater than or equal to 1" in response.content
+
+
+def test_a_remote_upstream_added_on_the_page_keeps_its_key_secret(admin: User) -> None:
+    secret = "sk-remote-" + "s" * 30
+    response = _as(admin).post("/manage/executors/", {
+        "name": "cloud", "model_id": "cloud-model", "base_url": "http://127.0.0.1:9/v1", "api_key": secret,
+        "enabled": "on"}, follow=True)
+    assert response.status_code == 200
+    remote = Executor.objects.get(key="cloud")
+    # Nothing listens on port 9: it is saved, marked failed with the reason, and not routed.
+    assert remote.state == "failed" and "cannot reach" in remote.error
+    assert remote.upstream_key() == secret and secret not in remote.upstream_key_encrypted
+    for page in ("/manage/executors/", f"/manage/executors/{remote.pk}/", "/manage/executors/?format=json"):
+        assert secret.encode() not in _as(admin).get(page).content
+    assert _as(admin).post(f"/manage/executors/{remote.pk}/delete/").status_code == 302
+    assert not Executor.objects.filter(key="cloud").exists()
