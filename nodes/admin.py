@@ -9,7 +9,7 @@ class ExecutorInline(admin.TabularInline):
     model = Executor
     extra = 0
     can_delete = False
-    fields = ("model_id", "state", "quantization", "n_ctx", "error")
+    fields = ("model_id", "state", "enabled", "quantization", "n_ctx", "replicas", "error")
     readonly_fields = fields
 
 
@@ -25,7 +25,16 @@ class NodeAdmin(ProductPermissionAdmin):
 
 @admin.register(Executor)
 class ExecutorAdmin(ProductPermissionAdmin):
+    """Read-only here: settings go through the executors pages or /optima/v1/executors, which reach the node."""
+
     permission = "accounts.manage_executors"
-    list_display = ("model_id", "node", "state", "quantization", "parameter_count", "n_ctx")
-    list_filter = ("state",)
-    readonly_fields = [f.name for f in Executor._meta.fields]
+    list_display = ("model_id", "node", "state", "enabled", "quantization", "parameter_count", "n_ctx", "replicas")
+    list_filter = ("state", "enabled", "embedding")
+    exclude = ("upstream_key_encrypted",)
+    readonly_fields = [f.name for f in Executor._meta.fields if f.name != "upstream_key_encrypted"]
+
+    def has_add_permission(self, request):  # type: ignore[no-untyped-def]
+        return False
+
+    def has_change_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
+        return False
