@@ -198,11 +198,13 @@ class NodeDefaults:
 
 
 def _human_bytes(n: int) -> str:
+    """Sizes as file managers and the gateway's pages show them: powers of 1024."""
+    size = float(n)
     for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    return f"{n:.1f} TB"
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
 
 
 def _human_count(n: int) -> str:
