@@ -29,6 +29,8 @@ from tests.processes import REPO, Gateway, NodeAgent, free_port
 pytestmark = pytest.mark.e2e
 
 SMOL = CATALOG["smollm2"].filename
+# How the agent's debug log shows a request arriving over the link (the websockets library logs each frame).
+REQUEST_FRAME = "< TEXT '{\"type\":\"request\""
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
@@ -166,6 +168,23 @@ def test_changing_the_context_window_restarts_the_process_with_the_new_value(sta
     assert stack.executor(SMOL)["description"] == "the small one"
 
 
+def test_a_reply_cap_and_a_chat_format_override_reach_the_process(stack: Stack) -> None:
+    smol = stack.wait_state(SMOL, "online")
+    response = stack.api("PATCH", f"/optima/v1/executors/{smol['id']}",
+                         json={"max_tokens": 3, "chat_format": "chatml"})
+    assert response.status_code == 200, response.text
+    stack.wait_state(SMOL, "online")
+    (worker,) = workers_of(stack.agent, SMOL)
+    assert arg_of(worker, "--chat-format") == "chatml" and arg_of(worker, "--max-tokens-cap") == "3"
+    reply = stack.openai().chat.completions.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": "Write a long story about a dragon."}],
+        max_tokens=50, logit_bias={"2": -100})
+    assert reply.usage.completion_tokens == 3 and reply.choices[0].finish_reason == "length"
+    stack.api("PATCH", f"/optima/v1/executors/{smol['id']}", json={"max_tokens": 0, "chat_format": ""})
+    stack.wait_state(SMOL, "online")
+    assert "--chat-format" not in workers_of(stack.agent, SMOL)[0].cmdline()
+
+
 def test_kill_9_of_an_inference_process_is_recovered_within_5_s_and_a_request_meanwhile_is_served(
         stack: Stack) -> None:
     stack.wait_state(SMOL, "online")
@@ -191,6 +210,28 @@ def test_kill_9_of_an_inference_process_is_recovered_within_5_s_and_a_request_me
     assert result["reply"].choices[0].finish_reason in ("stop", "length")
     assert recovered_s < 5
     print(f"\nkill -9 of the inference process: online again after {recovered_s:.2f} s")
+
+
+def test_three_crashes_in_a_row_mark_it_failed_with_the_reason_and_start_retries_it(stack: Stack) -> None:
+    smol = stack.wait_state(SMOL, "online")
+    killed: list[int] = []
+
+    def next_worker_or_failed() -> list[psutil.Process] | bool:
+        if stack.executor(SMOL)["state"] == "failed":
+            return True
+        return [w for w in workers_of(stack.agent, SMOL) if w.pid not in killed]
+
+    # Crashes within a minute of the process's start count as in a row (an earlier test may have made one).
+    while (found := wait_for(next_worker_or_failed, 30, "a process to kill, or the give-up")) is not True:
+        assert len(killed) < 3, "still restarting after three crashes in a row"
+        os.kill(found[0].pid, signal.SIGKILL)
+        killed.append(found[0].pid)
+    failed = stack.wait_state(SMOL, "failed", 30)
+    assert "exit code -9" in failed["error"]
+    time.sleep(1)
+    assert not workers_of(stack.agent, SMOL), "given up: no restart loop"
+    assert stack.api("POST", f"/optima/v1/executors/{smol['id']}/start").status_code == 200
+    assert stack.wait_state(SMOL, "online", 30)["error"] == ""
 
 
 def test_invalid_files_are_reported_never_started_and_never_crash_loop(stack: Stack, model_path: Path) -> None:
@@ -326,7 +367,13 @@ def test_one_model_id_on_two_nodes_is_one_entry_and_gemma_serves_beside_smollm2(
         assert stack.api("GET", "/optima/v1/capabilities").json()["numNodes"] == 2
         executors = [e for e in stack.api("GET", "/optima/v1/executors").json()["data"] if e["model_id"] == MODEL_ID]
         assert {e["node"]["name"] for e in executors} == {"exec-node", "second"}
+        # Both nodes serve the one model id: equally idle, they take turns.
+        requests_seen = second.log().count(REQUEST_FRAME)
         client = stack.openai()
+        for _ in range(4):
+            client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+        served_by_second = second.log().count(REQUEST_FRAME) - requests_seen
+        assert served_by_second == 2, f"the second node served {served_by_second} of 4"
         reply = client.chat.completions.create(model="gemma-3-270m-q4_k_m", max_tokens=8,
                                                messages=[{"role": "user", "content": "What is the capital of France?"}])
         assert reply.choices[0].message.content and reply.usage.completion_tokens <= 8
