@@ -155,7 +155,8 @@ class LlamaCppProcess:
                 self._fail_all("the model's inference process keeps crashing")
                 return
             self._set_state("starting")
-            await asyncio.sleep(min(0.5 * 2 ** (crashes - 1), 10.0))
+            # A first crash restarts at once (requests are waiting); crashing again backs off: 1 s, 2 s, ...
+            await asyncio.sleep(0.0 if crashes == 1 else min(2.0 ** (crashes - 2), 10.0))
         self._set_state("offline")
 
     async def _run_once(self) -> str:
