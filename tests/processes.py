@@ -148,13 +148,17 @@ class NodeAgent(Process):
                      *(f"--enable={pattern}" for pattern in enable), *extra_args]
         self.env = base_env(OPTIMAGPT_NODE_ACCESS_KEY=access_key, OPTIMAGPT_NODE_LOG_LEVEL="DEBUG")
         self.started_at = 0.0
+        self.first_served_after_s: float | None = None  # from start to the first model listed, once
 
     def start(self) -> None:
         self.started_at = time.monotonic()
         self._spawn(self.argv, self.env)
 
     def wait_for_model(self, model_id: str, timeout_s: float = START_TIMEOUT_S) -> float:
-        """Wait until the gateway lists `model_id`; return the seconds since the agent started."""
+        """Wait until the gateway lists `model_id`; return the seconds since the agent started.
+
+        The first time it is seen is kept in `first_served_after_s`, for tests that run much later.
+        """
         key = self.gateway.create_api_key("wait-for-model")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -162,6 +166,9 @@ class NodeAgent(Process):
             with self.gateway.http() as client:
                 response = client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5)
             if response.status_code == 200 and any(m["id"] == model_id for m in response.json()["data"]):
-                return time.monotonic() - self.started_at
+                elapsed = time.monotonic() - self.started_at
+                if self.first_served_after_s is None:
+                    self.first_served_after_s = elapsed
+                return elapsed
             time.sleep(0.2)
         raise TimeoutError(f"{model_id} not served within {timeout_s} s:\n{self.log()}\n{self.gateway.log()}")
