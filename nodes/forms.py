@@ -40,10 +40,13 @@ class ExecutorSettingsForm(forms.Form):
     def changes(self) -> dict[str, Any]:
         """The settings as the node takes them: only what differs from the form's initial values."""
         data = dict(self.cleaned_data)
-        data["embedding"] = {"": None, "true": True, "false": False}[data["embedding"] or ""]
         for name in ("n_ctx", "threads", "max_tokens"):
             data[name] = data[name] or 0
-        return {k: v for k, v in data.items() if v != self.initial.get(k, self.fields[k].initial)}
+        data["embedding"] = data["embedding"] or ""
+        changed = {k: v for k, v in data.items() if v != self.initial.get(k, self.fields[k].initial)}
+        if "embedding" in changed:
+            changed["embedding"] = {"": None, "true": True, "false": False}[changed["embedding"]]
+        return changed
 
 
 class RemoteUpstreamForm(forms.Form):

@@ -26,6 +26,7 @@ from nodes.secrets import SecretUnreadable
 from nodes.signals import executors_changed
 
 from ..auth import Principal
+from ..errors import UpstreamError
 from ..routing.least_busy import Target
 from ..services import Call
 
@@ -205,8 +206,6 @@ def _usage(usage: Any) -> dict[str, int]:
 
 async def remote_call_start(*, target: Target, principal: Principal, op: str, body_json: str,
                             stream: bool) -> RemoteCall:
-    from ..errors import UpstreamError
-
     try:
         upstream = await _upstream(target.executor_pk)
     except (Executor.DoesNotExist, SecretUnreadable) as exc:

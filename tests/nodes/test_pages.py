@@ -85,3 +85,16 @@ def test_a_remote_upstream_added_on_the_page_keeps_its_key_secret(admin: User) -
         assert secret.encode() not in _as(admin).get(page).content
     assert _as(admin).post(f"/manage/executors/{remote.pk}/delete/").status_code == 302
     assert not Executor.objects.filter(key="cloud").exists()
+
+
+def test_the_settings_form_sends_only_what_changed(local: Executor) -> None:
+    from nodes.forms import ExecutorSettingsForm
+
+    local.settings = {"enabled": True, "alias": "", "description": "", "n_ctx": 0, "n_gpu_layers": None,
+                      "threads": 0, "replicas": 1, "chat_format": "", "embedding": None, "max_tokens": 0}
+    form = ExecutorSettingsForm.for_executor(local, {"enabled": "on", "replicas": "2", "embedding": "",
+                                                     "n_ctx": "", "alias": "smol"})
+    assert form.is_valid(), form.errors
+    assert form.changes() == {"replicas": 2, "alias": "smol"}
+    form = ExecutorSettingsForm.for_executor(local, {"enabled": "on", "replicas": "1", "embedding": "true"})
+    assert form.is_valid() and form.changes() == {"embedding": True}
