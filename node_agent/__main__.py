@@ -11,7 +11,7 @@ import sys
 
 from .executors import ExecutorManager, NodeDefaults, SettingsStore
 from .hardware import Gpus
-from .link import Dialer, load_node_id
+from .link import Dialer, Listener, load_node_id
 from .settings import parse_settings
 
 log = logging.getLogger("node_agent")
@@ -21,18 +21,19 @@ async def serve(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)
     gpus = Gpus()
     n_gpu_layers = settings.n_gpu_layers if settings.n_gpu_layers is not None else (-1 if gpus.present else 0)
-    dialer: Dialer | None = None
+    link: Dialer | Listener | None = None
 
     def executors_changed() -> None:
-        if dialer is not None:
-            dialer.executors_changed()
+        if link is not None:
+            link.executors_changed()
 
     defaults = NodeDefaults(n_ctx_cap=settings.n_ctx, threads=settings.threads, n_gpu_layers=n_gpu_layers,
                             stream_interval_ms=settings.stream_interval_ms, hang_timeout_s=settings.hang_timeout_s)
     manager = ExecutorManager(dirs=settings.model_dirs, embedding_dirs=settings.embedding_model_dirs,
                               defaults=defaults, store=SettingsStore(settings.state_dir / "executors.json"),
                               enable=settings.enable, on_change=executors_changed)
-    dialer = Dialer(settings=settings, node_id=load_node_id(settings.state_dir), manager=manager, gpus=gpus)
+    kind = Listener if settings.listen else Dialer
+    link = kind(settings=settings, node_id=load_node_id(settings.state_dir), manager=manager, gpus=gpus)
     log.info("node %s: models from %s, embedding models from %s, %d threads per model", settings.name,
              ", ".join(map(str, settings.model_dirs)), ", ".join(map(str, settings.embedding_model_dirs)) or "nowhere",
              settings.threads)
@@ -42,12 +43,12 @@ async def serve(argv: list[str] | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watcher = asyncio.create_task(manager.watch(settings.rescan_interval_s, stop))
-    link = asyncio.create_task(dialer.run_forever())
+    linking = asyncio.create_task(link.run_forever())
     await stop.wait()
     log.info("stopping: closing the link and the inference processes")
-    link.cancel()
+    linking.cancel()
     with contextlib.suppress(asyncio.CancelledError):
-        await link
+        await linking
     await watcher
     await manager.stop_all()
 

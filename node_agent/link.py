@@ -24,6 +24,7 @@ from .hardware import Gpus, hardware_info, metrics_sample
 from .protocol import (
     CLOSE_AUTH_FAILED,
     CLOSE_HEARTBEAT_LOST,
+    CLOSE_REPLACED,
     HANDSHAKE_TIMEOUT_S,
     PROTOCOL_VERSION,
     gateway_proof,
@@ -66,8 +67,9 @@ class NodeSession:
     """One authenticated link: requests in, events out, heartbeats both ways."""
 
     def __init__(self, socket: Socket, *, settings: AgentSettings, node_id: str, manager: ExecutorManager,
-                 gpus: Gpus) -> None:
+                 gpus: Gpus, peer: str = "") -> None:
         self.socket = socket
+        self.peer = peer or settings.link_url
         self.settings = settings
         self.node_id = node_id
         self.manager = manager
@@ -118,14 +120,18 @@ class NodeSession:
         self.heartbeat_interval_s = float(reply.get("heartbeat_interval_s") or self.heartbeat_interval_s)
 
     async def run(self) -> None:
-        """Serve the link until it drops; requests still running are cancelled on the way out."""
+        """Authenticate, then serve the link until it drops."""
         await self.handshake()
+        await self.serve()
+
+    async def serve(self) -> None:
+        """Serve an authenticated link until it drops; requests still running are cancelled on the way out."""
         await self._send({
             "type": "register",
             "hardware": hardware_info(self.gpus),
             "executors": self.manager.describe(),
         })
-        log.info("linked to %s as %s", self.settings.link_url, self.settings.name)
+        log.info("linked to %s as %s", self.peer, self.settings.name)
         tasks = [
             asyncio.create_task(self._heartbeat()),
             asyncio.create_task(self._report_executors()),
@@ -275,3 +281,62 @@ class Dialer:
             delay = random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** failures))
             log.info("dialing again in %.1f s", delay)
             await asyncio.sleep(delay)
+
+
+class Listener:
+    """Listen mode: gateways dial this node (port 8022, wss with the node's own certificate).
+
+    Each connection runs the same NodeSession as a dialed link. A connection that
+    proves the access key replaces the link before it (a restarted gateway's new
+    socket must not wait for the old one's heartbeats to lapse); one that does not
+    prove it changes nothing.
+    """
+
+    def __init__(self, *, settings: AgentSettings, node_id: str, manager: ExecutorManager, gpus: Gpus) -> None:
+        self.settings = settings
+        self.node_id = node_id
+        self.manager = manager
+        self.gpus = gpus
+        self.session: NodeSession | None = None
+
+    def executors_changed(self) -> None:
+        if self.session is not None:
+            self.session.executors_changed()
+
+    async def run_forever(self) -> None:
+        from websockets.asyncio.server import serve
+
+        from .tls import ensure_certificate, fingerprint_of_file, server_context
+
+        assert self.settings.listen is not None
+        host, port = self.settings.listen
+        cert, key = await asyncio.to_thread(ensure_certificate, self.settings.state_dir)
+        log.info("listening on wss://%s:%d; certificate SHA-256 %s", host or "*", port,
+                 await asyncio.to_thread(fingerprint_of_file, cert))
+        async with serve(self._connection, host or None, port, ssl=server_context(cert, key),
+                         max_size=MAX_MESSAGE_BYTES, ping_interval=None, close_timeout=5, open_timeout=10):
+            await asyncio.Future()  # until cancelled
+
+    async def _connection(self, socket: Any) -> None:
+        peer = "%s:%s" % tuple(socket.remote_address[:2])
+        session = NodeSession(socket, settings=self.settings, node_id=self.node_id, manager=self.manager,
+                              gpus=self.gpus, peer=peer)
+        try:
+            await session.handshake()
+        except HandshakeRefused as exc:
+            log.error("refused a gateway from %s: %s", peer, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - a scanner or a dropped socket: nothing to serve
+            log.info("connection from %s ended before the handshake: %s", peer, type(exc).__name__)
+            return
+        previous, self.session = self.session, session
+        if previous is not None:
+            log.info("a gateway linked again from %s; closing the older link", peer)
+            await previous.socket.close(CLOSE_REPLACED, "replaced by a newer link")
+        try:
+            await session.serve()
+        except Exception as exc:  # noqa: BLE001 - the gateway went away; it dials again
+            log.warning("link from %s lost: %s: %s", peer, type(exc).__name__, exc)
+        finally:
+            if self.session is session:
+                self.session = None

@@ -56,6 +56,7 @@ class AgentSettings:
     n_gpu_layers: int | None
     stream_interval_ms: float
     hang_timeout_s: float
+    listen: tuple[str, int] | None  # listen mode: gateways dial this (host, port); None: dial the gateway
     heartbeat_interval_s: float
     rescan_interval_s: float
     metrics_interval_s: float
@@ -108,6 +109,9 @@ def parse_settings(argv: list[str] | None = None) -> AgentSettings:
                         default=float(_env("OPTIMAGPT_NODE_HANG_TIMEOUT_S", "300") or 300),
                         help="seconds an inference process with work may stay silent before it is killed as hung "
                              "(env OPTIMAGPT_NODE_HANG_TIMEOUT_S)")
+    parser.add_argument("--listen", default=_env("OPTIMAGPT_NODE_LISTEN"), metavar="[HOST]:PORT",
+                        help="listen for gateways instead of dialing one, e.g. :8022 (wss with a certificate made "
+                             "on first start; the gateway pins it). Env OPTIMAGPT_NODE_LISTEN")
     parser.add_argument("--heartbeat-interval", type=float,
                         default=float(_env("OPTIMAGPT_HEARTBEAT_INTERVAL_S", "2") or 2))
     parser.add_argument("--rescan-interval", type=float, default=5.0)
@@ -126,6 +130,12 @@ def parse_settings(argv: list[str] | None = None) -> AgentSettings:
         link_url(args.gateway_url)
     except ValueError as exc:
         parser.error(str(exc))
+    listen = None
+    if args.listen:
+        host, _, port = args.listen.rpartition(":")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            parser.error(f"--listen must be [HOST]:PORT, got {args.listen!r}")
+        listen = (host.strip("[]"), int(port))
     return AgentSettings(
         gateway_url=args.gateway_url,
         access_key=access_key,
@@ -139,6 +149,7 @@ def parse_settings(argv: list[str] | None = None) -> AgentSettings:
         n_gpu_layers=args.n_gpu_layers,
         stream_interval_ms=args.stream_interval_ms,
         hang_timeout_s=args.hang_timeout,
+        listen=listen,
         heartbeat_interval_s=args.heartbeat_interval,
         rescan_interval_s=args.rescan_interval,
         metrics_interval_s=args.metrics_interval,
