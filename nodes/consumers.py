@@ -149,6 +149,11 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         if not proof_matches(expected, message.get("proof")):
             await self._refuse("access key mismatch", node_id)
             return
+        # A link the gateway dialed must reach the node verified at that address, not another one.
+        dialed = self.scope.get("optimagpt_expected_node_id")
+        if dialed and dialed != node_id:
+            await self._refuse(f"expected node {dialed} at this address, found {node_id}", dialed)
+            return
         try:
             node, replaced = await database_sync_to_async(services.node_link_open)(
                 node_id=node_id, name=str(message.get("name", "")), version=str(message.get("version", "")),

@@ -10,6 +10,10 @@ from django.utils import timezone
 class Node(models.Model):
     """A machine running the node agent, known by the id it made for itself on first start."""
 
+    class LinkMode(models.TextChoices):
+        AGENT_DIALS = "agent", "the node dials the gateway"
+        GATEWAY_DIALS = "gateway", "the gateway dials the node"
+
     node_id = models.UUIDField(unique=True)
     name = models.CharField(max_length=100)
     address = models.CharField(max_length=255, blank=True)
@@ -23,9 +27,23 @@ class Node(models.Model):
     last_seen = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Gateway-dialed nodes (the agent listens, by default on 8022).
+    link_mode = models.CharField(max_length=8, choices=LinkMode.choices, default=LinkMode.AGENT_DIALS)
+    host = models.CharField(max_length=255, blank=True, help_text="where the gateway dials the node")
+    port = models.PositiveIntegerField(default=8022)
+    tls_fingerprint = models.CharField(max_length=95, blank=True,
+                                       help_text="SHA-256 of the node's certificate, pinned when it was verified")
+    # Which gateway process holds the link, until when: exactly one dials each node.
+    dial_owner = models.CharField(max_length=100, blank=True)
+    dial_lease_until = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(condition=~models.Q(link_mode="gateway") | ~models.Q(host=""),
+                                   name="gateway_dialed_node_has_host"),
+            models.CheckConstraint(condition=models.Q(port__gte=1, port__lte=65535), name="node_port_in_range"),
+        ]
 
     def __str__(self) -> str:
         return self.name

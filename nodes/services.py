@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from .models import Executor, Node
@@ -46,7 +49,8 @@ def node_link_open(*, node_id: str, name: str, version: str, address: str, chann
         node.channel_name = channel_name
         node.last_seen = timezone.now()
         node.last_error = ""
-        if not created and name and node.name != name[:100]:
+        # A node that dials in names itself; one the gateway dials keeps the name the admin gave it.
+        if not created and name and node.link_mode == Node.LinkMode.AGENT_DIALS and node.name != name[:100]:
             node.name = name[:100]
         node.save()
     executors_changed.send(sender=Node)
@@ -134,3 +138,56 @@ def _apply_report(executor: Executor | None, node_pk: int, key: str, values: dic
             setattr(executor, f, v)
         executor.save()
     return executor
+
+
+# -- gateway-dialed nodes ----------------------------------------------------------
+@dataclass(frozen=True)
+class DialTarget:
+    pk: int
+    node_id: str
+    host: str
+    port: int
+    fingerprint: str
+
+
+def nodes_claim_for_dialing(*, owner: str, lease_s: float) -> list[DialTarget]:
+    """Claim (or renew) the leases of activated gateway-dialed nodes that no other process holds.
+
+    One UPDATE whose WHERE only matches a free or expired lease, or the caller's own:
+    two processes running it at once cannot both win a node (the second re-checks
+    the row after the first commits). Returns the nodes this process now holds.
+    """
+    now = timezone.now()
+    dialed = Node.objects.filter(link_mode=Node.LinkMode.GATEWAY_DIALS, activated=True)
+    if not dialed.exists():
+        return []  # the common case: no write (on SQLite, an UPDATE takes the write lock even for no row)
+    dialed.filter(Q(dial_owner=owner) | Q(dial_lease_until__isnull=True) | Q(dial_lease_until__lt=now)).update(
+        dial_owner=owner, dial_lease_until=now + timedelta(seconds=lease_s))
+    return [DialTarget(pk=n.pk, node_id=str(n.node_id), host=n.host, port=n.port, fingerprint=n.tls_fingerprint)
+            for n in dialed.filter(dial_owner=owner)]
+
+
+def node_leases_release(*, owner: str) -> None:
+    Node.objects.filter(dial_owner=owner).update(dial_owner="", dial_lease_until=None)
+
+
+def nodes_exist() -> bool:
+    return Node.objects.exists()
+
+
+def node_add_dialed(*, name: str, host: str, port: int, node_id: str, fingerprint: str, version: str = "") -> Node | None:
+    """Register a verified listening node for the gateway to dial; None if that node is registered already."""
+    try:
+        with transaction.atomic():
+            node = Node.objects.create(node_id=uuid.UUID(node_id), name=name[:100], host=host, port=port,
+                                       tls_fingerprint=fingerprint, version=version[:32],
+                                       link_mode=Node.LinkMode.GATEWAY_DIALS, address=f"{host}:{port}")
+    except IntegrityError:
+        return None
+    executors_changed.send(sender=Node)
+    return node
+
+
+def node_dial_failed(*, node_pk: int, reason: str) -> None:
+    log.warning("cannot link node %s: %s", node_pk, reason)
+    Node.objects.filter(pk=node_pk).update(last_error=reason[:2000])

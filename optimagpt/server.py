@@ -50,10 +50,32 @@ def _speed_up_twisted() -> None:
     tcp.Server.__init__ = accept_without_nagle
 
 
+def _start_background_work() -> None:
+    """Once daphne's reactor runs: dial the nodes that listen; on shutdown, hang up and give their leases back."""
+    import asyncio
+
+    import daphne.server  # noqa: F401 - installs the asyncio reactor, which must come before any other import of it
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+
+    def start() -> None:
+        from nodes.outbound import dialer_start
+
+        dialer = dialer_start()
+
+        def stop() -> Deferred:
+            return Deferred.fromFuture(asyncio.ensure_future(asyncio.wait_for(dialer.stop(), 10)))
+
+        reactor.addSystemEventTrigger("before", "shutdown", stop)
+
+    reactor.callWhenRunning(lambda: asyncio.get_event_loop().call_soon(start))
+
+
 def main(argv: list[str]) -> None:
     from daphne.cli import CommandLineInterface
 
     _speed_up_twisted()
+    _start_background_work()
     # No access log unless asked for (OPTIMAGPT_ACCESS_LOG: a path, or - for stdout):
     # a line per request is work on the hot path that the request log does not need.
     access_log = os.environ.get("OPTIMAGPT_ACCESS_LOG")

@@ -152,6 +152,9 @@ CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 # Shared secret of gateway and nodes; it never crosses the wire (HMAC challenge and response).
 OPTIMAGPT_NODE_ACCESS_KEY = env_secret("OPTIMAGPT_NODE_ACCESS_KEY")
 OPTIMAGPT_HEARTBEAT_INTERVAL_S = env_float("OPTIMAGPT_HEARTBEAT_INTERVAL_S", 2.0)
+# With no node registered at all, try a node listening at this address and register it as "Local Node";
+# empty turns it off.
+OPTIMAGPT_AUTO_CONNECT_ADDRESS = env_str("OPTIMAGPT_AUTO_CONNECT_ADDRESS", "localhost:8022")
 # Request bodies above this size are refused with 413 before they are read.
 OPTIMAGPT_MAX_BODY_BYTES = env_int("OPTIMAGPT_MAX_BODY_BYTES", 8 * 1024 * 1024)
 # max_tokens above this is refused as absurd; the model's context window limits it further.

@@ -8,45 +8,17 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import openai
 import pytest
 
-from tests.conftest import MODEL_ID, require_service
+from tests.conftest import MODEL_ID
 from tests.processes import Gateway, NodeAgent, free_port
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def database_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test, dropped afterwards."""
-    import psycopg
-
-    server = require_service("OPTIMAGPT_TEST_DATABASE_URL")
-    name = "optimagpt_e2e_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    parts = urlsplit(server)
-    try:
-        yield urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, ""))
-    finally:
-        with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture
-def redis_url() -> str:
-    import redis
-
-    url = require_service("OPTIMAGPT_TEST_REDIS_URL")
-    redis.Redis.from_url(url, socket_timeout=5).ping()
-    return url
 
 
 @contextmanager
