@@ -68,6 +68,12 @@ def node_link_closed(*, node_pk: int, channel_name: str, reason: str) -> None:
         log.info("node %s link closed: %s", node_pk, reason)
 
 
+def nodes_unlink_all(*, reason: str) -> None:
+    """Mark every node disconnected (at the start of the only gateway process: no link can have survived)."""
+    if Node.objects.filter(connected=True).update(connected=False, channel_name="", last_error=reason):
+        executors_changed.send(sender=Node)
+
+
 def node_handshake_refused(*, node_id: str, address: str, reason: str) -> None:
     """Make a refused handshake visible on the gateway: in the log, and on the node if it is known."""
     log.warning("node link refused from %s (node_id %.40r): %s", address, node_id, reason)

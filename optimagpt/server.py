@@ -71,10 +71,33 @@ def _start_background_work() -> None:
     reactor.callWhenRunning(lambda: asyncio.get_event_loop().call_soon(start))
 
 
+def _forget_links_of_a_previous_run() -> None:
+    """With the in-memory channel layer this process is the only gateway, so every link a node row still
+    claims belonged to a run that has ended. Requests routed to those dead channels would wait for
+    their timeouts; the nodes dial again within seconds. (With Redis, other processes' links are alive:
+    rows of a crashed process go stale with their heartbeats.)"""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "optimagpt.settings")
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from django.db import DatabaseError
+
+    if settings.CHANNEL_LAYERS["default"]["BACKEND"] != "channels.layers.InMemoryChannelLayer":
+        return
+    from nodes.services import nodes_unlink_all
+
+    try:
+        nodes_unlink_all(reason="the gateway restarted")
+    except DatabaseError as exc:  # not migrated yet: there is nothing to forget
+        logging.getLogger("optimagpt.server").debug("no node links to forget: %s", exc)
+
+
 def main(argv: list[str]) -> None:
     from daphne.cli import CommandLineInterface
 
     _speed_up_twisted()
+    _forget_links_of_a_previous_run()
     _start_background_work()
     # No access log unless asked for (OPTIMAGPT_ACCESS_LOG: a path, or - for stdout):
     # a line per request is work on the hot path that the request log does not need.
