@@ -212,6 +212,11 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         if self.in_flight.pop(event["id"], None) is not None:
             await self._send({"type": "cancel", "id": event["id"]})
 
+    async def node_close(self, event: dict[str, Any]) -> None:
+        """An admin deactivated or deleted the node: end its link (a new handshake is refused while deactivated)."""
+        log.info("closing the link of node %s at an admin's request", self.node_pk)
+        await self.close(CLOSE_REPLACED)
+
     async def node_replaced(self, event: dict[str, Any]) -> None:
         log.info("node %s linked again elsewhere; closing this older link", self.node_pk)
         self.node_pk = None  # the newer link owns the node row now

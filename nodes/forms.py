@@ -74,3 +74,17 @@ class RemoteUpstreamUpdateForm(RemoteUpstreamForm):
         if not data["api_key"]:
             del data["api_key"]
         return data
+
+
+class NewNodeForm(forms.Form):
+    name = forms.CharField(max_length=100)
+    host = forms.CharField(max_length=255, label="Address", help_text="host name or IP address of the node")
+    port = forms.IntegerField(min_value=1, max_value=65535, initial=8022)
+    # Set by the verification step, checked again at Finish: the node must still present this certificate.
+    fingerprint = forms.CharField(required=False, max_length=95, widget=forms.HiddenInput)
+
+    def clean_host(self) -> str:
+        host = self.cleaned_data["host"].strip()
+        if not host or any(c in host for c in "/ ?#@"):
+            raise forms.ValidationError("Enter a host name or an IP address, without scheme or path.")
+        return host

@@ -48,6 +48,23 @@ class Node(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def status(self) -> str:
+        """The Nodes page's colour: grey deactivated; red activated but not linked (or silent, or a model
+        failed); amber linked but a model is starting or stopping; green linked and healthy.
+
+        Uses the executors prefetched or queried: call on nodes from `with_executors()`.
+        """
+        if not self.activated:
+            return "grey"
+        if not self.connected or self.last_seen is None or self.last_seen < self.live_cutoff():
+            return "red"
+        states = {e.state for e in self.executors.all()}
+        if Executor.State.FAILED in states:
+            return "red"
+        if states & {Executor.State.STARTING, Executor.State.STOPPING}:
+            return "amber"
+        return "green"
+
     @staticmethod
     def live_cutoff():  # type: ignore[no-untyped-def]
         """A node not heard from since this moment (3 heartbeats) is treated as gone."""

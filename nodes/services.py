@@ -68,6 +68,36 @@ def node_link_closed(*, node_pk: int, channel_name: str, reason: str) -> None:
         log.info("node %s link closed: %s", node_pk, reason)
 
 
+def node_set_activated(*, node: Node, activated: bool) -> None:
+    """Activate or deactivate; a deactivated node's link is closed and refused until it is activated again."""
+    Node.objects.filter(pk=node.pk).update(activated=activated)
+    node.activated = activated
+    if not activated:
+        _close_link(node)
+    executors_changed.send(sender=Node)
+
+
+def node_delete(*, node: Node) -> None:
+    """Forget the node: its link is closed, its row and executors go; nothing on the node is touched.
+
+    A node that dials in registers again the next time it links: to keep it out, deactivate it instead.
+    """
+    _close_link(node)
+    node.delete()
+    executors_changed.send(sender=Node)
+
+
+def _close_link(node: Node) -> None:
+    if node.connected and node.channel_name:
+        from asgiref.sync import async_to_sync
+        from channels.layers import get_channel_layer
+
+        try:
+            async_to_sync(get_channel_layer().send)(node.channel_name, {"type": "node.close"})
+        except Exception:  # noqa: BLE001 - a full or unreachable channel: the link ends with its heartbeats
+            log.warning("could not ask the link of node %s to close", node.pk)
+
+
 def nodes_unlink_all(*, reason: str) -> None:
     """Mark every node disconnected (at the start of the only gateway process: no link can have survived)."""
     if Node.objects.filter(connected=True).update(connected=False, channel_name="", last_error=reason):

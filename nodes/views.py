@@ -1,4 +1,5 @@
-"""Executors pages: every model on every node and each remote upstream; start, stop, settings.
+"""Nodes and executors pages: nodes with their status, New Node, activation and delete; every model on every
+node and each remote upstream, with start, stop and settings.
 
 The same services as /optima/v1/executors do the work (gateway.executors), so a
 page and an API call can never disagree. Each view checks Executor Management.
@@ -17,8 +18,11 @@ from gateway.errors import ApiError
 from gateway.executors import executor_configure, executor_delete, executor_remote_create
 from gateway.optima import executor_out
 
-from .forms import ExecutorSettingsForm, RemoteUpstreamForm, RemoteUpstreamUpdateForm
-from .models import Executor
+from .forms import ExecutorSettingsForm, NewNodeForm, RemoteUpstreamForm, RemoteUpstreamUpdateForm
+from .models import Executor, Node
+from .names import node_name_suggestion
+from .outbound import ProbeFailed, node_probe
+from .services import node_add_dialed, node_delete, node_set_activated
 
 PERMISSION = "accounts.manage_executors"
 
@@ -105,3 +109,74 @@ def executor_delete_view(request: HttpRequest, pk: int) -> HttpResponse:
     except ApiError as exc:
         messages.error(request, exc.message)
     return redirect("executors")
+
+
+# -- nodes --------------------------------------------------------------------------
+NODE_PERMISSION = "accounts.manage_nodes"
+
+
+@login_required
+@permission_required(NODE_PERMISSION, raise_exception=True)
+def nodes_view(request: HttpRequest) -> HttpResponse:
+    nodes = list(Node.objects.prefetch_related("executors").order_by("name"))
+    return render(request, "nodes/nodes.html", {"section": "nodes", "nodes": nodes})
+
+
+@login_required
+@permission_required(NODE_PERMISSION, raise_exception=True)
+def node_new_view(request: HttpRequest) -> HttpResponse:
+    """New Node: name, address, port; Next verifies by connecting; Finish checks the same node again and saves."""
+    if request.method != "POST":
+        form = NewNodeForm(initial={"name": node_name_suggestion(), "port": 8022})
+        return render(request, "nodes/new_node.html", {"section": "nodes", "form": form})
+    form = NewNodeForm(request.POST)
+    context: dict[str, object] = {"section": "nodes", "form": form}
+    if form.is_valid():
+        data = form.cleaned_data
+        finishing = request.POST.get("step") == "finish" and data["fingerprint"]
+        try:
+            probe = async_to_sync(node_probe)(host=data["host"], port=data["port"],
+                                              expected_fingerprint=data["fingerprint"] if finishing else "")
+        except ProbeFailed as exc:
+            form.add_error(None, f"Cannot verify {data['host']}:{data['port']}: {exc}")
+        else:
+            if finishing:
+                node = node_add_dialed(name=data["name"], host=data["host"], port=data["port"],
+                                       node_id=probe.node_id, fingerprint=probe.fingerprint, version=probe.version)
+                if node is None:
+                    form.add_error(None, "This node is registered already.")
+                else:
+                    messages.success(request, f"Node {node.name} added; the gateway is linking to it.")
+                    return redirect("nodes")
+            else:
+                form = NewNodeForm(initial={**data, "fingerprint": probe.fingerprint})
+                context.update(form=form, probe=probe)
+    return render(request, "nodes/new_node.html", context, status=400 if form.errors else 200)
+
+
+@login_required
+@permission_required(NODE_PERMISSION, raise_exception=True)
+def node_name_view(request: HttpRequest) -> HttpResponse:
+    """Another name suggestion, for the refresh control of the New Node form."""
+    return JsonResponse({"name": node_name_suggestion()})
+
+
+@require_POST
+@login_required
+@permission_required(NODE_PERMISSION, raise_exception=True)
+def node_activation_view(request: HttpRequest, pk: int) -> HttpResponse:
+    node = get_object_or_404(Node, pk=pk)
+    activated = request.POST.get("activated") == "true"
+    node_set_activated(node=node, activated=activated)
+    messages.success(request, f"{node.name} {'activated' if activated else 'deactivated'}.")
+    return redirect("nodes")
+
+
+@require_POST
+@login_required
+@permission_required(NODE_PERMISSION, raise_exception=True)
+def node_delete_view(request: HttpRequest, pk: int) -> HttpResponse:
+    node = get_object_or_404(Node, pk=pk)
+    node_delete(node=node)
+    messages.success(request, f"{node.name} deleted; nothing on the node itself was touched.")
+    return redirect("nodes")

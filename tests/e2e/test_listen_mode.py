@@ -150,3 +150,40 @@ def test_two_gateways_keep_exactly_one_link_to_a_listening_node(
         agent.stop()
         a.stop()
         b.stop()
+
+
+def test_the_new_node_wizard_verifies_then_finishes_and_deactivation_closes_the_link(
+        models_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "gw").mkdir()
+    gateway = Gateway(data_dir=tmp_path / "gw", port=free_port())
+    gateway.start()
+    port = free_port()
+    agent = listening(gateway, models_dir, tmp_path / "node", port)
+    browser = gateway.admin_browser("wizard-admin", "a-long-wizard-password")
+    try:
+        form = {"name": "gpu-box", "host": "127.0.0.1", "port": str(port),
+                "csrfmiddlewaretoken": browser.cookies["csrftoken"]}
+        verified = browser.post("/manage/nodes/new/", data={**form, "step": "verify"})
+        fingerprint = fingerprint_of_file(tmp_path / "node" / "node-cert.pem")
+        assert verified.status_code == 200 and fingerprint in verified.text and "Finish" in verified.text
+        assert "gpu-box" not in browser.get("/manage/nodes/").text, "Next saves nothing"
+        finished = browser.post("/manage/nodes/new/", data={**form, "step": "finish", "fingerprint": fingerprint})
+        assert finished.status_code == 302, finished.text
+        agent.wait_for_model(MODEL_ID)
+        nodes_page = browser.get("/manage/nodes/").text
+        assert "gpu-box" in nodes_page and "dot-green" in nodes_page
+
+        pk = gateway.manage("shell", "--no-imports", "-c", "from nodes.models import Node; print(Node.objects.get().pk)")
+        browser.post(f"/manage/nodes/{pk.strip()}/activation/",
+                     data={"activated": "false", "csrfmiddlewaretoken": browser.cookies["csrftoken"]})
+        wait_for(lambda: "dot-grey" in browser.get("/manage/nodes/").text, 10, "grey")
+        key = gateway.create_api_key("deactivated")
+        wait_for(lambda: chat(gateway, key).status_code == 503, 15, "the deactivated node to stop serving")
+        browser.post(f"/manage/nodes/{pk.strip()}/activation/",
+                     data={"activated": "true", "csrfmiddlewaretoken": browser.cookies["csrftoken"]})
+        agent.wait_for_model(MODEL_ID, timeout_s=30)
+        assert chat(gateway, key).status_code == 200
+    finally:
+        browser.close()
+        agent.stop()
+        gateway.stop()

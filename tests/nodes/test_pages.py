@@ -98,3 +98,54 @@ def test_the_settings_form_sends_only_what_changed(local: Executor) -> None:
     assert form.changes() == {"replicas": 2, "alias": "smol"}
     form = ExecutorSettingsForm.for_executor(local, {"enabled": "on", "replicas": "1", "embedding": "true"})
     assert form.is_valid() and form.changes() == {"embedding": True}
+
+
+def test_node_actions_need_node_management_and_change_nothing_without_it(
+        admin: User, member: User, local: Executor) -> None:
+    node = local.node
+    for method, path in (("get", "/manage/nodes/"), ("get", "/manage/nodes/new/"), ("post", "/manage/nodes/new/"),
+                         ("get", "/manage/nodes/new/name/"), ("post", f"/manage/nodes/{node.pk}/activation/"),
+                         ("post", f"/manage/nodes/{node.pk}/delete/")):
+        assert getattr(_as(member), method)(path, {"activated": "false", "host": "x", "port": 1,
+                                                   "name": "x"}).status_code == 403, (method, path)
+        assert getattr(_as(None), method)(path).status_code == 302, (method, path)
+    node.refresh_from_db()
+    assert node.activated and Node.objects.count() == 1
+    assert b"New Node" in _as(admin).get("/manage/nodes/").content
+    member.user_permissions.add(*admin.user_permissions.filter(codename="manage_executors"))
+    page = _as(member).get("/manage/executors/")
+    assert page.status_code == 200 and b"New Node" not in page.content and b'href="/manage/nodes/"' not in page.content
+
+
+def test_status_colours_follow_link_and_models() -> None:
+    node = Node.objects.create(node_id=uuid.uuid4(), name="n", connected=True, last_seen=timezone.now())
+    assert node.status() == "green"
+    executor = Executor.objects.create(node=node, key="a.gguf", model_id="a", state="starting")
+    assert node.status() == "amber"
+    executor.state = "failed"
+    executor.save()
+    assert node.status() == "red"
+    executor.delete()
+    Node.objects.filter(pk=node.pk).update(last_seen=timezone.now() - timezone.timedelta(minutes=1))
+    node.refresh_from_db()
+    assert node.status() == "red", "silent for three heartbeats"
+    node.activated = False
+    assert node.status() == "grey"
+
+
+def test_the_wizard_suggests_a_name_and_reports_an_unreachable_node(admin: User) -> None:
+    page = _as(admin).get("/manage/nodes/new/")
+    assert page.status_code == 200 and b'value="8022"' in page.content
+    first = _as(admin).get("/manage/nodes/new/name/").json()["name"]
+    assert "-" in first
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: refused
+        response = _as(admin).post("/manage/nodes/new/", {"name": "n1", "host": "127.0.0.1", "port": port,
+                                                           "step": "verify"})
+    assert response.status_code == 400 and b"nothing is listening" in response.content
+    bad = _as(admin).post("/manage/nodes/new/", {"name": "n1", "host": "http://x/", "port": 8022})
+    assert bad.status_code == 400 and b"without scheme" in bad.content
+    assert not Node.objects.exists()
