@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from . import logship
 from .executors import ExecutorManager, NodeDefaults, SettingsStore
 from .hardware import Gpus
 from .link import Dialer, Listener, load_node_id
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger().addHandler(logship.handler)  # the same lines, to the gateway's node console
     asyncio.run(serve(argv))
 
 

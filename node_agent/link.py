@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import __version__
+from . import __version__, logship
 from .executors import ExecutorManager, SettingsError
 from .hardware import Gpus, hardware_info, metrics_sample
 from .protocol import (
@@ -37,6 +37,7 @@ from .settings import AgentSettings
 log = logging.getLogger("node_agent.link")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+LOG_REPORT_INTERVAL_S = 1.0
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
 
@@ -136,6 +137,7 @@ class NodeSession:
             asyncio.create_task(self._heartbeat()),
             asyncio.create_task(self._report_executors()),
             asyncio.create_task(self._report_metrics()),
+            asyncio.create_task(self._report_logs()),
         ]
         try:
             while True:
@@ -226,6 +228,13 @@ class NodeSession:
             self._executors_dirty.clear()
             await self._send({"type": "executors", "executors": self.manager.describe()})
             await asyncio.sleep(0.2)  # coalesce bursts of state changes
+
+    async def _report_logs(self) -> None:
+        """Ship the agent's log lines once a second (lines logged while unlinked wait in a bounded buffer)."""
+        while True:
+            await asyncio.sleep(LOG_REPORT_INTERVAL_S)
+            while records := logship.handler.take():
+                await self._send({"type": "logs", "records": records})
 
     async def _report_metrics(self) -> None:
         while True:

@@ -14,7 +14,7 @@ side's proof can never be replayed as the other's. Then the node sends
 "register" (hardware, executors), and from there on:
 
     gateway -> node   request {id, executor, op, stream, body}, cancel {id}, ping, pong
-    node -> gateway   delta {id, ...}, end {id, ...}, error {id, error}, executors, metrics, ping, pong
+    node -> gateway   delta {id, ...}, end {id, ...}, error {id, error}, executors, metrics, logs, ping, pong
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from . import services
 log = logging.getLogger("optimagpt.nodes.link")
 
 _REQUEST_EVENTS = frozenset({"delta", "end", "error"})
+CONSOLE_GROUP = "node-console"
 CHANNEL_SEND_TIMEOUT_S = 5.0
 
 
@@ -82,6 +83,7 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         if self.node_pk is not None:
             await database_sync_to_async(services.node_link_closed)(
                 node_pk=self.node_pk, channel_name=self.channel_name, reason=f"link closed (code {code})")
+            await self._to_console({"kind": "link", "connected": False})
 
     async def _send(self, message: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(message, separators=(",", ":")))
@@ -114,9 +116,27 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         elif kind == "pong":
             await self._mark_seen()
         elif kind == "metrics":
-            await database_sync_to_async(services.node_seen)(node_pk=self.node_pk, metrics=message.get("metrics"))
+            metric = await database_sync_to_async(services.node_metrics_record)(
+                node_pk=self.node_pk, sample=message.get("metrics") or {})
+            if metric is not None:
+                await self._to_console({"kind": "metrics", "point": metric.as_point()})
+        elif kind == "logs":
+            lines = await database_sync_to_async(services.node_logs_record)(
+                node_pk=self.node_pk, records=message.get("records"))
+            if lines:
+                await self._to_console({"kind": "logs", "lines": [line.as_line() for line in lines]})
         elif kind in ("register", "executors"):
             await self._sync_executors(message)
+            await self._to_console({"kind": "executors"})
+
+    async def _to_console(self, event: dict[str, Any]) -> None:
+        """Tell the browsers watching the node console (nodes/console.py); nobody watching costs one lookup."""
+        try:
+            await asyncio.wait_for(self.channel_layer.group_send(
+                CONSOLE_GROUP, {"type": "console.event", "event": {**event, "node": self.node_pk}}),
+                CHANNEL_SEND_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - the console is a view; the link must not suffer for it
+            log.debug("console update dropped: %s", type(exc).__name__)
 
     async def _forward(self, rid: str, reply: str, raw: str) -> None:
         """Pass a node event to the request waiting for it; a request that cannot take it is cancelled.
@@ -164,6 +184,7 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         if replaced:
             await self.channel_layer.send(replaced, {"type": "node.replaced"})
         self.node_pk = node.pk
+        await self._to_console({"kind": "link", "connected": True})
         await self._send({"type": "welcome", "proof": gateway_proof(key, self.gateway_nonce, node_nonce, node_id),
                           "heartbeat_interval_s": self.heartbeat_interval_s})
 

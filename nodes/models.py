@@ -171,3 +171,47 @@ class Executor(models.Model):
         from .secrets import decrypt
 
         return decrypt(self.upstream_key_encrypted) if self.upstream_key_encrypted else ""
+
+
+class NodeMetric(models.Model):
+    """One sample of a node's load, as it reported it; kept for OPTIMAGPT_METRICS_RETENTION_H."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="metric_samples")
+    at = models.DateTimeField(db_index=True)
+    cpu_percent = models.FloatField()
+    ram_used = models.BigIntegerField()
+    ram_total = models.BigIntegerField()
+    gpu_percent = models.FloatField(null=True, blank=True)  # mean over the node's GPUs; null without one
+    vram_used = models.BigIntegerField(null=True, blank=True)
+    vram_total = models.BigIntegerField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["node", "at"], name="nodemetric_node_at")]
+
+    def as_point(self) -> dict[str, object]:
+        return {"t": self.at.timestamp(), "cpu": self.cpu_percent, "ram": self.ram_used, "ram_total": self.ram_total,
+                "gpu": self.gpu_percent, "vram": self.vram_used, "vram_total": self.vram_total}
+
+
+class NodeLog(models.Model):
+    """A line of a node agent's log, sent over its link; kept for OPTIMAGPT_LOGS_RETENTION_H."""
+
+    class Level(models.TextChoices):
+        DEBUG = "DEBUG"
+        INFO = "INFO"
+        WARNING = "WARNING"
+        ERROR = "ERROR"
+        CRITICAL = "CRITICAL"
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="log_lines")
+    at = models.DateTimeField(db_index=True)
+    level = models.CharField(max_length=8, choices=Level.choices)
+    logger = models.CharField(max_length=100, blank=True)
+    message = models.TextField()
+
+    class Meta:
+        indexes = [models.Index(fields=["node", "at"], name="nodelog_node_at")]
+        ordering = ["at", "pk"]
+
+    def as_line(self) -> dict[str, object]:
+        return {"t": self.at.timestamp(), "level": self.level, "logger": self.logger, "message": self.message}

@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from typing import Any
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from .models import Executor, Node
+from .models import Executor, Node, NodeLog, NodeMetric
 from .signals import executors_changed
 
 log = logging.getLogger("optimagpt.nodes")
@@ -227,3 +229,53 @@ def node_add_dialed(*, name: str, host: str, port: int, node_id: str, fingerprin
 def node_dial_failed(*, node_pk: int, reason: str) -> None:
     log.warning("cannot link node %s: %s", node_pk, reason)
     Node.objects.filter(pk=node_pk).update(last_error=reason[:2000])
+
+
+# -- metrics and logs -----------------------------------------------------------------
+LOG_LEVELS = frozenset(NodeLog.Level.values)
+MAX_LOG_MESSAGE = 4000
+
+
+def node_metrics_record(*, node_pk: int, sample: dict[str, Any]) -> NodeMetric | None:
+    """Keep one metrics sample (and refresh last_seen); a malformed sample is dropped, not an error."""
+    node_seen(node_pk=node_pk, metrics=sample)
+    try:
+        gpus = [g for g in sample.get("gpus") or () if isinstance(g, dict)]
+        metric = NodeMetric(
+            node_id=node_pk, at=timezone.now(), cpu_percent=float(sample["cpu_percent"]),
+            ram_used=int(sample["ram_used"]), ram_total=int(sample["ram_total"]),
+            gpu_percent=sum(float(g["util_percent"]) for g in gpus) / len(gpus) if gpus else None,
+            vram_used=sum(int(g["vram_used"]) for g in gpus) if gpus else None,
+            vram_total=sum(int(g["vram_total"]) for g in gpus) if gpus else None,
+        )
+    except (KeyError, TypeError, ValueError):
+        log.warning("node %s sent a malformed metrics sample", node_pk)
+        return None
+    metric.save()
+    return metric
+
+
+def node_logs_record(*, node_pk: int, records: Any) -> list[NodeLog]:
+    """Keep the log lines a node sent; unknown levels count as INFO, long messages are cut."""
+    lines = []
+    now = timezone.now()
+    for record in records if isinstance(records, list) else ():
+        if not isinstance(record, dict):
+            continue
+        level = str(record.get("level", "INFO")).upper()
+        try:
+            at = datetime.fromtimestamp(float(record["t"]), tz=dt_timezone.utc)
+        except (KeyError, TypeError, ValueError, OverflowError, OSError):
+            at = now
+        lines.append(NodeLog(node_id=node_pk, at=min(at, now), level=level if level in LOG_LEVELS else "INFO",
+                             logger=str(record.get("logger", ""))[:100],
+                             message=str(record.get("message", ""))[:MAX_LOG_MESSAGE]))
+    return NodeLog.objects.bulk_create(lines) if lines else []
+
+
+def node_history_prune() -> dict[str, int]:
+    now = timezone.now()
+    metrics, _ = NodeMetric.objects.filter(
+        at__lt=now - timedelta(hours=settings.OPTIMAGPT_METRICS_RETENTION_H)).delete()
+    logs, _ = NodeLog.objects.filter(at__lt=now - timedelta(hours=settings.OPTIMAGPT_LOGS_RETENTION_H)).delete()
+    return {"metrics": metrics, "logs": logs}

@@ -6,6 +6,7 @@ urlpatterns = [
     path("manage/nodes/", views.nodes_view, name="nodes"),
     path("manage/nodes/new/", views.node_new_view, name="node-new"),
     path("manage/nodes/new/name/", views.node_name_view, name="node-name"),
+    path("manage/nodes/<int:pk>/", views.node_view, name="node"),
     path("manage/nodes/<int:pk>/activation/", views.node_activation_view, name="node-activation"),
     path("manage/nodes/<int:pk>/delete/", views.node_delete_view, name="node-delete"),
     path("manage/executors/", views.executors_view, name="executors"),

@@ -119,6 +119,8 @@ NODE_PERMISSION = "accounts.manage_nodes"
 @permission_required(NODE_PERMISSION, raise_exception=True)
 def nodes_view(request: HttpRequest) -> HttpResponse:
     nodes = list(Node.objects.prefetch_related("executors").order_by("name"))
+    if request.GET.get("format") == "json":
+        return JsonResponse({"data": [_node_state(node) for node in nodes]})
     return render(request, "nodes/nodes.html", {"section": "nodes", "nodes": nodes})
 
 
@@ -180,3 +182,30 @@ def node_delete_view(request: HttpRequest, pk: int) -> HttpResponse:
     node_delete(node=node)
     messages.success(request, f"{node.name} deleted; nothing on the node itself was touched.")
     return redirect("nodes")
+
+
+HISTORY_POINTS = 600  # metrics samples a node page starts with (10 minutes at one a second)
+HISTORY_LINES = 300
+
+
+def _node_state(node: Node) -> dict[str, object]:
+    return {"id": node.pk, "status": node.status(), "connected": node.connected, "activated": node.activated,
+            "last_error": node.last_error,
+            "executors": [{"id": e.pk, "model_id": e.model_id, "state": e.state, "enabled": e.enabled,
+                           "valid": e.valid, "error": e.error[:200]} for e in node.executors.all()]}
+
+
+@login_required
+@permission_required(NODE_PERMISSION, raise_exception=True)
+def node_view(request: HttpRequest, pk: int) -> HttpResponse:
+    node = get_object_or_404(Node.objects.prefetch_related("executors"), pk=pk)
+    if request.GET.get("format") == "json":
+        return JsonResponse(_node_state(node))
+    points = [m.as_point() for m in reversed(node.metric_samples.order_by("-at")[:HISTORY_POINTS])]
+    lines = [line.as_line() for line in reversed(node.log_lines.order_by("-at", "-pk")[:HISTORY_LINES])]
+    hardware = node.hardware or {}
+    return render(request, "nodes/node.html", {
+        "section": "nodes", "node": node, "hardware": hardware, "gpus": hardware.get("gpus") or [],
+        "vram_total": sum(int(g.get("vram_total") or 0) for g in hardware.get("gpus") or []),
+        "history": {"points": points, "lines": lines, "state": _node_state(node)},
+    })

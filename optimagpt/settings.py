@@ -152,6 +152,14 @@ CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 # Shared secret of gateway and nodes; it never crosses the wire (HMAC challenge and response).
 OPTIMAGPT_NODE_ACCESS_KEY = env_secret("OPTIMAGPT_NODE_ACCESS_KEY")
 OPTIMAGPT_HEARTBEAT_INTERVAL_S = env_float("OPTIMAGPT_HEARTBEAT_INTERVAL_S", 2.0)
+# How long node metrics (CPU, RAM, GPU, VRAM samples) and node log lines are kept, in hours.
+OPTIMAGPT_METRICS_RETENTION_H = env_float("OPTIMAGPT_METRICS_RETENTION_H", 24.0)
+OPTIMAGPT_LOGS_RETENTION_H = env_float("OPTIMAGPT_LOGS_RETENTION_H", 168.0)
+# Seconds between prunings of old metrics and logs (a Celery periodic task; in-process without a worker).
+OPTIMAGPT_PRUNE_INTERVAL_S = env_float("OPTIMAGPT_PRUNE_INTERVAL_S", 600.0)
+CELERY_BEAT_SCHEDULE = {
+    "prune-node-history": {"task": "nodes.tasks.node_history_prune", "schedule": OPTIMAGPT_PRUNE_INTERVAL_S},
+}
 # With no node registered at all, try a node listening at this address and register it as "Local Node";
 # empty turns it off.
 OPTIMAGPT_AUTO_CONNECT_ADDRESS = env_str("OPTIMAGPT_AUTO_CONNECT_ADDRESS", "localhost:8022")
