@@ -50,7 +50,7 @@ class Node(models.Model):
 
     def status(self) -> str:
         """The Nodes page's colour: grey deactivated; red activated but not linked (or silent, or a model
-        failed); amber linked but a model is starting or stopping; green linked and healthy.
+        gave up after crashing); amber linked but a model is starting or stopping; green linked and healthy.
 
         Uses the executors prefetched or queried: call on nodes from `with_executors()`.
         """
@@ -58,7 +58,8 @@ class Node(models.Model):
             return "grey"
         if not self.connected or self.last_seen is None or self.last_seen < self.live_cutoff():
             return "red"
-        states = {e.state for e in self.executors.all()}
+        # A file that is not a valid model is a note on its executor, not the node erroring.
+        states = {e.state for e in self.executors.all() if e.valid}
         if Executor.State.FAILED in states:
             return "red"
         if states & {Executor.State.STARTING, Executor.State.STOPPING}:

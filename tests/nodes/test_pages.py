@@ -125,7 +125,9 @@ def test_status_colours_follow_link_and_models() -> None:
     executor.state = "failed"
     executor.save()
     assert node.status() == "red"
+    Executor.objects.create(node=node, key="notes.gguf", model_id="notes", state="failed", valid=False)
     executor.delete()
+    assert node.status() == "green", "an invalid file does not make the node red"
     Node.objects.filter(pk=node.pk).update(last_seen=timezone.now() - timezone.timedelta(minutes=1))
     node.refresh_from_db()
     assert node.status() == "red", "silent for three heartbeats"
