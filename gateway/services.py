@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,6 +25,7 @@ from django.dispatch import receiver
 
 from accounts.models import ApiKey
 
+from . import stats as gateway_stats
 from .auth import Principal
 from .errors import ApiError, NoCapacity, UpstreamError, UpstreamTimeout
 from .limits import principal_admit, principal_record
@@ -111,11 +113,14 @@ class Call:
         self.finished = False
         self.revoked = False
         self._released = False
+        self._started = time.monotonic()
+        self._first_event_after: float | None = None
         global _loop
         _loop = asyncio.get_running_loop()
         if principal.api_key is not None:
             _calls_by_key.setdefault(principal.api_key.pk, set()).add(self)
         acquire(target)
+        gateway_stats.request_started(target.node_pk)
 
     def _revoked_event(self) -> dict[str, Any]:
         return {"type": "error", "id": self.request_id, "revoked": True,
@@ -145,6 +150,8 @@ class Call:
                     event = await self._receive(max(remaining, 0.001))
                 except asyncio.TimeoutError:
                     raise UpstreamTimeout("The node did not answer in time.") from None
+                if self._first_event_after is None:
+                    self._first_event_after = time.monotonic() - self._started
                 kind = event.get("type")
                 if kind == "error":
                     # A revoked request is still running: close() must cancel it.
@@ -166,6 +173,8 @@ class Call:
             return
         self._released = True
         release(self.target)
+        waited = self._first_event_after if self._first_event_after is not None else time.monotonic() - self._started
+        gateway_stats.request_finished(self.target.node_pk, waited_s=waited)
         if self.principal.api_key is not None:
             calls = _calls_by_key.get(self.principal.api_key.pk)
             if calls is not None:

@@ -7,7 +7,10 @@ page and an API call can never disagree. Each view checks Executor Management.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from asgiref.sync import async_to_sync
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -17,6 +20,7 @@ from django.views.decorators.http import require_POST
 from gateway.errors import ApiError
 from gateway.executors import executor_configure, executor_delete, executor_remote_create
 from gateway.optima import executor_out
+from gateway.stats import stats_summary
 
 from .forms import ExecutorSettingsForm, NewNodeForm, RemoteUpstreamForm, RemoteUpstreamUpdateForm
 from .models import Executor, Node
@@ -121,7 +125,11 @@ def nodes_view(request: HttpRequest) -> HttpResponse:
     nodes = list(Node.objects.prefetch_related("executors").order_by("name"))
     if request.GET.get("format") == "json":
         return JsonResponse({"data": [_node_state(node) for node in nodes]})
-    return render(request, "nodes/nodes.html", {"section": "nodes", "nodes": nodes})
+    summary = stats_summary()
+    return render(request, "nodes/nodes.html", {
+        "section": "nodes", "nodes": nodes, "stats": summary,
+        "delayed_threshold_s": settings.OPTIMAGPT_DELAYED_REQUEST_S,
+        "uptime": timedelta(seconds=int(summary.uptime_s)) if summary.uptime_s is not None else None})
 
 
 @login_required

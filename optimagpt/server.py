@@ -51,7 +51,8 @@ def _speed_up_twisted() -> None:
 
 
 def _start_background_work() -> None:
-    """Once daphne's reactor runs: dial the nodes that listen; on shutdown, hang up and give their leases back."""
+    """Once daphne's reactor runs: dial the nodes that listen, publish this process's request counts, prune
+    old node history; on shutdown, hang up, give the leases back and stop those loops."""
     import asyncio
 
     import daphne.server  # noqa: F401 - installs the asyncio reactor, which must come before any other import of it
@@ -59,12 +60,26 @@ def _start_background_work() -> None:
     from twisted.internet.defer import Deferred
 
     def start() -> None:
-        from nodes.outbound import dialer_start
+        from django.conf import settings
+
+        from gateway.stats import publish_forever
+        from nodes.housekeeping import prune_forever
+        from nodes.outbound import OWNER, dialer_start
 
         dialer = dialer_start()
+        stopping = asyncio.Event()
+        loops = [asyncio.ensure_future(publish_forever(owner=OWNER, stop=stopping))]
+        # With a Celery worker, its beat runs the pruning (CELERY_BEAT_SCHEDULE); without one, this process does.
+        if not settings.CELERY_WORKER:
+            loops.append(asyncio.ensure_future(prune_forever(stopping)))
+
+        async def stop_all() -> None:
+            stopping.set()
+            await dialer.stop()
+            await asyncio.gather(*loops)
 
         def stop() -> Deferred:
-            return Deferred.fromFuture(asyncio.ensure_future(asyncio.wait_for(dialer.stop(), 10)))
+            return Deferred.fromFuture(asyncio.ensure_future(asyncio.wait_for(stop_all(), 10)))
 
         reactor.addSystemEventTrigger("before", "shutdown", stop)
 

@@ -152,6 +152,8 @@ CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 # Shared secret of gateway and nodes; it never crosses the wire (HMAC challenge and response).
 OPTIMAGPT_NODE_ACCESS_KEY = env_secret("OPTIMAGPT_NODE_ACCESS_KEY")
 OPTIMAGPT_HEARTBEAT_INTERVAL_S = env_float("OPTIMAGPT_HEARTBEAT_INTERVAL_S", 2.0)
+# A request whose first token (or answer) took longer than this many seconds counts as delayed on the Nodes page.
+OPTIMAGPT_DELAYED_REQUEST_S = env_float("OPTIMAGPT_DELAYED_REQUEST_S", 5.0)
 # How long node metrics (CPU, RAM, GPU, VRAM samples) and node log lines are kept, in hours.
 OPTIMAGPT_METRICS_RETENTION_H = env_float("OPTIMAGPT_METRICS_RETENTION_H", 24.0)
 OPTIMAGPT_LOGS_RETENTION_H = env_float("OPTIMAGPT_LOGS_RETENTION_H", 168.0)

@@ -26,10 +26,10 @@ from ..errors import ModelNotFound, NoCapacity
 _in_flight: Counter[int] = Counter()
 _last_pick: dict[int, int] = {}
 _ticket = itertools.count()
-# model id -> (valid until, routable executors as (pk, key, channel, online)). A database
+# model id -> (valid until, routable executors as (pk, key, channel, online, node pk)). A database
 # query costs a thread hop per request; changes made by this process's node
 # links clear the cache at once, other processes' within OPTIMAGPT_ROUTE_CACHE_S.
-_ready: dict[str, tuple[float, list[tuple[int, str, str, bool]]]] = {}
+_ready: dict[str, tuple[float, list[tuple[int, str, str, bool, int | None]]]] = {}
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Target:
     executor_pk: int
     executor_key: str
     channel_name: str  # the node link's consumer; empty for a remote upstream, which this gateway calls itself
+    node_pk: int | None = None
 
     @property
     def remote(self) -> bool:
@@ -56,14 +57,14 @@ async def executor_select(*, model: str) -> Target:
         if await database_sync_to_async(Executor.objects.filter(model_id=model).exists)():
             raise NoCapacity(f"No node can serve the model '{model}' right now.", param="model")
         raise ModelNotFound(f"The model '{model}' does not exist.", param="model")
-    pk, key, channel, _ = min(rows, key=lambda r: (not r[3], _in_flight[r[0]], _last_pick.get(r[0], -1)))
+    pk, key, channel, _, node_pk = min(rows, key=lambda r: (not r[3], _in_flight[r[0]], _last_pick.get(r[0], -1)))
     _last_pick[pk] = next(_ticket)
-    return Target(executor_pk=pk, executor_key=key, channel_name=channel or "")
+    return Target(executor_pk=pk, executor_key=key, channel_name=channel or "", node_pk=node_pk)
 
 
-def _ready_executors(model: str) -> list[tuple[int, str, str, bool]]:
-    rows = Executor.objects.routable(model=model).values_list("pk", "key", "node__channel_name", "state")
-    return [(pk, key, channel, state == Executor.State.ONLINE) for pk, key, channel, state in rows]
+def _ready_executors(model: str) -> list[tuple[int, str, str, bool, int | None]]:
+    rows = Executor.objects.routable(model=model).values_list("pk", "key", "node__channel_name", "state", "node_id")
+    return [(pk, key, channel, state == Executor.State.ONLINE, node) for pk, key, channel, state, node in rows]
 
 
 def acquire(target: Target) -> None:
