@@ -38,6 +38,10 @@ def request_started(node_pk: int | None) -> None:
     stats.peak_per_node[node] = max(stats.peak_per_node[node], stats._node_in_flight[node])
 
 
+def in_flight_on(node_pk: int) -> int:
+    return stats._node_in_flight[str(node_pk)]
+
+
 def request_finished(node_pk: int | None, *, waited_s: float) -> None:
     """`waited_s`: from the request's start to its first event (queueing and prompt processing)."""
     node = str(node_pk or "remote")

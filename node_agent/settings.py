@@ -115,7 +115,10 @@ def parse_settings(argv: list[str] | None = None) -> AgentSettings:
     parser.add_argument("--heartbeat-interval", type=float,
                         default=float(_env("OPTIMAGPT_HEARTBEAT_INTERVAL_S", "2") or 2))
     parser.add_argument("--rescan-interval", type=float, default=5.0)
-    parser.add_argument("--metrics-interval", type=float, default=5.0)
+    parser.add_argument("--metrics-interval", type=float,
+                        default=float(_env("OPTIMAGPT_NODE_METRICS_INTERVAL_S", "2") or 2),
+                        help="seconds between CPU/RAM/GPU samples sent to the gateway's node console "
+                             "(env OPTIMAGPT_NODE_METRICS_INTERVAL_S)")
     parser.add_argument("--ca-file", default=_env("OPTIMAGPT_GATEWAY_CA_FILE"),
                         help="CA bundle to trust for a wss gateway with its own certificate")
     args = parser.parse_args(argv)

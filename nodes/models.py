@@ -50,7 +50,8 @@ class Node(models.Model):
 
     def status(self) -> str:
         """The Nodes page's colour: grey deactivated; red activated but not linked (or silent, or a model
-        gave up after crashing); amber linked but a model is starting or stopping; green linked and healthy.
+        gave up after crashing); amber linked but a model is starting or stopping, or requests are queued
+        (more in flight than processes serving); green linked and healthy.
 
         Uses the executors prefetched or queried: call on nodes from `with_executors()`.
         """
@@ -64,7 +65,16 @@ class Node(models.Model):
             return "red"
         if states & {Executor.State.STARTING, Executor.State.STOPPING}:
             return "amber"
+        if self.requests_queued():
+            return "amber"
         return "green"
+
+    def requests_queued(self) -> bool:
+        """More requests in flight on the node (from this gateway process) than it has processes to serve them."""
+        from gateway.stats import in_flight_on
+
+        slots = sum(e.replicas_online for e in self.executors.all() if e.state == Executor.State.ONLINE)
+        return in_flight_on(self.pk) > max(slots, 1)
 
     @staticmethod
     def live_cutoff():  # type: ignore[no-untyped-def]

@@ -151,3 +151,21 @@ def test_the_wizard_suggests_a_name_and_reports_an_unreachable_node(admin: User)
     bad = _as(admin).post("/manage/nodes/new/", {"name": "n1", "host": "http://x/", "port": 8022})
     assert bad.status_code == 400 and b"without scheme" in bad.content
     assert not Node.objects.exists()
+
+
+def test_a_node_with_more_requests_than_processes_is_amber(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from gateway import stats as gateway_stats
+
+    monkeypatch.setattr(gateway_stats, "stats", gateway_stats.ProcessStats())
+    node = Node.objects.create(node_id=uuid.uuid4(), name="busy", connected=True, last_seen=timezone.now())
+    Executor.objects.create(node=node, key="a.gguf", model_id="a", state="online", replicas_online=2)
+    for _ in range(2):
+        gateway_stats.request_started(node.pk)
+    assert node.status() == "green", "two requests, two processes: busy but nothing waits"
+    gateway_stats.request_started(node.pk)
+    assert node.status() == "amber"
+
+
+def test_the_front_page_is_the_nodes_page_for_node_managers(admin: User, member: User) -> None:
+    assert _as(admin).get("/")["Location"] == "/manage/nodes/"
+    assert _as(member).get("/").status_code == 200
