@@ -48,6 +48,11 @@ case "${1:-}" in
     test)
         shift
         install requirements/test.txt
+        # Browser tests drive Debian's Chromium (a test tool's own browser download does not work offline).
+        if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
+                || echo "could not install chromium; the browser tests will say so" >&2
+        fi
         set +e
         "$PY" -m pytest "$@"
         status=$?

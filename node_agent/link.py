@@ -342,8 +342,12 @@ class Listener:
         if previous is not None:
             log.info("a gateway linked again from %s; closing the older link", peer)
             await previous.socket.close(CLOSE_REPLACED, "replaced by a newer link")
+        from websockets.exceptions import ConnectionClosedOK
+
         try:
             await session.serve()
+        except ConnectionClosedOK:
+            log.info("link from %s closed by the gateway", peer)  # a verification, a shutdown: normal
         except Exception as exc:  # noqa: BLE001 - the gateway went away; it dials again
             log.warning("link from %s lost: %s: %s", peer, type(exc).__name__, exc)
         finally:

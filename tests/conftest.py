@@ -85,3 +85,27 @@ def _fresh_counters() -> None:
     import accounts.ratelimit
 
     accounts.ratelimit._counter = None
+
+
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+ARTIFACTS = REPO / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def browser():  # type: ignore[no-untyped-def]
+    """Debian's headless Chromium driven by Playwright: skipped on a laptop without it, a failure in CI."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is not installed, and CI must run the browser tests (./optimagpt.sh test installs it)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=chromium, args=BROWSER_FLAGS)
+        try:
+            yield instance
+        finally:
+            instance.close()

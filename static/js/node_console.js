@@ -41,6 +41,8 @@
         const row = list.querySelector(`tr[data-id="${node.id}"]`);
         if (!row) { window.location.reload(); return; }
         setStatus(row.querySelector('[data-field="status"]'), node.status);
+        row.querySelector('[data-field="error"]').textContent =
+          node.status === "red" ? (node.last_error || "").slice(0, 200) : "";
       }
     }, 1000);
     socket("", (event) => { if (event.kind !== "logs") refresh(); });
