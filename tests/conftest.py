@@ -92,9 +92,13 @@ BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 ARTIFACTS = REPO / "test-artifacts"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser():  # type: ignore[no-untyped-def]
-    """Debian's headless Chromium driven by Playwright: skipped on a laptop without it, a failure in CI."""
+    """Debian's headless Chromium driven by Playwright: skipped on a laptop without it, a failure in CI.
+
+    Per test, not per session: Playwright's sync API keeps an event loop running in this thread while it
+    is open, and the async tests that come later need the thread's loop to themselves.
+    """
     chromium = shutil.which("chromium")
     if chromium is None:
         if os.environ.get("CI") == "true":
