@@ -242,8 +242,8 @@ class NodeSession:
             await asyncio.sleep(self.settings.metrics_interval_s)
 
 
-class Dialer:
-    """Keeps a link to the gateway open: dial, run a session, back off with jitter, dial again."""
+class _Link:
+    """What the agent's two ways of linking share: the current session, told when the executors change."""
 
     def __init__(self, *, settings: AgentSettings, node_id: str, manager: ExecutorManager, gpus: Gpus) -> None:
         self.settings = settings
@@ -255,6 +255,10 @@ class Dialer:
     def executors_changed(self) -> None:
         if self.session is not None:
             self.session.executors_changed()
+
+
+class Dialer(_Link):
+    """Keeps a link to the gateway open: dial, run a session, back off with jitter, dial again."""
 
     def _ssl(self) -> ssl.SSLContext | None:
         if not self.settings.link_url.startswith("wss://"):
@@ -292,7 +296,7 @@ class Dialer:
             await asyncio.sleep(delay)
 
 
-class Listener:
+class Listener(_Link):
     """Listen mode: gateways dial this node (port 8022, wss with the node's own certificate).
 
     Each connection runs the same NodeSession as a dialed link. A connection that
@@ -300,17 +304,6 @@ class Listener:
     socket must not wait for the old one's heartbeats to lapse); one that does not
     prove it changes nothing.
     """
-
-    def __init__(self, *, settings: AgentSettings, node_id: str, manager: ExecutorManager, gpus: Gpus) -> None:
-        self.settings = settings
-        self.node_id = node_id
-        self.manager = manager
-        self.gpus = gpus
-        self.session: NodeSession | None = None
-
-    def executors_changed(self) -> None:
-        if self.session is not None:
-            self.session.executors_changed()
 
     async def run_forever(self) -> None:
         from websockets.asyncio.server import serve
