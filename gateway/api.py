@@ -23,7 +23,7 @@ from nodes.models import Executor
 from .auth import ApiKeyAuth
 from .errors import ApiError, ModelNotFound
 from .schemas import ChatCompletionIn, CompletionIn, EmbeddingIn
-from .services import Call, inference_start
+from .services import RoutedRequest, inference_start
 
 router = Router(auth=ApiKeyAuth(), tags=["OpenAI"])
 
@@ -43,7 +43,7 @@ def _node_body(request: HttpRequest) -> str:
     return request.body.decode()
 
 
-async def _first_event(call: Call) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any]]:
+async def _first_event(call: RoutedRequest) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any]]:
     """Wait for the node's first event, so errors before any token still get a proper status code."""
     events = aiter(call.events())
     try:
@@ -54,7 +54,7 @@ async def _first_event(call: Call) -> tuple[AsyncIterator[dict[str, Any]], dict[
     return events, first
 
 
-async def _collect(call: Call) -> dict[str, Any]:
+async def _collect(call: RoutedRequest) -> dict[str, Any]:
     """The `end` event of a request that is not streamed; the request is cancelled if we leave early."""
     try:
         event: dict[str, Any] = {}

@@ -8,11 +8,15 @@ class ApiError(Exception):
     type = "invalid_request_error"
     code: str | None = None
 
+    retry_after: int | None = None  # seconds, sent as Retry-After
+
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 status: int | None = None, type: str | None = None) -> None:
+                 status: int | None = None, type: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        if retry_after is not None:
+            self.retry_after = max(1, retry_after)
         if code is not None:
             self.code = code
         if status is not None:
@@ -48,6 +52,14 @@ class RateLimited(ApiError):
     def __init__(self, message: str, *, retry_after: int, code: str | None = None) -> None:
         super().__init__(message, code=code)
         self.retry_after = max(1, retry_after)
+
+
+class QueueFull(ApiError):
+    """Every slot for the model is busy and its queue is full: 429, with Retry-After."""
+
+    status = 429
+    type = "server_error"
+    code = "queue_full"
 
 
 class ModelNotFound(ApiError):

@@ -21,10 +21,11 @@ from nodes.models import Executor, Node
 from .auth import ApiKeyAuth, Principal
 from .errors import ApiError, InvalidRequest, ModelNotFound, PermissionDenied
 from .executors import executor_configure, executor_delete, executor_remote_create
+from .routing.router import strategy as routing_strategy
+
 
 router = Router(auth=ApiKeyAuth(), tags=["OptimaGPT"])
 
-ROUTING_STRATEGY = "least_busy"
 ModelId = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
 
 
@@ -79,7 +80,7 @@ def _capabilities() -> dict[str, Any]:
         # Local chat models make embeddings too (a second context on the same weights).
         "canEmbed": ready.filter(embedding=True).exists() or ready.filter(node__isnull=False).exists(),
         "numNodes": live_nodes.count(),
-        "routing": ROUTING_STRATEGY,
+        "routing": routing_strategy(),
     }
 
 

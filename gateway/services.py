@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,12 +30,16 @@ from . import stats as gateway_stats
 from .auth import Principal
 from .errors import ApiError, NoCapacity, UpstreamError, UpstreamTimeout
 from .limits import principal_admit, principal_record
-from .routing.least_busy import Target, acquire, executor_select, release
+from .routing.router import Target, release, route
 
 log = logging.getLogger("optimagpt.gateway")
 
 SEND_TIMEOUT_S = 5.0
 CANCEL_SEND_TIMEOUT_S = 5.0
+
+
+REVOKED = {"message": "The API key was revoked.", "type": "invalid_request_error", "code": "api_key_revoked",
+           "status": 401}
 
 
 def _event_error(event: dict[str, Any]) -> ApiError:
@@ -47,9 +52,9 @@ def _event_error(event: dict[str, Any]) -> ApiError:
                          code=error.get("code") or "node_error")
 
 
-# Requests in flight in this process, by API key, so that revoking a key ends them.
+# Requests in flight in this process (queued or sent), by API key, so that revoking a key ends them.
 # Touched only on the event loop that runs the requests (`_loop`).
-_calls_by_key: dict[int, set[InferenceCall]] = {}
+_calls_by_key: dict[int, set[RoutedRequest]] = {}
 _loop: asyncio.AbstractEventLoop | None = None
 
 
@@ -102,30 +107,29 @@ class Call:
     """One request on its way to an executor. Iterate `events()`; `close()` cancels it if unfinished.
 
     Subclasses say how events arrive (`_receive`) and how an unfinished request
-    is called off (`_cancel`); this class keeps the books: the router's count, the
-    registry that lets a revoked key end its requests, usage on the `end` event.
+    is called off (`_cancel`); this class keeps the books: the slot the router
+    gave it (`target`, released on close), usage on the `end` event. `since` is when the client's
+    request began (queueing included, for the delayed count); `deadline`, in loop
+    time, when it must be over.
     """
 
-    def __init__(self, target: Target, request_id: str, principal: Principal) -> None:
+    def __init__(self, target: Target, request_id: str, principal: Principal, *, since: float | None = None,
+                 deadline: float | None = None) -> None:
         self.principal = principal
         self.target = target
         self.request_id = request_id
         self.finished = False
-        self.revoked = False
+        self.counted = True  # False for an attempt that failed over: the request is counted once, by the last
         self._released = False
         self._started = time.monotonic()
+        self._since = since if since is not None else self._started
+        self._deadline = deadline if deadline is not None else \
+            asyncio.get_running_loop().time() + settings.OPTIMAGPT_REQUEST_DEADLINE_S
         self._first_event_after: float | None = None
-        global _loop
-        _loop = asyncio.get_running_loop()
-        if principal.api_key is not None:
-            _calls_by_key.setdefault(principal.api_key.pk, set()).add(self)
-        acquire(target)
         gateway_stats.request_started(target.node_pk)
 
     def _revoked_event(self) -> dict[str, Any]:
-        return {"type": "error", "id": self.request_id, "revoked": True,
-                "error": {"message": "The API key was revoked.", "type": "invalid_request_error",
-                          "code": "api_key_revoked", "status": 401}}
+        return {"type": "error", "id": self.request_id, "revoked": True, "error": REVOKED}
 
     async def revoke(self) -> None:
         """End the request because its API key was revoked, whether queued or streaming."""
@@ -139,23 +143,27 @@ class Call:
         raise NotImplementedError
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Events up to and including `end`; an `error` event is raised as ApiError."""
+        """Events up to and including `end`; an `error` event is raised as ApiError, and then the owner
+        closes the call (RoutedRequest may first mark it as an attempt that failed over)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + settings.OPTIMAGPT_REQUEST_DEADLINE_S
         timeout = settings.OPTIMAGPT_FIRST_EVENT_TIMEOUT_S
+        close = True
         try:
             while True:
-                remaining = min(timeout, deadline - loop.time())
+                remaining = min(timeout, self._deadline - loop.time())
                 try:
                     event = await self._receive(max(remaining, 0.001))
                 except asyncio.TimeoutError:
+                    if loop.time() >= self._deadline:
+                        raise UpstreamTimeout("The request ran past its deadline.", code="deadline_exceeded") from None
                     raise UpstreamTimeout("The node did not answer in time.") from None
                 if self._first_event_after is None:
-                    self._first_event_after = time.monotonic() - self._started
+                    self._first_event_after = time.monotonic() - self._since
                 kind = event.get("type")
                 if kind == "error":
                     # A revoked request is still running: close() must cancel it.
                     self.finished = not event.get("revoked")
+                    close = False
                     raise _event_error(event)
                 if kind == "end":
                     self.finished = True
@@ -166,29 +174,25 @@ class Call:
                 yield event
                 timeout = settings.OPTIMAGPT_EVENT_TIMEOUT_S
         finally:
-            await self.close()
+            if close:
+                await self.close()
 
     async def close(self) -> None:
         if self._released:
             return
         self._released = True
-        release(self.target)
-        waited = self._first_event_after if self._first_event_after is not None else time.monotonic() - self._started
-        gateway_stats.request_finished(self.target.node_pk, waited_s=waited)
-        if self.principal.api_key is not None:
-            calls = _calls_by_key.get(self.principal.api_key.pk)
-            if calls is not None:
-                calls.discard(self)
-                if not calls:
-                    del _calls_by_key[self.principal.api_key.pk]
+        release(self.target, held_s=time.monotonic() - self._started)
+        waited = self._first_event_after if self._first_event_after is not None else time.monotonic() - self._since
+        gateway_stats.request_finished(self.target.node_pk, waited_s=waited, counted=self.counted)
         await self._cancel()
 
 
 class InferenceCall(Call):
     """A request to an executor on a node, over the channel layer and the node's link."""
 
-    def __init__(self, target: Target, request_id: str, reply_channel: str, principal: Principal) -> None:
-        super().__init__(target, request_id, principal)
+    def __init__(self, target: Target, request_id: str, reply_channel: str, principal: Principal,
+                 **timing: float) -> None:
+        super().__init__(target, request_id, principal, **timing)
         self.reply_channel = reply_channel
 
     async def revoke(self) -> None:
@@ -196,7 +200,8 @@ class InferenceCall(Call):
                                                             "raw": json.dumps(self._revoked_event())})
 
     async def _receive(self, timeout_s: float) -> dict[str, Any]:
-        message = await asyncio.wait_for(get_channel_layer().receive(self.reply_channel), timeout_s)
+        async with asyncio.timeout(timeout_s):  # cheaper than wait_for: no task per event
+            message = await get_channel_layer().receive(self.reply_channel)
         return json.loads(message["raw"])
 
     async def _cancel(self) -> None:
@@ -212,42 +217,168 @@ class InferenceCall(Call):
                 log.warning("could not cancel request %s on its node", self.request_id)
 
 
+def _fails_over(exc: ApiError) -> bool:
+    """Whether an error before any reply means "this node could not do it" (another may), not "the request is bad"."""
+    return exc.status >= 500 and exc.code not in ("timeout", "deadline_exceeded", "queue_timeout")
+
+
+class RoutedRequest:
+    """A client's request: routed (waiting in the model's queue if every slot is busy) and sent to an executor.
+
+    Iterate `events()` as a Call's. When the executor fails the request before any of
+    its reply has gone to the client (a node that dropped its link, a process that
+    died, an executor no longer ready), the request is sent to another node, up to
+    OPTIMAGPT_FAILOVER_ATTEMPTS times and within its deadline. A streamed reply that
+    has sent text ends with the error instead: resending would duplicate that text.
+    """
+
+    def __init__(self, *, principal: Principal, model: str, op: str, body_json: str, stream: bool) -> None:
+        self.principal = principal
+        self.model = model
+        self.op = op
+        self.body_json = body_json
+        self.stream = stream
+        self.since = time.monotonic()
+        self.deadline = asyncio.get_running_loop().time() + settings.OPTIMAGPT_REQUEST_DEADLINE_S
+        self.call: Call | None = None
+        self.revoked = False
+        self.attempts = 0
+        self._abandon: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # set: leave the queue
+        self._exclude_nodes: set[int] = set()
+        self._avoid_executors: set[int] = set()
+        key = principal.api_key
+        self.queue_key = f"key:{key.pk}" if key is not None else f"user:{principal.user_id}"
+
+    async def start(self) -> None:
+        """Route and send the first attempt; raises ModelNotFound, NoCapacity or QueueFull."""
+        global _loop
+        _loop = asyncio.get_running_loop()
+        key = self.principal.api_key
+        if key is not None:
+            _calls_by_key.setdefault(key.pk, set()).add(self)
+        try:
+            self.call = await self._attempt()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def revoke(self) -> None:
+        """End the request because its API key was revoked, whether queued or streaming."""
+        if self.call is not None:
+            await self.call.revoke()
+        elif not self._abandon.done():
+            self._abandon.set_result(None)
+
+    async def _attempt(self) -> Call:
+        self.attempts += 1
+        try:
+            target = await route(model=self.model, key=self.queue_key, deadline=self.deadline,
+                                 exclude_nodes=frozenset(self._exclude_nodes),
+                                 avoid_executors=frozenset(self._avoid_executors), abandon=self._abandon)
+        except NoCapacity as exc:
+            if exc.code == "abandoned":
+                raise _event_error({"error": REVOKED}) from None
+            raise
+        if self._abandon.done():  # revoked as its slot came
+            release(target)
+            raise _event_error({"error": REVOKED})
+        timing = {"since": self.since, "deadline": self.deadline}
+        if target.remote:
+            from .connectors.remote import remote_call_start  # builds on Call, defined above: imported here
+
+            try:
+                return await remote_call_start(target=target, principal=self.principal, op=self.op,
+                                               body_json=self.body_json, stream=self.stream, **timing)
+            except BaseException:
+                release(target)
+                raise
+        layer = get_channel_layer()
+        try:
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                reply_channel = await layer.new_channel("reply.")
+        except BaseException as exc:
+            release(target)
+            if isinstance(exc, Exception):  # Redis unreachable, say
+                raise NoCapacity("The gateway cannot reach its channel layer right now.", param="model",
+                                 code="channel_layer_unavailable", retry_after=5) from exc
+            raise
+        call = InferenceCall(target, os.urandom(16).hex(), reply_channel, self.principal, **timing)
+        try:
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                await layer.send(target.channel_name, {
+                    "type": "node.request",
+                    "id": call.request_id,
+                    "reply_channel": call.reply_channel,
+                    "executor": target.executor_key,
+                    "op": self.op,
+                    "stream": self.stream,
+                    "body_json": self.body_json,
+                })
+        except Exception as exc:
+            call.finished = True
+            await call.close()
+            # The consumer's channel is full or the layer is unreachable: the node cannot take it now.
+            raise NoCapacity(f"The node serving '{self.model}' is not taking requests right now.",
+                             param="model") from exc
+        except BaseException:
+            call.finished = True
+            await call.close()
+            raise
+        return call
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        assert self.call is not None, "start() first"
+        loop = asyncio.get_running_loop()
+        sent = False
+        try:
+            while True:
+                try:
+                    async for event in self.call.events():
+                        sent = sent or self.stream
+                        yield event
+                    return
+                except ApiError as exc:
+                    if sent or not _fails_over(exc) or self.attempts > settings.OPTIMAGPT_FAILOVER_ATTEMPTS \
+                            or loop.time() >= self.deadline:
+                        raise
+                    failed = self.call.target
+                    self.call.counted = False
+                    await self.call.close()
+                    if exc.code == "node_disconnected" and failed.node_pk is not None:
+                        self._exclude_nodes.add(failed.node_pk)  # gone: its other executors too
+                    self._avoid_executors.add(failed.executor_pk)  # elsewhere if possible; a restarted process else
+                    log.info("request %s failed on executor %s before any reply (%s); sending it elsewhere",
+                             self.call.request_id, failed.executor_pk, exc.code)
+                    try:
+                        self.call = await self._attempt()
+                    except ApiError:
+                        raise exc from None  # nobody else can take it: the client learns what went wrong first
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        key = self.principal.api_key
+        if key is not None:
+            calls = _calls_by_key.get(key.pk)
+            if calls is not None:
+                calls.discard(self)
+                if not calls:
+                    del _calls_by_key[key.pk]
+        if self.call is not None:
+            await self.call.close()
+
+
 async def inference_start(*, principal: Principal, model: str, op: str, body_json: str,
-                          stream: bool) -> Call:
-    """Route the request to an executor of `model` and send it; raises ModelNotFound or NoCapacity.
+                          stream: bool) -> RoutedRequest:
+    """Admit, route and send a request to an executor of `model`; raises ModelNotFound, NoCapacity or QueueFull.
 
     `body_json` is the request body, already validated, as JSON text: it travels to
     the inference process as it is.
     """
     await principal_admit(principal=principal, model=model)
-    target = await executor_select(model=model)
-    if target.remote:
-        from .connectors.remote import remote_call_start  # builds on Call, defined above: imported here
-
-        return await remote_call_start(target=target, principal=principal, op=op, body_json=body_json,
-                                       stream=stream)
-    layer = get_channel_layer()
-    call = InferenceCall(target, uuid.uuid4().hex, await layer.new_channel("reply."), principal)
-    try:
-        await asyncio.wait_for(layer.send(target.channel_name, {
-            "type": "node.request",
-            "id": call.request_id,
-            "reply_channel": call.reply_channel,
-            "executor": target.executor_key,
-            "op": op,
-            "stream": stream,
-            "body_json": body_json,
-        }), SEND_TIMEOUT_S)
-    except Exception as exc:
-        call.finished = True
-        await call.close()
-        # The consumer's channel is full or the layer is unreachable: the node cannot take it now.
-        raise NoCapacity(f"The node serving '{model}' is not taking requests right now.", param="model") from exc
-    except BaseException:
-        call.finished = True
-        await call.close()
-        raise
-    return call
+    request = RoutedRequest(principal=principal, model=model, op=op, body_json=body_json, stream=stream)
+    await request.start()
+    return request
 
 
 CONFIGURE_TIMEOUT_S = 60.0

@@ -42,11 +42,16 @@ def in_flight_on(node_pk: int) -> int:
     return stats._node_in_flight[str(node_pk)]
 
 
-def request_finished(node_pk: int | None, *, waited_s: float) -> None:
-    """`waited_s`: from the request's start to its first event (queueing and prompt processing)."""
+def request_finished(node_pk: int | None, *, waited_s: float, counted: bool = True) -> None:
+    """`waited_s`: from the request's start to its first event (queueing and prompt processing).
+
+    An attempt that failed over to another node is not `counted`: the request is, once, by its last attempt.
+    """
     node = str(node_pk or "remote")
     stats.in_flight -= 1
     stats._node_in_flight[node] -= 1
+    if not counted:
+        return
     stats.requests += 1
     stats.per_node[node] += 1
     if waited_s > settings.OPTIMAGPT_DELAYED_REQUEST_S:

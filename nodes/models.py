@@ -70,11 +70,15 @@ class Node(models.Model):
         return "green"
 
     def requests_queued(self) -> bool:
-        """More requests in flight on the node (from this gateway process) than it has processes to serve them."""
-        from gateway.stats import in_flight_on
+        """Requests wait for this node: more in flight on it (from every gateway process) than it has processes,
+        or requests for one of its models queued in this gateway process."""
+        from gateway.routing.router import load, queued
 
-        slots = sum(e.replicas_online for e in self.executors.all() if e.state == Executor.State.ONLINE)
-        return in_flight_on(self.pk) > max(slots, 1)
+        executors = list(self.executors.all())
+        slots = sum(e.replicas_online for e in executors if e.state == Executor.State.ONLINE)
+        if sum(load(e.pk) for e in executors) > max(slots, 1):
+            return True
+        return any(queued(e.model_id) for e in executors)
 
     @staticmethod
     def live_cutoff():  # type: ignore[no-untyped-def]

@@ -178,6 +178,20 @@ OPTIMAGPT_API_KEY_CACHE_S = env_float("OPTIMAGPT_API_KEY_CACHE_S", 5.0)
 # How long the router trusts its view of the executors of a model without asking the database.
 OPTIMAGPT_ROUTE_CACHE_S = env_float("OPTIMAGPT_ROUTE_CACHE_S", 1.0)
 DATA_UPLOAD_MAX_MEMORY_SIZE = OPTIMAGPT_MAX_BODY_BYTES
+# Routing (gateway/routing/router.py): least_busy (the smallest share of its slots in use) or round_robin.
+OPTIMAGPT_ROUTING = env_str("OPTIMAGPT_ROUTING", "least_busy")
+if OPTIMAGPT_ROUTING not in ("least_busy", "round_robin"):
+    raise ImproperlyConfigured(f"OPTIMAGPT_ROUTING must be least_busy or round_robin, not {OPTIMAGPT_ROUTING!r}")
+# Requests sent at once to each process of an executor: one generating, the next one ready on the node.
+OPTIMAGPT_REQUESTS_PER_SLOT = env_int("OPTIMAGPT_REQUESTS_PER_SLOT", 2)
+# Requests waiting per model (per gateway process) while every slot is busy; more get 429.
+OPTIMAGPT_QUEUE_MAX_LENGTH = env_int("OPTIMAGPT_QUEUE_MAX_LENGTH", 1000)
+# The longest a request waits in that queue before it gets 503 (with Retry-After).
+OPTIMAGPT_QUEUE_MAX_WAIT_S = env_float("OPTIMAGPT_QUEUE_MAX_WAIT_S", 60.0)
+# A request that failed before any of its reply reached the client is sent to another node this many times.
+OPTIMAGPT_FAILOVER_ATTEMPTS = env_int("OPTIMAGPT_FAILOVER_ATTEMPTS", 2)
+# With Redis: how often gateway processes share their in-flight counts per executor.
+OPTIMAGPT_SHARED_LOAD_INTERVAL_S = env_float("OPTIMAGPT_SHARED_LOAD_INTERVAL_S", 0.1)
 
 # JWTs for applications and OptimaChat. Signed with JWT_SIGNING_KEY, or a key derived from
 # SECRET_KEY (never a default). A password change or deactivation invalidates a user's tokens.

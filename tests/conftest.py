@@ -79,6 +79,16 @@ def require_service(variable: str) -> str:
     return url
 
 
+@pytest.fixture
+def redis_url() -> str:
+    """The test Redis (OPTIMAGPT_TEST_REDIS_URL), checked to answer."""
+    import redis
+
+    url = require_service("OPTIMAGPT_TEST_REDIS_URL")
+    redis.Redis.from_url(url, socket_timeout=5).ping()
+    return url
+
+
 @pytest.fixture(autouse=True)
 def _fresh_counters() -> None:
     """Rate-limit counters are per process; each test starts with none (database ids repeat between tests)."""

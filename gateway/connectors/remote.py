@@ -27,7 +27,7 @@ from nodes.signals import executors_changed
 
 from ..auth import Principal
 from ..errors import UpstreamError
-from ..routing.least_busy import Target
+from ..routing.router import Target
 from ..services import Call
 
 log = logging.getLogger("optimagpt.gateway.remote")
@@ -103,8 +103,8 @@ class RemoteCall(Call):
     (the connection closes, which is how an OpenAI-compatible server learns the client went away)."""
 
     def __init__(self, target: Target, principal: Principal, upstream: Upstream, op: str, body: dict[str, Any],
-                 stream: bool) -> None:
-        super().__init__(target, uuid.uuid4().hex, principal)
+                 stream: bool, **timing: float) -> None:
+        super().__init__(target, uuid.uuid4().hex, principal, **timing)
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._task = asyncio.create_task(self._pump(upstream, op, body, stream), name="remote upstream call")
 
@@ -205,12 +205,12 @@ def _usage(usage: Any) -> dict[str, int]:
 
 
 async def remote_call_start(*, target: Target, principal: Principal, op: str, body_json: str,
-                            stream: bool) -> RemoteCall:
+                            stream: bool, **timing: float) -> RemoteCall:
     try:
         upstream = await _upstream(target.executor_pk)
     except (Executor.DoesNotExist, SecretUnreadable) as exc:
         raise UpstreamError(f"The remote upstream is not usable: {exc}") from None
-    return RemoteCall(target, principal, upstream, op, json.loads(body_json), stream)
+    return RemoteCall(target, principal, upstream, op, json.loads(body_json), stream, **timing)
 
 
 async def remote_probe(upstream: Upstream) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -92,3 +93,50 @@ def test_a_key_revoked_through_gateway_b_stops_at_once_on_gateway_a(
         assert not streamer.is_alive()
         assert json.loads(lines[-1].removeprefix("data: "))["error"]["code"] == "api_key_revoked"
         assert gateway_a.http().get("/v1/models", headers=headers).status_code == 401
+
+
+def test_gateway_a_counts_the_requests_gateway_b_has_on_a_node(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Slots are shared through Redis: with gateway B holding both slots of a node, gateway A queues instead of
+    sending a third request (here, with no queue allowed, it refuses it with 429 and Retry-After)."""
+    from tests.processes import SimulatedNodes
+
+    env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    gateway_a = Gateway(data_dir=tmp_path / "a", port=free_port(), OPTIMAGPT_QUEUE_MAX_LENGTH="0", **env)
+    gateway_b = Gateway(data_dir=tmp_path / "b", port=free_port(), **env)
+    # One node, one process, two requests at once (OPTIMAGPT_REQUESTS_PER_SLOT=2); each takes 3 s.
+    node = SimulatedNodes(gateway=gateway_b, log_dir=tmp_path, count=1, delay_s=3)
+    try:
+        gateway_a.start()
+        gateway_b.start(migrate=False)
+        node.start()
+        key = gateway_a.create_api_key("shared")
+        headers = {"Authorization": f"Bearer {key}"}
+        body = {"model": "sim", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+        deadline = time.monotonic() + 30
+        while not httpx.get(gateway_a.url + "/v1/models", headers=headers).json()["data"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        answers: list[int] = []
+        holders = [threading.Thread(target=lambda: answers.append(
+            httpx.post(gateway_b.url + "/v1/chat/completions", headers=headers, json=body, timeout=30).status_code))
+            for _ in range(2)]
+        for thread in holders:
+            thread.start()
+        time.sleep(1)  # B's counts reach A within OPTIMAGPT_SHARED_LOAD_INTERVAL_S (0.1 s)
+        refused = httpx.post(gateway_a.url + "/v1/chat/completions", headers=headers, json=body, timeout=30)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "queue_full" and int(refused.headers["Retry-After"]) >= 1
+        for thread in holders:
+            thread.join(30)
+        assert answers == [200, 200]
+        time.sleep(0.5)
+        served = httpx.post(gateway_a.url + "/v1/chat/completions", headers=headers, json=body, timeout=30)
+        assert served.status_code == 200, served.text
+    finally:
+        node.stop()
+        gateway_a.stop()
+        gateway_b.stop()

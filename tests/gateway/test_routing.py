@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from accounts.models import ApiKey
 from gateway.errors import ModelNotFound, NoCapacity
-from gateway.routing.least_busy import acquire, executor_select, release
+from gateway.routing.router import acquire, executor_select, release
 from nodes.models import Executor, Node
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -75,9 +75,52 @@ async def test_a_starting_executor_is_picked_only_when_none_is_online() -> None:
 
     executors_changed.send(sender=Executor)
     picked = []
-    for _ in range(3):
+    for _ in range(2):  # its two slots (one process, two requests each)
         picked.append(await executor_select(model="m"))
         acquire(picked[-1])
     for target in picked:
         release(target)
     assert {t.executor_pk for t in picked} == {online.pk}, "an online executor wins even when busier"
+
+
+async def test_concurrent_requests_on_a_cold_cache_share_one_query(monkeypatch: pytest.MonkeyPatch) -> None:
+    """400 requests at once on an empty route cache ran 400 identical queries on the one database thread."""
+    import asyncio
+
+    from gateway.routing import router
+
+    node = await _node("herd")
+    await Executor.objects.acreate(node=node, key="m.gguf", model_id="m", state="online")
+    router._ready.clear()
+    queries = 0
+    real = router._ready_executors
+
+    def counted(model: str) -> list[router.Row]:
+        nonlocal queries
+        queries += 1
+        return real(model)
+
+    monkeypatch.setattr(router, "_ready_executors", counted)
+    targets = await asyncio.gather(*(executor_select(model="m") for _ in range(50)))
+    assert queries == 1
+    assert {t.channel_name for t in targets} == {"chan-herd"}
+
+
+async def test_a_change_during_a_load_is_not_hidden_by_that_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Executors that change while a query runs: the result it read is used once, not cached for the next."""
+    from gateway.routing import router
+    from nodes.signals import executors_changed
+
+    node = await _node("moving")
+    await Executor.objects.acreate(node=node, key="m.gguf", model_id="m", state="online")
+    router._ready.clear()
+    real = router._ready_executors
+
+    def changed_meanwhile(model: str) -> list[router.Row]:
+        rows = real(model)
+        executors_changed.send(sender=Executor)
+        return rows
+
+    monkeypatch.setattr(router, "_ready_executors", changed_meanwhile)
+    assert (await executor_select(model="m")).channel_name == "chan-moving"
+    assert "m" not in router._ready

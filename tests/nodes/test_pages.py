@@ -153,17 +153,29 @@ def test_the_wizard_suggests_a_name_and_reports_an_unreachable_node(admin: User)
     assert not Node.objects.exists()
 
 
-def test_a_node_with_more_requests_than_processes_is_amber(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from gateway import stats as gateway_stats
+def test_a_node_with_more_requests_than_processes_or_a_queue_for_its_model_is_amber() -> None:
+    from gateway.routing import router
 
-    monkeypatch.setattr(gateway_stats, "stats", gateway_stats.ProcessStats())
     node = Node.objects.create(node_id=uuid.uuid4(), name="busy", connected=True, last_seen=timezone.now())
-    Executor.objects.create(node=node, key="a.gguf", model_id="a", state="online", replicas_online=2)
+    executor = Executor.objects.create(node=node, key="a.gguf", model_id="a", state="online", replicas_online=2)
+    target = router.Target(executor_pk=executor.pk, executor_key="a.gguf", channel_name="c", node_pk=node.pk, model="a")
+    held = []
     for _ in range(2):
-        gateway_stats.request_started(node.pk)
+        router.acquire(target)
+        held.append(target)
     assert node.status() == "green", "two requests, two processes: busy but nothing waits"
-    gateway_stats.request_started(node.pk)
-    assert node.status() == "amber"
+    router.acquire(target)
+    held.append(target)
+    assert node.status() == "amber", "a request waits on the node"
+    for t in held:
+        router.release(t)
+    assert node.status() == "green"
+    queue = router._queues.setdefault("a", router.ModelQueue("a"))
+    queue.length = 1  # a request waits at the gateway for this node's model
+    try:
+        assert node.status() == "amber"
+    finally:
+        del router._queues["a"]
 
 
 def test_the_front_page_is_the_nodes_page_for_node_managers(admin: User, member: User) -> None:
