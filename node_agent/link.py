@@ -38,6 +38,7 @@ log = logging.getLogger("node_agent.link")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 LOG_REPORT_INTERVAL_S = 1.0
+SILENCE_LIMIT = 2.75  # heartbeat intervals without a word from the gateway before the link is dropped
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
 
@@ -146,6 +147,9 @@ class NodeSession:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self._in_flight:
+                # Nobody will read these replies: free the processes for the next link's requests.
+                log.info("link closed with %d request(s) in flight; cancelling them", len(self._in_flight))
             for rid, process in self._in_flight.items():
                 process.cancel(rid)
             self._in_flight.clear()
@@ -213,14 +217,20 @@ class NodeSession:
             await self._send(reply)
 
     async def _heartbeat(self) -> None:
-        """Ping every interval; close the link when the gateway has been silent for three."""
+        """Ping every interval; drop the link when the gateway has been silent for 2.75 intervals (checked four
+        times an interval, so within three)."""
+        interval = self.heartbeat_interval_s
+        pinged = time.monotonic()
         while True:
-            await asyncio.sleep(self.heartbeat_interval_s)
-            if time.monotonic() - self._last_heard > 3 * self.heartbeat_interval_s:
-                log.warning("gateway silent for %.1f s; dropping the link", time.monotonic() - self._last_heard)
+            await asyncio.sleep(interval / 4)
+            now = time.monotonic()
+            if now - self._last_heard > SILENCE_LIMIT * interval:
+                log.warning("gateway silent for %.1f s; dropping the link", now - self._last_heard)
                 await self.socket.close(CLOSE_HEARTBEAT_LOST, "heartbeat lost")
                 return
-            await self._send({"type": "ping", "t": time.time()})
+            if now - pinged >= interval:
+                pinged = now
+                await self._send({"type": "ping", "t": time.time()})
 
     async def _report_executors(self) -> None:
         while True:

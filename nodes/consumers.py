@@ -39,6 +39,7 @@ log = logging.getLogger("optimagpt.nodes.link")
 _REQUEST_EVENTS = frozenset({"delta", "end", "error"})
 CONSOLE_GROUP = "node-console"
 CHANNEL_SEND_TIMEOUT_S = 5.0
+SILENCE_LIMIT = 2.75  # heartbeat intervals without a word from the node before its link is given up
 
 
 class NodeLinkConsumer(AsyncWebsocketConsumer):
@@ -65,6 +66,7 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         self.last_seen_saved = 0.0
         self.heartbeat_interval_s = settings.OPTIMAGPT_HEARTBEAT_INTERVAL_S
         self.closing = False
+        self.authenticated = asyncio.Event()
         await self.accept()
         await self._send({"type": "hello", "protocol": PROTOCOL_VERSION, "nonce": self.gateway_nonce})
         self.watchdog = asyncio.create_task(self._watchdog())
@@ -73,17 +75,20 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         self.closing = True
         if hasattr(self, "watchdog"):
             self.watchdog.cancel()
+        await self._lost(f"link closed (code {code})")
+
+    async def _lost(self, reason: str) -> None:
+        """The node is gone: fail what waits on it (for failover elsewhere) and mark it disconnected, once."""
+        self.closing = True
         # Every request still waiting on this node learns at once that it will get nothing more.
         in_flight, self.in_flight = self.in_flight, {}
         for rid, reply in in_flight.items():
-            await self._forward(rid, reply, json.dumps({
-                "type": "error", "id": rid,
-                "error": {"message": "The node disconnected.", "type": "server_error",
-                          "code": "node_disconnected", "status": 502}}))
-        if self.node_pk is not None:
+            await self._forward(rid, reply, _disconnected(rid))
+        node_pk, self.node_pk = self.node_pk, None
+        if node_pk is not None:
             await database_sync_to_async(services.node_link_closed)(
-                node_pk=self.node_pk, channel_name=self.channel_name, reason=f"link closed (code {code})")
-            await self._to_console({"kind": "link", "connected": False})
+                node_pk=node_pk, channel_name=self.channel_name, reason=reason)
+            await self._to_console({"kind": "link", "connected": False}, node_pk=node_pk)
 
     async def _send(self, message: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(message, separators=(",", ":")))
@@ -96,6 +101,8 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
 
     # -- from the node ------------------------------------------------------
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.closing:
+            return  # given up on (heartbeats lost): whatever still arrives belongs to no one
         self.last_heard = time.monotonic()
         try:
             message = json.loads(text_data or "")
@@ -129,11 +136,11 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
             await self._sync_executors(message)
             await self._to_console({"kind": "executors"})
 
-    async def _to_console(self, event: dict[str, Any]) -> None:
+    async def _to_console(self, event: dict[str, Any], node_pk: int | None = None) -> None:
         """Tell the browsers watching the node console (nodes/console.py); nobody watching costs one lookup."""
         try:
             await asyncio.wait_for(self.channel_layer.group_send(
-                CONSOLE_GROUP, {"type": "console.event", "event": {**event, "node": self.node_pk}}),
+                CONSOLE_GROUP, {"type": "console.event", "event": {**event, "node": node_pk or self.node_pk}}),
                 CHANNEL_SEND_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - the console is a view; the link must not suffer for it
             log.debug("console update dropped: %s", type(exc).__name__)
@@ -145,8 +152,8 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         That request is given up; the link and every other request on it go on.
         """
         try:
-            await asyncio.wait_for(self.channel_layer.send(reply, {"type": "node.event", "raw": raw}),
-                                   CHANNEL_SEND_TIMEOUT_S)
+            async with asyncio.timeout(CHANNEL_SEND_TIMEOUT_S):  # cheaper than wait_for: no task per event
+                await self.channel_layer.send(reply, {"type": "node.event", "raw": raw})
         except Exception as exc:  # noqa: BLE001 - ChannelFull, a timeout, or Redis gone: same remedy
             log.warning("dropping request %s: its reply channel took no event (%s)", rid, type(exc).__name__)
             if self.in_flight.pop(rid, None) is not None:
@@ -187,6 +194,7 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         await self._to_console({"kind": "link", "connected": True})
         await self._send({"type": "welcome", "proof": gateway_proof(key, self.gateway_nonce, node_nonce, node_id),
                           "heartbeat_interval_s": self.heartbeat_interval_s})
+        self.authenticated.set()  # after the welcome: the watchdog's first ping must not come before it
 
     async def _mark_seen(self) -> None:
         now = time.monotonic()
@@ -205,24 +213,39 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
             await database_sync_to_async(services.executors_sync)(node_pk=self.node_pk, reported=executors)
 
     async def _watchdog(self) -> None:
-        """Close a link that did not authenticate in time, or whose node fell silent for 3 heartbeats."""
-        await asyncio.sleep(HANDSHAKE_TIMEOUT_S)
-        if self.node_pk is None:
+        """Close a link that did not authenticate in time, or whose node fell silent for 3 heartbeats.
+
+        A node sends something at least every interval (its own pings, our pings' pongs). Silence is
+        checked four times an interval and judged at 2.75 intervals, so a node that stopped answering
+        (killed without a FIN, frozen, cut off: a half-open socket) is let go within 3 intervals.
+        """
+        try:
+            await asyncio.wait_for(self.authenticated.wait(), HANDSHAKE_TIMEOUT_S)
+        except asyncio.TimeoutError:
             await self._refuse("handshake timed out")
             return
+        interval = self.heartbeat_interval_s
+        pinged = 0.0
         while not self.closing:
-            if time.monotonic() - self.last_heard > 3 * self.heartbeat_interval_s:
-                log.warning("node %s silent for %.1f s; closing its link", self.node_pk,
-                            time.monotonic() - self.last_heard)
+            now = time.monotonic()
+            if now - self.last_heard > SILENCE_LIMIT * interval:
+                log.warning("node %s silent for %.1f s; closing its link", self.node_pk, now - self.last_heard)
+                # A half-open socket never answers the close handshake: act now, not after its timeout.
+                await self._lost("heartbeat lost")
                 await self.close(CLOSE_HEARTBEAT_LOST)
                 return
-            with contextlib.suppress(Exception):
-                await self._send({"type": "ping", "t": time.time()})
-            await asyncio.sleep(self.heartbeat_interval_s)
+            if now - pinged >= interval:
+                pinged = now
+                with contextlib.suppress(Exception):
+                    await self._send({"type": "ping", "t": time.time()})
+            await asyncio.sleep(interval / 4)
 
     # -- from the gateway's request handlers (channel layer) ----------------
     async def node_request(self, event: dict[str, Any]) -> None:
         rid = event["id"]
+        if self.closing:  # routed here from a view of the nodes a moment old: fail it at once, for failover
+            await self._forward(rid, event["reply_channel"], _disconnected(rid))
+            return
         self.in_flight[rid] = event["reply_channel"]
         head = json.dumps({"type": "request", "id": rid, "executor": event["executor"], "op": event["op"],
                            "stream": event["stream"]}, separators=(",", ":"))
@@ -242,6 +265,12 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         log.info("node %s linked again elsewhere; closing this older link", self.node_pk)
         self.node_pk = None  # the newer link owns the node row now
         await self.close(CLOSE_REPLACED)
+
+
+def _disconnected(rid: str) -> str:
+    """The error event for a request whose node went away (the gateway may send it to another node)."""
+    return json.dumps({"type": "error", "id": rid, "error": {
+        "message": "The node disconnected.", "type": "server_error", "code": "node_disconnected", "status": 502}})
 
 
 def _peer(scope: dict[str, Any]) -> str:

@@ -35,6 +35,7 @@ from typing import Any
 # this set between tokens, which is what bounds cancellation to one token.
 _cancelled: set[str] = set()
 _cancelled_lock = threading.Lock()
+_parent_gone = threading.Event()  # stdin closed: the agent stopped or died; stop generating at once
 
 
 class RequestError(Exception):
@@ -42,6 +43,8 @@ class RequestError(Exception):
 
 
 def _is_cancelled(rid: str) -> bool:
+    if _parent_gone.is_set():
+        return True  # nobody is left to read the reply
     with _cancelled_lock:
         return rid in _cancelled
 
@@ -575,7 +578,8 @@ def _read_requests(inbox: queue.Queue[dict[str, Any] | None]) -> None:
                 _cancelled.add(request["id"])
         else:
             inbox.put(request)
-    inbox.put(None)  # parent closed the pipe: finish
+    _parent_gone.set()  # parent closed the pipe (it stopped, or was killed): drop everything and exit
+    inbox.put(None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -598,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     out.send({"type": "ready", "pid": os.getpid(), "n_ctx": worker.llm.n_ctx()})
     inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
     threading.Thread(target=_read_requests, args=(inbox,), daemon=True, name="requests").start()
-    while (request := inbox.get()) is not None:
+    while (request := inbox.get()) is not None and not _parent_gone.is_set():
         worker.handle(request)
     return 0
 
