@@ -18,6 +18,8 @@ from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 from django.utils import timezone
 
+from optimagpt.coalesce import Coalesced
+
 from .models import ApiKey, User, api_key_digest
 
 # Writing last_used_at on every request would put a database write on the hot path.
@@ -25,6 +27,8 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 # digest -> (valid until, key, whether its owner may use the API)
 _cache: dict[str, tuple[float, ApiKey, bool]] = {}
+_loads: Coalesced[tuple[ApiKey, bool] | None] = Coalesced()  # concurrent misses for one key share one query
+_generation = 0  # bumped when keys or users change: a load that began before is not cached
 
 
 def _load(raw_key: str) -> tuple[ApiKey, bool] | None:
@@ -36,6 +40,16 @@ def _load(raw_key: str) -> tuple[ApiKey, bool] | None:
     return key, owner_ok
 
 
+async def _load_and_cache(raw_key: str, digest: str) -> tuple[ApiKey, bool] | None:
+    generation = _generation
+    loaded = await database_sync_to_async(_load)(raw_key)
+    if loaded is None:
+        _cache.pop(digest, None)
+    elif generation == _generation:
+        _cache[digest] = (time.monotonic() + settings.OPTIMAGPT_API_KEY_CACHE_S, *loaded)
+    return loaded
+
+
 async def api_key_authenticate(*, raw_key: str) -> tuple[ApiKey, bool] | None:
     """The ApiKey that `raw_key` is and whether its owner may use the API; None for no key."""
     digest = api_key_digest(raw_key)
@@ -45,12 +59,10 @@ async def api_key_authenticate(*, raw_key: str) -> tuple[ApiKey, bool] | None:
     else:
         # database_sync_to_async, not the async ORM: it also tidies the thread's
         # connections, which the API's lean handler leaves to the queries themselves.
-        loaded = await database_sync_to_async(_load)(raw_key)
+        loaded = await _loads.load(digest, lambda: _load_and_cache(raw_key, digest))
         if loaded is None:
-            _cache.pop(digest, None)
             return None
         key, owner_ok = loaded
-        _cache[digest] = (time.monotonic() + settings.OPTIMAGPT_API_KEY_CACHE_S, key, owner_ok)
     now = timezone.now()
     if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
         key.last_used_at = now
@@ -58,12 +70,20 @@ async def api_key_authenticate(*, raw_key: str) -> tuple[ApiKey, bool] | None:
     return key, owner_ok
 
 
+def _changed() -> None:
+    global _generation
+    _generation += 1
+    _loads.clear()
+
+
 def forget_key(digest: str) -> None:
+    _changed()
     _cache.pop(digest, None)
 
 
 def forget_keys_of_user(user_id: int | None) -> None:
     """Drop the keys owned by `user_id` (by anyone, when None: we cannot tell whose)."""
+    _changed()
     for digest in [d for d, (_, key, _) in _cache.items() if user_id is None or key.owner_id == user_id]:
         _cache.pop(digest, None)
 
