@@ -49,9 +49,23 @@ def _speed_up_twisted() -> None:
 
     tcp.Server.__init__ = accept_without_nagle
 
+    # Twisted listens with a backlog of 50 connections waiting to be accepted. A burst of a few hundred
+    # clients overflowed it (the kernel's ListenOverflows counter): their handshakes were retried after
+    # 1, 3, 7 s, and one whose retries ran out got a reset. 1024 (capped by net.core.somaxconn) absorbs
+    # such a burst; a larger backlog= in a -e endpoint string still wins.
+    listen = tcp.Port.__init__
+    backlog = int(os.environ.get("OPTIMAGPT_LISTEN_BACKLOG") or 1024)
+
+    def listen_with_backlog(self: tcp.Port, port: int, factory: object, backlog_asked: int = 50,
+                            interface: str = "", reactor: object = None) -> None:
+        listen(self, port, factory, max(backlog_asked, backlog), interface, reactor)
+
+    tcp.Port.__init__ = listen_with_backlog
+
 
 def _start_background_work() -> None:
-    """Once daphne's reactor runs: dial the nodes that listen, publish this process's request counts, prune
+    """Once daphne's reactor runs: dial the nodes that listen, publish this process's request counts (and,
+    with Redis, its in-flight counts per executor for the other processes' routers), prune
     old node history; on shutdown, hang up, give the leases back and stop those loops."""
     import asyncio
 
@@ -62,13 +76,15 @@ def _start_background_work() -> None:
     def start() -> None:
         from django.conf import settings
 
+        from gateway.routing.shared import share_forever
         from gateway.stats import publish_forever
         from nodes.housekeeping import prune_forever
         from nodes.outbound import OWNER, dialer_start
 
         dialer = dialer_start()
         stopping = asyncio.Event()
-        loops = [asyncio.ensure_future(publish_forever(owner=OWNER, stop=stopping))]
+        loops = [asyncio.ensure_future(publish_forever(owner=OWNER, stop=stopping)),
+                 asyncio.ensure_future(share_forever(owner=OWNER, stop=stopping))]
         # With a Celery worker, its beat runs the pruning (CELERY_BEAT_SCHEDULE); without one, this process does.
         if not settings.CELERY_WORKER:
             loops.append(asyncio.ensure_future(prune_forever(stopping)))
@@ -84,6 +100,18 @@ def _start_background_work() -> None:
         reactor.addSystemEventTrigger("before", "shutdown", stop)
 
     reactor.callWhenRunning(lambda: asyncio.get_event_loop().call_soon(start))
+    reactor.callWhenRunning(_calm_the_garbage_collector)
+
+
+def _calm_the_garbage_collector() -> None:
+    """Move what start-up made (Django, the URL map, the models) out of the collector's sight, and collect
+    the young generation less often: each request makes a few thousand short-lived objects, and full
+    collections over the long-lived ones were the gateway's longest pauses under load (p99)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
 
 
 def _forget_links_of_a_previous_run() -> None:
