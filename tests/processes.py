@@ -174,3 +174,28 @@ class NodeAgent(Process):
                 return elapsed
             time.sleep(0.2)
         raise TimeoutError(f"{model_id} not served within {timeout_s} s:\n{self.log()}\n{self.gateway.log()}")
+
+
+class SimulatedNodes(Process):
+    """`python -m node_agent.simulator`: protocol-level nodes answering at a chosen speed, in one process."""
+
+    def __init__(self, *, gateway: Gateway, log_dir: Path, count: int = 1, model: str = "sim", delay_s: float = 0.0,
+                 tokens: int = 1, token_rate: float = 0.0, slots: int = 1, prefix: str = "sim",
+                 heartbeat_interval_s: float = 2.0, metrics_interval_s: float = 2.0) -> None:
+        super().__init__(log_dir / f"{prefix}.log")
+        self.gateway = gateway
+        self.count = count
+        self.argv = [sys.executable, "-m", "node_agent.simulator", "--gateway-url", gateway.url, "--nodes", str(count),
+                     "--model", model, "--delay", str(delay_s), "--tokens", str(tokens), "--token-rate",
+                     str(token_rate), "--slots", str(slots), "--prefix", prefix,
+                     "--heartbeat-interval", str(heartbeat_interval_s), "--metrics-interval", str(metrics_interval_s)]
+        self.env = base_env()
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Start, and wait until every node is linked."""
+        self._spawn(self.argv, self.env)
+        deadline = time.monotonic() + timeout_s
+        while f"linked {self.count}/{self.count}" not in self.log():
+            assert self.alive, f"simulator exited:\n{self.log()}"
+            assert time.monotonic() < deadline, f"simulated nodes not linked in {timeout_s} s:\n{self.log()}"
+            time.sleep(0.1)

@@ -1,4 +1,4 @@
-"""Services for the end-to-end tests that need them: a fresh PostgreSQL database each, and Redis."""
+"""Services for the end-to-end tests that need them: a fresh PostgreSQL database each (Redis: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -26,12 +26,3 @@ def database_url() -> Iterator[str]:
     finally:
         with psycopg.connect(server, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture
-def redis_url() -> str:
-    import redis
-
-    url = require_service("OPTIMAGPT_TEST_REDIS_URL")
-    redis.Redis.from_url(url, socket_timeout=5).ping()
-    return url

@@ -218,6 +218,18 @@ def test_closing_a_stream_stops_generation_on_the_node(client) -> None:
     assert time.monotonic() - started < 1.5
 
 
+def test_a_client_that_gives_up_on_a_reply_not_streamed_frees_the_node_within_a_second(
+    gateway, node, api_key, client
+) -> None:
+    with pytest.raises(httpx.ReadTimeout):  # the client hangs up after 1 s of a reply that would take a minute
+        httpx.post(gateway.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {api_key}"}, json={
+            "model": MODEL_ID, "max_tokens": 3000, "logit_bias": {"2": -100},
+            "messages": [{"role": "user", "content": "Write a very long story about the sea."}]}, timeout=1.0)
+    started = time.monotonic()
+    client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+    assert time.monotonic() - started < 1.5, "the abandoned reply was still being generated"
+
+
 def test_many_requests_in_flight_share_one_link(client) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
