@@ -131,7 +131,7 @@ def _executor(executor_id: int) -> Executor:
     return executor
 
 
-def _json_object(request: HttpRequest) -> dict[str, Any]:
+def json_object(request: HttpRequest) -> dict[str, Any]:
     try:
         body = json.loads(request.body or b"{}")
     except ValueError:
@@ -164,7 +164,7 @@ class RemoteUpdateIn(BaseModel):
     enabled: bool | None = None
 
 
-def _validated(schema: type[BaseModel], body: dict[str, Any]) -> dict[str, Any]:
+def validated(schema: type[BaseModel], body: dict[str, Any]) -> dict[str, Any]:
     try:
         parsed = schema.model_validate(body)
     except ValidationError as exc:
@@ -187,7 +187,7 @@ async def executors_list(request: HttpRequest) -> HttpResponse:
 @router.post("/executors", summary="Register a remote OpenAI-compatible upstream as an executor")
 async def executors_create_remote(request: HttpRequest) -> HttpResponse:
     await _require_executor_management(request.auth)
-    values = _validated(RemoteIn, _json_object(request))
+    values = validated(RemoteIn, json_object(request))
     executor = await executor_remote_create(**values)
     return JsonResponse(await _out(executor), status=201)
 
@@ -202,9 +202,9 @@ async def executors_get(request: HttpRequest, executor_id: int) -> HttpResponse:
 async def executors_update(request: HttpRequest, executor_id: int) -> HttpResponse:
     await _require_executor_management(request.auth)
     executor = await _executor(executor_id)
-    changes = _json_object(request)
+    changes = json_object(request)
     if executor.is_remote:
-        changes = _validated(RemoteUpdateIn, changes)
+        changes = validated(RemoteUpdateIn, changes)
     return JsonResponse(await _out(await executor_configure(executor=executor, changes=changes)))
 
 
