@@ -11,7 +11,7 @@ import uuid
 from typing import Annotated, Any
 
 from channels.db import database_sync_to_async
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from ninja import Router
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,6 +21,7 @@ from gateway.errors import ApiError, InvalidRequest, PermissionDenied
 from gateway.optima import json_object, validated
 
 from .models import DEFAULT_SYSTEM_PROMPT, Conversation, Message
+from .services import reply_start, reply_stream
 
 
 
@@ -177,3 +178,34 @@ def _delete(user_id: int, conversation_id: str) -> None:
 async def conversations_delete(request: HttpRequest, conversation_id: str) -> HttpResponse:
     await _delete(_user_id(request), conversation_id)
     return JsonResponse({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
+
+
+class SendIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    content: Annotated[str, Field(max_length=100_000)] = ""
+    modelId: Annotated[str, Field(max_length=200)] = ""
+    regenerate: bool = False
+
+
+@database_sync_to_async
+def _mine_async(user_id: int, conversation_id: str) -> Conversation:
+    return _mine(user_id, conversation_id)
+
+
+@router.post("/{conversation_id}/messages",
+             summary="Send a message (or regenerate the last reply) and stream the reply as server-sent events")
+async def conversations_send(request: HttpRequest, conversation_id: str) -> HttpResponse:
+    user_id = _user_id(request)
+    values = validated(SendIn, json_object(request))
+    content, regenerate = values.get("content", ""), values.get("regenerate", False)
+    if regenerate == bool(content.strip()):
+        raise InvalidRequest("Send either some 'content' or 'regenerate': true.", param="content")
+    conversation = await _mine_async(user_id, conversation_id)
+    model_id = values.get("modelId") or conversation.model_id
+    if not model_id:
+        raise InvalidRequest("Choose a model for this conversation ('modelId').", param="modelId")
+    call, events, first = await reply_start(principal=request.auth, conversation=conversation, content=content,
+                                            model_id=model_id, regenerate=regenerate)
+    return StreamingHttpResponse(reply_stream(conversation, model_id, call, events, first),
+                                 content_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -154,3 +154,18 @@ async def test_a_new_conversation_is_the_callers_with_the_default_system_prompt_
     response = await client.post(BASE, "not json", content_type="application/json", headers=headers)
     assert response.status_code == 400
     assert await Conversation.objects.acount() == 1
+
+
+async def test_a_conversation_left_running_by_a_dead_gateway_is_not_busy_for_ever(settings) -> None:  # type: ignore[no-untyped-def]
+    from chat.services import turn_begin
+    from gateway.errors import InvalidRequest
+
+    bob = await _user("bob")
+    conversation = await _conversation(bob, "stuck", "hi")
+    await Conversation.objects.filter(pk=conversation.pk).aupdate(status=Conversation.Status.RUNNING)
+    with pytest.raises(InvalidRequest):
+        await turn_begin(conversation, content="again", model_id="m", regenerate=False)
+    settings.OPTIMAGPT_REQUEST_DEADLINE_S = 0
+    messages = await turn_begin(conversation, content="again", model_id="m", regenerate=False)
+    assert messages[0] == {"role": "system", "content": "You are a helpful assistant."}
+    assert [m["content"] for m in messages[1:]] == ["hi", "re: hi", "again"]
