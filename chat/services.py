@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from gateway.auth import Principal
 from gateway.errors import ApiError, InvalidRequest
-from gateway.services import RoutedRequest, inference_start
+from gateway.services import RoutedRequest, first_event, inference_start
 
 from .models import Conversation, Message
 
@@ -84,12 +84,7 @@ async def reply_start(*, principal: Principal, conversation: Conversation, conte
     try:
         call = await inference_start(principal=principal, model=model_id, op="chat", body_json=json.dumps(body),
                                      stream=True)
-        events = aiter(call.events())
-        try:
-            first = await anext(events)
-        except BaseException:
-            await call.close()
-            raise
+        events, first = await first_event(call)
     except BaseException:
         await turn_abandon(conversation)
         raise

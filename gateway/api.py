@@ -23,7 +23,7 @@ from nodes.models import Executor
 from .auth import ApiKeyAuth
 from .errors import ApiError, ModelNotFound
 from .schemas import ChatCompletionIn, CompletionIn, EmbeddingIn
-from .services import RoutedRequest, inference_start
+from .services import RoutedRequest, first_event, inference_start
 
 router = Router(auth=ApiKeyAuth(), tags=["OpenAI"])
 
@@ -41,17 +41,6 @@ def _sse(obj: Any) -> bytes:
 def _node_body(request: HttpRequest) -> str:
     """The validated body as the client sent it, unknown fields included: no re-encoding on the way."""
     return request.body.decode()
-
-
-async def _first_event(call: RoutedRequest) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any]]:
-    """Wait for the node's first event, so errors before any token still get a proper status code."""
-    events = aiter(call.events())
-    try:
-        first = await anext(events)
-    except BaseException:
-        await call.close()
-        raise
-    return events, first
 
 
 async def _collect(call: RoutedRequest) -> dict[str, Any]:
@@ -111,7 +100,7 @@ async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> Http
             "usage": event["usage"],
         })
 
-    events, first = await _first_event(call)
+    events, first = await first_event(call)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
             "system_fingerprint": None}
@@ -147,7 +136,7 @@ async def completions(request: HttpRequest, body: CompletionIn) -> HttpResponse:
         return JsonResponse({**head, "choices": [{"index": 0, "text": event["text"], "logprobs": None,
                                                   "finish_reason": _finish_reason(event)}],
                              "usage": event["usage"]})
-    events, first = await _first_event(call)
+    events, first = await first_event(call)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def chunk(event: dict[str, Any]) -> dict[str, Any]:

@@ -368,6 +368,17 @@ class RoutedRequest:
             await self.call.close()
 
 
+async def first_event(call: RoutedRequest) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any]]:
+    """Wait for the node's first event, so errors before any token still get a proper status code."""
+    events = aiter(call.events())
+    try:
+        first = await anext(events)
+    except BaseException:
+        await call.close()
+        raise
+    return events, first
+
+
 async def inference_start(*, principal: Principal, model: str, op: str, body_json: str,
                           stream: bool) -> RoutedRequest:
     """Admit, route and send a request to an executor of `model`; raises ModelNotFound, NoCapacity or QueueFull.
