@@ -7,7 +7,6 @@ gateway.services, and shape the node's events into OpenAI's objects.
 from __future__ import annotations
 
 import base64
-import json
 import struct
 import time
 import uuid
@@ -24,19 +23,9 @@ from .auth import ApiKeyAuth
 from .errors import ApiError, ModelNotFound
 from .schemas import ChatCompletionIn, CompletionIn, EmbeddingIn
 from .services import RoutedRequest, first_event, inference_start
+from .sse import SSE_HEADERS, sse
 
 router = Router(auth=ApiKeyAuth(), tags=["OpenAI"])
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-
-
-def _sse(obj: Any) -> bytes:
-    return f"data: {_dumps(obj)}\n\n".encode()
-
 
 def _node_body(request: HttpRequest) -> str:
     """The validated body as the client sent it, unknown fields included: no re-encoding on the way."""
@@ -63,15 +52,15 @@ async def _stream(events: AsyncIterator[dict[str, Any]], first: dict[str, Any], 
     try:
         event: dict[str, Any] | None = first
         while event is not None:
-            yield _sse(chunk(event))
+            yield sse(chunk(event))
             if event["type"] == "end":
                 if usage_head is not None:
-                    yield _sse({**usage_head, "choices": [], "usage": event["usage"]})
+                    yield sse({**usage_head, "choices": [], "usage": event["usage"]})
                 yield b"data: [DONE]\n\n"
                 return
             event = await anext(events, None)
     except ApiError as exc:
-        yield _sse(exc.body())
+        yield sse(exc.body())
     finally:
         await events.aclose()  # type: ignore[attr-defined]
 
