@@ -8,6 +8,7 @@ framework work per request; this pipe costs well under a millisecond. See
 bench/README.md.)
 
 Input lines:  {"op": "chat"|"completion"|"embedding", "id": ID, "stream": bool, "body": {...}}
+              {"op": "tokenize", "id": ID, "body": {"messages": [...]}} (answered at once, between tokens)
               {"op": "cancel", "id": ID}
 Output lines: {"type": "ready", ...} once the model is loaded, then per request
               zero or more {"type": "delta", "id": ID, ...}, then exactly one
@@ -392,6 +393,41 @@ class Worker:
             end["text"] = "".join(text)
         self.out.send(end)
 
+    # -- token counts -----------------------------------------------------
+    def tokenize(self, rid: str, body: dict[str, Any]) -> None:
+        """How many tokens of the context window each part of a chat takes, by the model's own tokenizer.
+
+        Runs on the reader thread, beside a generation: tokenizing reads only the vocabulary and the
+        template renders in Python, neither touches the context the generating thread uses.
+        """
+        try:
+            if self.args.embedding:
+                raise RequestError("this model serves embeddings only")
+            messages = [_normalize_message(m) for m in body.get("messages") or []]
+            tools = body.get("tools") or None
+            counts = {"system": 0, "tools": 0, "user": 0, "assistant": 0}
+            for message in messages:
+                text = message.get("content")
+                if isinstance(text, str) and text:
+                    role = message.get("role")
+                    part = "system" if role in ("system", "developer") else "assistant" if role == "assistant" \
+                        else "tools" if role == "tool" else "user"
+                    counts[part] += len(self.llm.tokenize(text.encode(), add_bos=False, special=False))
+            if tools:
+                counts["tools"] += len(self.llm.tokenize(json.dumps(tools).encode(), add_bos=False, special=False))
+            if tools and not self.template_knows_tools:
+                messages = _with_tool_instructions(messages, tools)
+            formatted = self.formatter(messages=messages, tools=tools, tool_choice="auto" if tools else None)
+            prompt = self.llm.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True)
+            # What the template adds around the messages (turn markers, the reply's opening) is the rest.
+            counts["template"] = max(len(prompt) - sum(counts.values()), 0)
+            self.out.send({"type": "end", "id": rid, "finish_reason": "stop",
+                           "counts": {**counts, "prompt": len(prompt), "window": self.llm.n_ctx()}})
+        except (RequestError, ValueError) as exc:
+            self.out.send(_error(rid, str(exc), "invalid_request_error", 400))
+        except Exception as exc:  # noqa: BLE001 - one bad request must not end the process
+            self.out.send(_error(rid, f"tokenizing failed: {type(exc).__name__}: {exc}", "server_error", 500))
+
     # -- embeddings -------------------------------------------------------
     def embedding(self, rid: str, body: dict[str, Any]) -> None:
         inputs = body.get("input")
@@ -566,8 +602,8 @@ def _response_format_grammar(response_format: Any) -> Any:
     return None
 
 
-def _read_requests(inbox: queue.Queue[dict[str, Any] | None]) -> None:
-    """Reader thread: cancellations take effect at once, everything else queues for the model."""
+def _read_requests(inbox: queue.Queue[dict[str, Any] | None], worker: Worker) -> None:
+    """Reader thread: cancellations and token counts take effect at once, everything else queues for the model."""
     for line in sys.stdin.buffer:
         try:
             request = json.loads(line)
@@ -576,6 +612,8 @@ def _read_requests(inbox: queue.Queue[dict[str, Any] | None]) -> None:
         if request.get("op") == "cancel":
             with _cancelled_lock:
                 _cancelled.add(request["id"])
+        elif request.get("op") == "tokenize":
+            worker.tokenize(request["id"], request.get("body") or {})
         else:
             inbox.put(request)
     _parent_gone.set()  # parent closed the pipe (it stopped, or was killed): drop everything and exit
@@ -601,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(args, out)
     out.send({"type": "ready", "pid": os.getpid(), "n_ctx": worker.llm.n_ctx()})
     inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
-    threading.Thread(target=_read_requests, args=(inbox,), daemon=True, name="requests").start()
+    threading.Thread(target=_read_requests, args=(inbox, worker), daemon=True, name="requests").start()
     while (request := inbox.get()) is not None and not _parent_gone.is_set():
         worker.handle(request)
     return 0
