@@ -11,29 +11,19 @@ import uuid
 from typing import Annotated, Any
 
 from channels.db import database_sync_to_async
+from django.db.models import Q
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from ninja import Router
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.auth import ApiKeyAuth, Principal
-from accounts.models import User
+from gateway.auth import ChatAuth, Principal
 from gateway.errors import ApiError, InvalidRequest, PermissionDenied
 from gateway.optima import json_object, validated
 
-from .models import DEFAULT_SYSTEM_PROMPT, Conversation, Message
-from .services import reply_start, reply_stream
+from gateway.sse import SSE_HEADERS
 
-
-
-class ChatAuth(ApiKeyAuth):
-    """A JWT of a user with the Chat permission (OptimaChat's users need not hold Access Gateway), or an
-    API key as on the rest of the API."""
-
-    jwt_refusal = "You may not use OptimaChat: you lack the Chat permission."
-
-    async def jwt_allows(self, user: User, gateway_ok: bool) -> bool:
-        return await database_sync_to_async(user.has_perm)("accounts.chat")
-
+from .models import DEFAULT_SYSTEM_PROMPT, ChatPreferences, Conversation, Message
+from .services import context_usage, conversation_out, message_out, reply_start, reply_stream
 
 router = Router(auth=ChatAuth(), tags=["OptimaChat"])
 
@@ -45,20 +35,6 @@ class ConversationNotFound(ApiError):
     status = 404
     type = "invalid_request_error"
     code = "conversation_not_found"
-
-
-def conversation_out(c: Conversation) -> dict[str, Any]:
-    return {"id": str(c.id), "userId": c.user_id, "title": c.title, "modelId": c.model_id,
-            "turnCount": c.turn_count, "status": c.get_status_display(),
-            "createdAt": c.created_at.isoformat(), "updatedAt": c.updated_at.isoformat()}
-
-
-def message_out(m: Message) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": m.pk, "role": m.role, "content": m.content, "status": m.status,
-                           "modelId": m.model_id, "createdAt": m.created_at.isoformat()}
-    if m.error:
-        out["error"] = m.error
-    return out
 
 
 def _user_id(request: HttpRequest) -> int:
@@ -91,8 +67,10 @@ class ConversationIn(BaseModel):
 
 @database_sync_to_async
 def _create(user_id: int, values: dict[str, Any]) -> dict[str, Any]:
+    title = values.get("title", "").strip()
     conversation = Conversation.objects.create(
-        user_id=user_id, title=values.get("title", "").strip(), model_id=values.get("modelId", ""),
+        user_id=user_id, title=title, model_id=values.get("modelId", ""),
+        title_source=Conversation.TitleSource.USER if title else Conversation.TitleSource.FALLBACK,
         system_prompt=values.get("systemPrompt", DEFAULT_SYSTEM_PROMPT),
         temperature=values.get("temperature", 0.7))
     return conversation_out(conversation)
@@ -106,17 +84,24 @@ async def conversations_create(request: HttpRequest) -> HttpResponse:
 
 
 @database_sync_to_async
-def _page(user_id: int, start: int, count: int) -> tuple[int, list[dict[str, Any]]]:
+def _page(user_id: int, start: int, count: int, search: str) -> tuple[int, list[dict[str, Any]]]:
     mine = Conversation.objects.filter(user_id=user_id)
+    if search:
+        matching = Message.objects.filter(conversation__user_id=user_id, content__icontains=search)
+        mine = mine.filter(Q(title__icontains=search) | Q(pk__in=matching.values("conversation_id")))
     return mine.count(), [conversation_out(c) for c in mine.order_by("-updated_at")[start:start + count]]
 
 
-@router.get("", summary="The caller's conversations, newest activity first, paged")
+@router.get("", summary="The caller's conversations, newest activity first, paged; `search` keeps those whose title "
+            "or messages contain it")
 async def conversations_list(request: HttpRequest) -> HttpResponse:
     user_id = _user_id(request)
     start = _int_param(request, "startIndex", 0, 0, 10**9)
     count = _int_param(request, "returnCount", DEFAULT_PAGE, 1, MAX_PAGE)
-    total, data = await _page(user_id, start, count)
+    search = request.GET.get("search", "").strip()
+    if len(search) > 200:
+        raise InvalidRequest("'search' takes at most 200 characters.", param="search")
+    total, data = await _page(user_id, start, count, search)
     return JsonResponse({"object": "list", "data": data, "startIndex": start, "returnCount": len(data),
                          "total": total})
 
@@ -146,27 +131,40 @@ async def conversations_get(request: HttpRequest, conversation_id: str) -> HttpR
     return JsonResponse(await _get(_user_id(request), conversation_id))
 
 
-class RenameIn(BaseModel):
+class ChangeIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    title: Annotated[str, Field(min_length=1, max_length=200)]
+    title: Annotated[str, Field(max_length=200)] | None = None
+    modelId: Annotated[str, Field(max_length=200)] | None = None
+    systemPrompt: Annotated[str, Field(max_length=100_000)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
 
 
 @database_sync_to_async
-def _rename(user_id: int, conversation_id: str, title: str) -> dict[str, Any]:
+def _change(user_id: int, conversation_id: str, values: dict[str, Any]) -> dict[str, Any]:
     conversation = _mine(user_id, conversation_id)
-    conversation.title = title
-    conversation.save(update_fields=["title", "updated_at"])
-    return conversation_out(conversation)
+    fields = {"title": "title", "modelId": "model_id", "systemPrompt": "system_prompt", "temperature": "temperature"}
+    for name, value in values.items():
+        setattr(conversation, fields[name], value)
+    if "title" in values:
+        conversation.title_source = Conversation.TitleSource.USER
+    conversation.save(update_fields=[fields[name] for name in values]
+                      + (["title_source"] if "title" in values else []) + ["updated_at"])
+    return {**conversation_out(conversation), "systemPrompt": conversation.system_prompt,
+            "temperature": conversation.temperature}
 
 
-@router.patch("/{conversation_id}", summary="Rename a conversation")
-async def conversations_rename(request: HttpRequest, conversation_id: str) -> HttpResponse:
+@router.patch("/{conversation_id}", summary="Rename a conversation or change its settings (system prompt, "
+              "temperature, model), which apply from the next message")
+async def conversations_change(request: HttpRequest, conversation_id: str) -> HttpResponse:
     user_id = _user_id(request)
-    values = validated(RenameIn, json_object(request))
-    title = values["title"].strip()
-    if not title:
-        raise InvalidRequest("A title needs at least one visible character.", param="title")
-    return JsonResponse(await _rename(user_id, conversation_id, title))
+    values = {k: v for k, v in validated(ChangeIn, json_object(request)).items() if v is not None}
+    if not values:
+        raise InvalidRequest("Send at least one of 'title', 'systemPrompt', 'temperature', 'modelId'.")
+    if "title" in values:
+        values["title"] = values["title"].strip()
+        if not values["title"]:
+            raise InvalidRequest("A title needs at least one visible character.", param="title")
+    return JsonResponse(await _change(user_id, conversation_id, values))
 
 
 @database_sync_to_async
@@ -207,5 +205,43 @@ async def conversations_send(request: HttpRequest, conversation_id: str) -> Http
     call, events, first = await reply_start(principal=request.auth, conversation=conversation, content=content,
                                             model_id=model_id, regenerate=regenerate)
     return StreamingHttpResponse(reply_stream(conversation, model_id, call, events, first),
-                                 content_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 content_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@router.get("/{conversation_id}/context",
+            summary="How many tokens System, Tools, User and AI take of the model's context window, by its tokenizer")
+async def conversations_context(request: HttpRequest, conversation_id: str) -> HttpResponse:
+    user_id = _user_id(request)
+    conversation = await _mine_async(user_id, conversation_id)
+    model_id = request.GET.get("modelId") or conversation.model_id
+    if not model_id:
+        raise InvalidRequest("Choose a model to count with ('modelId').", param="modelId")
+    return JsonResponse(await context_usage(request.auth, conversation, model_id))
+
+
+preferences_router = Router(auth=ChatAuth(), tags=["OptimaChat"])
+
+
+class PreferencesIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    expandBlocks: bool
+
+
+@database_sync_to_async
+def _preferences(user_id: int, values: dict[str, Any]) -> dict[str, Any]:
+    preferences, _ = ChatPreferences.objects.get_or_create(user_id=user_id)
+    if values:
+        preferences.expand_blocks = values["expandBlocks"]
+        preferences.save()
+    return {"expandBlocks": preferences.expand_blocks}
+
+
+@preferences_router.get("", summary="The caller's own OptimaChat settings")
+async def preferences_get(request: HttpRequest) -> HttpResponse:
+    return JsonResponse(await _preferences(_user_id(request), {}))
+
+
+@preferences_router.patch("", summary="Change the caller's own OptimaChat settings")
+async def preferences_change(request: HttpRequest) -> HttpResponse:
+    user_id = _user_id(request)
+    return JsonResponse(await _preferences(user_id, validated(PreferencesIn, json_object(request))))

@@ -19,7 +19,14 @@ class Conversation(models.Model):
     # Not a counter: a conversation's address says nothing about how many others exist.
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
+    class TitleSource(models.TextChoices):
+        FALLBACK = "fallback", "The first words of the first message"
+        MODEL = "model", "Written by the model"
+        USER = "user", "Given by the user"
+
     title = models.CharField(max_length=200, blank=True)
+    # The model's title replaces only the fallback; a name the user gave is never overwritten.
+    title_source = models.CharField(max_length=8, choices=TitleSource.choices, default=TitleSource.FALLBACK)
     model_id = models.CharField(max_length=200, blank=True)
     system_prompt = models.TextField(blank=True, default=DEFAULT_SYSTEM_PROMPT)
     temperature = models.FloatField(default=0.7)
@@ -58,3 +65,12 @@ class Message(models.Model):
 
     class Meta:
         ordering = ["created_at", "id"]
+
+
+class ChatPreferences(models.Model):
+    """A user's own OptimaChat settings, the same on every device."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, primary_key=True,
+                                related_name="chat_preferences")
+    # Thinking and tool blocks stay open after a reply finishes (by default they fold away).
+    expand_blocks = models.BooleanField(default=False)

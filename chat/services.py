@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
-from typing import Any
-
 from datetime import timedelta
+from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -20,10 +20,31 @@ from django.utils import timezone
 from gateway.auth import Principal
 from gateway.errors import ApiError, InvalidRequest
 from gateway.services import RoutedRequest, first_event, inference_start
+from gateway.sse import sse
 
 from .models import Conversation, Message
 
+log = logging.getLogger("optimagpt.chat")
+
 TITLE_LENGTH = 60
+# The model writes a title after the first reply; past this the conversation keeps its fallback title.
+TITLE_TIMEOUT_S = 20.0
+# Worded for small models too (SmolLM2 135M answers the message itself when asked more plainly).
+TITLE_PROMPT = 'Summarize this request as a short topic title (3 to 6 words):\n\n"{message}"\n'
+
+
+def conversation_out(c: Conversation) -> dict[str, Any]:
+    return {"id": str(c.id), "userId": c.user_id, "title": c.title, "titleSource": c.title_source,
+            "modelId": c.model_id, "turnCount": c.turn_count, "status": c.get_status_display(),
+            "createdAt": c.created_at.isoformat(), "updatedAt": c.updated_at.isoformat()}
+
+
+def message_out(m: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": m.pk, "role": m.role, "content": m.content, "status": m.status,
+                           "modelId": m.model_id, "createdAt": m.created_at.isoformat()}
+    if m.error:
+        out["error"] = m.error
+    return out
 
 
 def title_fallback(text: str) -> str:
@@ -56,6 +77,10 @@ def turn_begin(conversation: Conversation, *, content: str, model_id: str, regen
         conversation.model_id = model_id
         conversation.status = Conversation.Status.RUNNING
         conversation.save()
+    return _prompt(conversation, history)
+
+
+def _prompt(conversation: Conversation, history: list[Message]) -> list[dict[str, str]]:
     messages = [{"role": "system", "content": conversation.system_prompt}] if conversation.system_prompt else []
     return messages + [{"role": m.role, "content": m.content} for m in history]
 
@@ -91,19 +116,14 @@ async def reply_start(*, principal: Principal, conversation: Conversation, conte
     return call, events, first
 
 
-def _sse(obj: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
-
-
 async def reply_stream(conversation: Conversation, model_id: str, call: RoutedRequest,
                        events: AsyncIterator[dict[str, Any]], first: dict[str, Any]) -> AsyncIterator[bytes]:
     """The reply as server-sent events: `{"type": "delta", "content": ...}` per piece of text, then one
     `{"type": "done", "message": ...}` or `{"type": "error", "error": ..., "message": ...}`.
 
+    After the first complete reply the model titles the conversation: `{"type": "title", "title": ...}`.
     A client that closes the stream stops the generation on the node; the text so far is saved as stopped.
     """
-    from .api import message_out
-
     parts: list[str] = []
     status, error = Message.Status.STOPPED, ""
     failure: dict[str, Any] = {}
@@ -116,7 +136,7 @@ async def reply_stream(conversation: Conversation, model_id: str, call: RoutedRe
             text = (event.get("delta") or {}).get("content")
             if text:
                 parts.append(text)
-                yield _sse({"type": "delta", "content": text})
+                yield sse({"type": "delta", "content": text})
             event = await anext(events, None)
         else:
             status, error = Message.Status.ERROR, "The reply ended before it was complete."
@@ -131,7 +151,89 @@ async def reply_stream(conversation: Conversation, model_id: str, call: RoutedRe
         # Done even when the client has gone and this generator is being cancelled (again): shielded.
         message = await asyncio.shield(asyncio.ensure_future(wrap_up()))
     if status == Message.Status.COMPLETE:
-        yield _sse({"type": "done", "message": message_out(message)})
+        yield sse({"type": "done", "message": message_out(message)})
+        title = await title_write(call.principal, conversation, model_id)
+        if title:
+            yield sse({"type": "title", "title": title})
     else:
         failure = failure or {"message": error, "type": "server_error", "param": None, "code": "incomplete_reply"}
-        yield _sse({"type": "error", "error": failure, "message": message_out(message)})
+        yield sse({"type": "error", "error": failure, "message": message_out(message)})
+
+
+def title_clean(text: str) -> str:
+    """The model's answer as a title: its first line, without quotes, a "Title:" label or Markdown marks."""
+    text = re.sub(r"<think>.*?(</think>|$)", "", text, flags=re.DOTALL)  # a reasoning model's thoughts
+    line = next((ln for ln in text.strip().splitlines() if ln.strip()), "")
+    if line.lstrip().startswith(("```", "~~~", "<")):
+        return ""  # code or markup is no title: the fallback stays
+    line = re.sub(r"^\s*(#+|\*+|title\s*:)\s*", "", line, flags=re.IGNORECASE)
+    line = line.strip().strip("\"'`*_“”‘’").strip().rstrip(".:;,").strip()
+    return title_fallback(line) if line else ""
+
+
+@database_sync_to_async
+def _untitled_first_message(conversation: Conversation) -> str:
+    """The first message of a conversation after its first reply, while it has only its fallback title; else ""."""
+    if not Conversation.objects.filter(pk=conversation.pk, turn_count=1,
+                                       title_source=Conversation.TitleSource.FALLBACK).exists():
+        return ""
+    first = conversation.messages.filter(role=Message.Role.USER).first()
+    return first.content if first else ""
+
+
+@database_sync_to_async
+def _title_save(conversation: Conversation, title: str) -> bool:
+    """Save the model's title unless the user named the conversation meanwhile (or it is gone)."""
+    return bool(Conversation.objects.filter(pk=conversation.pk, title_source=Conversation.TitleSource.FALLBACK)
+                .update(title=title, title_source=Conversation.TitleSource.MODEL))
+
+
+async def _complete(principal: Principal, model_id: str, body: dict[str, Any], op: str = "chat") -> dict[str, Any]:
+    """One unstreamed request over the routed path; its `end` event."""
+    call = await inference_start(principal=principal, model=model_id, op=op, body_json=json.dumps(body),
+                                 stream=False)
+    try:
+        async for event in call.events():
+            if event["type"] == "end":
+                return event
+        raise ApiError("The node ended the request without an answer.")
+    finally:
+        await call.close()
+
+
+async def title_write(principal: Principal, conversation: Conversation, model_id: str) -> str:
+    """After the first reply, ask the model for a title from the first message and save it; "" when there is
+    nothing to title or the model could not (the fallback stays)."""
+    message = re.sub(r"\s+", " ", await _untitled_first_message(conversation)).strip()[:1000]
+    if not message:
+        return ""
+    body = {"model": model_id, "temperature": 0, "max_tokens": 24,
+            "messages": [{"role": "user", "content": TITLE_PROMPT.format(message=message)}]}
+    try:
+        async with asyncio.timeout(TITLE_TIMEOUT_S):
+            end = await _complete(principal, model_id, body)
+    except (ApiError, TimeoutError) as exc:
+        log.info("no title from %s for a conversation: %s", model_id, exc)
+        return ""
+    title = title_clean(((end.get("message") or {}).get("content")) or "")
+    return title if title and await _title_save(conversation, title) else ""
+
+
+@database_sync_to_async
+def _context_messages(conversation: Conversation) -> list[dict[str, str]]:
+    return _prompt(conversation, list(conversation.messages.all()))
+
+
+async def context_usage(principal: Principal, conversation: Conversation, model_id: str) -> dict[str, Any]:
+    """How much of `model_id`'s context window the conversation's next request takes, part by part, counted by
+    the model's own tokenizer on a node (a remote upstream's counts are estimates)."""
+    messages = await _context_messages(conversation)
+    end = await _complete(principal, model_id, {"model": model_id, "messages": messages}, op="tokenize")
+    counts = end.get("counts")
+    if not isinstance(counts, dict):
+        raise ApiError("The node did not count the tokens.")
+    window = counts.get("window")
+    out = {part: int(counts.get(part) or 0) for part in ("system", "tools", "user", "assistant", "template")}
+    return {"modelId": model_id, "window": window, **out, "used": int(counts.get("prompt") or 0),
+            "free": max(window - int(counts.get("prompt") or 0), 0) if window else None,
+            "countedWith": "estimate" if counts.get("estimated") else "tokenizer"}

@@ -10,7 +10,7 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from accounts.api import router as auth_router
-from chat.api import router as conversations_router
+from chat.api import preferences_router, router as conversations_router
 from gateway.api import router as openai_router
 from gateway.errors import ApiError
 from gateway.optima import router as optima_router
@@ -21,6 +21,7 @@ api = NinjaAPI(title="OptimaGPT", version="1", description="OpenAI-compatible AP
                urls_namespace="api")
 api.add_router("/v1", openai_router)
 optima_router.add_router("/conversations", conversations_router)
+optima_router.add_router("/preferences", preferences_router)
 api.add_router("/optima/v1", optima_router)
 api.add_router("/api/auth", auth_router)
 

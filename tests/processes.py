@@ -130,6 +130,16 @@ class Gateway(Process):
         assert response.status_code == 302, response.text
         return browser
 
+    def chat_user(self, username: str, password: str) -> dict[str, str]:
+        """A new User (OptimaChat only), signed in through the API: the headers that carry their access token."""
+        subprocess.run([sys.executable, "manage.py", "create_user", username, "--type", "user"], cwd=REPO,
+                       env=self.env, input=password + "\n", text=True, check=True, capture_output=True)
+        with self.http() as client:
+            response = client.post("/api/auth/login", json={"username": username, "password": password,
+                                                            "deviceId": "tests"})
+        assert response.status_code == 200, response.text
+        return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
     def revoke_api_key(self, browser: httpx.Client, name: str) -> None:
         """Revoke the key called `name` on the API-keys page, as an admin would."""
         key_id = self.manage("shell", "--no-imports", "-c",

@@ -48,7 +48,8 @@ async def test_a_chat_user_lists_own_conversations_newest_first_with_the_referen
     body = response.json()
     assert [c["id"] for c in body["data"]] == [str(newer.id), str(older.id)]
     first = body["data"][0]
-    assert set(first) == {"id", "userId", "title", "modelId", "turnCount", "status", "createdAt", "updatedAt"}
+    assert set(first) == {"id", "userId", "title", "titleSource", "modelId", "turnCount", "status", "createdAt",
+                          "updatedAt"}
     assert (first["userId"], first["title"], first["modelId"], first["turnCount"], first["status"]) == (
         bob.pk, "newer", "smollm2", 2, "Idle")
     assert (body["startIndex"], body["returnCount"], body["total"]) == (0, 2, 2)
@@ -112,12 +113,18 @@ async def test_another_users_conversation_is_not_found_for_every_action_and_stay
     for response in (await client.get(f"{BASE}/{secret.id}", headers=headers),
                      await client.patch(f"{BASE}/{secret.id}", {"title": "mine now"}, content_type="application/json",
                                         headers=headers),
+                     await client.patch(f"{BASE}/{secret.id}", {"systemPrompt": "leak"},
+                                        content_type="application/json", headers=headers),
+                     await client.get(f"{BASE}/{secret.id}/context?modelId=smollm2", headers=headers),
+                     await client.post(f"{BASE}/{secret.id}/messages", {"content": "hi", "modelId": "smollm2"},
+                                       content_type="application/json", headers=headers),
                      await client.delete(f"{BASE}/{secret.id}", headers=headers)):
         assert response.status_code == 404
         assert response.json()["error"]["code"] == "conversation_not_found"
         assert "hunter2" not in response.content.decode() and "secret" not in response.content.decode()
     kept = await Conversation.objects.aget(pk=secret.pk)
     assert kept.title == "bob's secret" and await kept.messages.acount() == 2
+    assert kept.system_prompt == "You are a helpful assistant."
     for missing in (str(uuid.uuid4()), "not-a-uuid", "1"):
         assert (await client.get(f"{BASE}/{missing}", headers=headers)).status_code == 404
 
@@ -169,3 +176,76 @@ async def test_a_conversation_left_running_by_a_dead_gateway_is_not_busy_for_eve
     messages = await turn_begin(conversation, content="again", model_id="m", regenerate=False)
     assert messages[0] == {"role": "system", "content": "You are a helpful assistant."}
     assert [m["content"] for m in messages[1:]] == ["hi", "re: hi", "again"]
+
+
+async def test_settings_change_apart_from_the_title_and_bad_values_change_nothing() -> None:
+    bob = await _user("bob")
+    conversation = await _conversation(bob, "settings", "hi")
+    headers = await _token("bob")
+    client = AsyncClient()
+    response = await client.patch(f"{BASE}/{conversation.id}", {"systemPrompt": "Answer in French.", "temperature": 0},
+                                  content_type="application/json", headers=headers)
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert (body["systemPrompt"], body["temperature"], body["title"], body["titleSource"]) == \
+        ("Answer in French.", 0, "settings", "fallback")
+    response = await client.patch(f"{BASE}/{conversation.id}", {"systemPrompt": "", "modelId": "gemma"},
+                                  content_type="application/json", headers=headers)
+    assert response.json()["systemPrompt"] == "" and response.json()["modelId"] == "gemma"
+    for bad in ({}, {"temperature": 2.5}, {"temperature": -1}, {"systemPrompt": 5}, {"systemPrompt": "x" * 100_001},
+                {"system_prompt": "x"}):
+        response = await client.patch(f"{BASE}/{conversation.id}", bad, content_type="application/json",
+                                      headers=headers)
+        assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error", bad
+    kept = await Conversation.objects.aget(pk=conversation.pk)
+    assert (kept.system_prompt, kept.temperature, kept.model_id) == ("", 0, "gemma")
+    renamed = await client.patch(f"{BASE}/{conversation.id}", {"title": "Mine"}, content_type="application/json",
+                                 headers=headers)
+    assert renamed.json()["titleSource"] == "user", "the model's title never replaces a name the user gave"
+
+
+async def test_chat_preferences_are_each_users_own() -> None:
+    await _user("bob"), await _user("eve")
+    bob, eve = await _token("bob"), await _token("eve")
+    client = AsyncClient()
+    assert (await client.get("/optima/v1/preferences", headers=bob)).json() == {"expandBlocks": False}
+    response = await client.patch("/optima/v1/preferences", {"expandBlocks": True}, content_type="application/json",
+                                  headers=bob)
+    assert response.status_code == 200 and response.json() == {"expandBlocks": True}
+    assert (await client.get("/optima/v1/preferences", headers=bob)).json() == {"expandBlocks": True}
+    assert (await client.get("/optima/v1/preferences", headers=eve)).json() == {"expandBlocks": False}
+    for bad in ({"expandBlocks": "yes"}, {}, {"other": True}):
+        response = await client.patch("/optima/v1/preferences", bad, content_type="application/json", headers=bob)
+        assert response.status_code == 400, bad
+    assert (await client.get("/optima/v1/preferences")).status_code == 401
+
+
+@pytest.mark.parametrize(("answer", "title"), [
+    ("Lighthouse Stories", "Lighthouse Stories"),
+    ('"The Keeper\'s Night."\nMore text', "The Keeper's Night"),
+    ("Title: Ships in Fog", "Ships in Fog"),
+    ("## **Counting Numbers**", "Counting Numbers"),
+    ("\n\n  ", ""),
+    ("```python\ndef f(): pass\n```", ""),
+    ("<think>hm</think>", ""),
+    ("<think>Short, then.</think>\nBread Basics", "Bread Basics"),
+    ("word " * 40, ("word " * 40)[:59].rstrip() + "…"),
+])
+def test_the_models_answer_becomes_a_one_line_title(answer: str, title: str) -> None:
+    from chat.services import title_clean
+
+    assert title_clean(answer) == title
+
+
+async def test_search_finds_the_callers_conversations_by_title_or_by_what_was_said() -> None:
+    bob, eve = await _user("bob"), await _user("eve")
+    lighthouse = await _conversation(bob, "Lighthouse stories", "tell me a story")
+    recipe = await _conversation(bob, "Cooking", "how do I bake LIGHTHOUSE-shaped bread?")
+    await _conversation(bob, "Other", "nothing here")
+    await _conversation(eve, "Eve's lighthouse", "lighthouse")
+    headers = await _token("bob")
+    client = AsyncClient()
+    found = (await client.get(BASE + "?search=lighthouse", headers=headers)).json()
+    assert [c["id"] for c in found["data"]] == [str(recipe.id), str(lighthouse.id)] and found["total"] == 2
+    assert (await client.get(BASE + "?search=re: tell", headers=headers)).json()["total"] == 1, "replies count too"
+    assert (await client.get(BASE + "?search=" + "x" * 201, headers=headers)).status_code == 400

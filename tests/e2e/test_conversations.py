@@ -4,15 +4,12 @@ closing the stream stops the node and keeps the partial reply, regenerate replac
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
 from tests.conftest import MODEL_ID
-from tests.processes import REPO
 
 pytestmark = pytest.mark.e2e
 
@@ -20,12 +17,7 @@ PASSWORD = "conversation-user-password-1"
 
 
 def _chat_user(gateway, name: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    subprocess.run([sys.executable, "manage.py", "create_user", name, "--type", "user"], cwd=REPO, env=gateway.env,
-                   input=PASSWORD + "\n", text=True, check=True, capture_output=True)
-    response = httpx.post(gateway.url + "/api/auth/login", json={"username": name, "password": PASSWORD,
-                                                                 "deviceId": "e2e"})
-    assert response.status_code == 200, response.text
-    return {"Authorization": f"Bearer {response.json()['access_token']}"}
+    return gateway.chat_user(name, PASSWORD)
 
 
 def _events(response: httpx.Response) -> list[dict]:
@@ -42,18 +34,22 @@ def test_a_reply_streams_is_saved_and_can_be_regenerated(gateway, node) -> None:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = _events(response)
     deltas = [e["content"] for e in events if e["type"] == "delta"]
-    assert len(deltas) >= 1 and events[-1]["type"] == "done"
-    saved = events[-1]["message"]
+    kinds = [e["type"] for e in events]
+    assert len(deltas) >= 1 and kinds[-2:] == ["done", "title"], kinds
+    saved = events[-2]["message"]
     assert saved["role"] == "assistant" and saved["status"] == "complete" and saved["content"] == "".join(deltas)
 
+    # The model titled the conversation after its first reply, replacing the first words of the message.
     got = httpx.get(f"{base}/{conversation['id']}", headers=headers).json()
-    assert got["title"] == "Say hello to the world." and got["turnCount"] == 1 and got["status"] == "Idle"
+    assert got["title"] == events[-1]["title"] and got["titleSource"] == "model", got
+    assert 0 < len(got["title"]) <= 60 and "\n" not in got["title"]
+    assert got["turnCount"] == 1 and got["status"] == "Idle"
     assert [(m["role"], m["status"]) for m in got["messages"]] == [("user", "complete"), ("assistant", "complete")]
 
     with httpx.stream("POST", f"{base}/{conversation['id']}/messages", headers=headers, timeout=60,
                       json={"regenerate": True}) as response:
         events = _events(response)
-    assert events[-1]["type"] == "done"
+    assert events[-1]["type"] == "done", "titled once: a regenerated reply does not title it again"
     got = httpx.get(f"{base}/{conversation['id']}", headers=headers).json()
     assert got["turnCount"] == 1 and [m["role"] for m in got["messages"]] == ["user", "assistant"]
     assert got["messages"][-1]["id"] == events[-1]["message"]["id"], "the new reply replaced the old"
@@ -104,3 +100,46 @@ def test_sending_needs_content_or_regenerate_and_a_model(gateway, node) -> None:
     got = httpx.get(f"{base}/{conversation['id']}", headers=headers).json()
     assert [m["content"] for m in got["messages"]] == ["hello"] and got["status"] == "Error", \
         "the user's turn is kept when no model can answer, ready to be sent again"
+
+
+def test_the_context_window_is_counted_by_the_models_tokenizer_part_by_part(gateway, node, model_path) -> None:  # type: ignore[no-untyped-def]
+    from llama_cpp import Llama
+
+    headers = _chat_user(gateway, "fiona")
+    base = gateway.url + "/optima/v1/conversations"
+    system = "You are a lighthouse keeper who answers in one short sentence."
+    conversation = httpx.post(base, headers=headers, json={"modelId": MODEL_ID, "temperature": 0.0,
+                                                           "systemPrompt": system}).json()
+    with httpx.stream("POST", f"{base}/{conversation['id']}/messages", headers=headers, timeout=60,
+                      json={"content": "What do you see at night?"}) as response:
+        reply = [e for e in _events(response) if e["type"] == "done"][0]["message"]["content"]
+
+    counted = httpx.get(f"{base}/{conversation['id']}/context", headers=headers, timeout=30)
+    assert counted.status_code == 200, counted.text
+    counts = counted.json()
+    # SmolLM2's tokenizer loaded here, apart from the node: what the node's counts are checked against.
+    vocabulary = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    window = [m for m in httpx.get(gateway.url + "/optima/v1/models", headers=headers).json()["chat_models"]
+              if m["id"] == MODEL_ID][0]["ctx_max"]
+
+    def tokens(text: str) -> int:
+        return len(vocabulary.tokenize(text.encode(), add_bos=False, special=False))
+
+    assert counts["countedWith"] == "tokenizer" and counts["modelId"] == MODEL_ID
+    assert counts["system"] == tokens(system) and counts["tools"] == 0
+    assert counts["user"] == tokens("What do you see at night?") and counts["assistant"] == tokens(reply)
+    assert counts["template"] > 0  # turn markers and the reply's opening
+    assert counts["used"] == sum(counts[p] for p in ("system", "tools", "user", "assistant", "template"))
+    assert counts["window"] == window and counts["free"] == counts["window"] - counts["used"]
+
+    # A new system prompt applies from the next message, and the count follows it at once.
+    longer = system + " You also know every ship that ever passed the rocks, by name and by flag."
+    changed = httpx.patch(f"{base}/{conversation['id']}", headers=headers, json={"systemPrompt": longer})
+    assert changed.status_code == 200 and changed.json()["systemPrompt"] == longer
+    assert httpx.get(f"{base}/{conversation['id']}/context", headers=headers).json()["system"] == tokens(longer)
+    httpx.patch(f"{base}/{conversation['id']}", headers=headers, json={"systemPrompt": ""})
+    assert httpx.get(f"{base}/{conversation['id']}/context", headers=headers).json()["system"] == 0
+
+    # Nobody else can count someone's conversation (or learn that it exists).
+    other = httpx.get(f"{base}/{conversation['id']}/context", headers=_chat_user(gateway, "gregor"))
+    assert other.status_code == 404 and other.json()["error"]["code"] == "conversation_not_found"

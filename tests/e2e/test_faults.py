@@ -405,3 +405,30 @@ def test_two_hundred_simulated_nodes_share_four_hundred_requests_at_once(tmp_pat
     served = nodes.log().rsplit("served", 1)[1]
     assert served.startswith(" 400 requests"), served
     assert "min 0" not in served, f"a node got no request: {served}"
+
+
+def test_a_node_lost_mid_reply_in_a_conversation_shows_the_error_and_keeps_the_partial_reply(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    with _stack(tmp_path, models_dir, nodes=1) as (gateway, agents, key):
+        headers = gateway.chat_user("frank", "a-conversation-password-1")
+        base = gateway.url + "/optima/v1/conversations"
+        conversation = httpx.post(base, headers=headers, json={"modelId": MODEL_ID, "temperature": 0.0}).json()
+        events: list[dict[str, Any]] = []
+        with httpx.stream("POST", f"{base}/{conversation['id']}/messages", headers=headers, timeout=60,
+                          json={"content": "Write a very long story about a lighthouse keeper."}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+                    if len(events) == 2:
+                        agents[0].kill()  # SIGKILL mid-reply: the link drops without a word
+        kinds = [e["type"] for e in events]
+        assert kinds[-1] == "error" and set(kinds[:-1]) == {"delta"}, kinds
+        assert events[-1]["error"]["code"] == "node_disconnected"
+        partial = "".join(e["content"] for e in events if e["type"] == "delta")
+        saved = events[-1]["message"]
+        assert saved["status"] == "error" and saved["content"] == partial and saved["error"]
+
+        got = httpx.get(f"{base}/{conversation['id']}", headers=headers).json()
+        assert got["status"] == "Error"
+        assert [(m["role"], m["status"], m["content"]) for m in got["messages"]][-1] == ("assistant", "error", partial)
