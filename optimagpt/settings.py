@@ -57,6 +57,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Our pages run only their own script and style files (optimagpt/csp.py).
+    "optimagpt.csp.ContentSecurityPolicyMiddleware",
 ]
 
 ROOT_URLCONF = "optimagpt.urls"
