@@ -131,3 +131,8 @@ def _forget_cached_user(sender: type[User], instance: User, **kwargs: object) ->
 @receiver(m2m_changed, sender=User.user_permissions.through)
 def _forget_user_with_changed_permissions(sender: object, instance: object, **kwargs: object) -> None:
     forget_user(instance.pk if isinstance(instance, User) else None)
+
+
+def access_token_for_session(user: User) -> tuple[str, int]:
+    """An access token for a user signed in to the pages (OptimaChat calls the API with it); and its lifetime."""
+    return str(AccessToken.for_user(user)), _lifetime()

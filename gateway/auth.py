@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from channels.db import database_sync_to_async
 from django.http import HttpRequest
 from django.utils import timezone
 from ninja.security.base import AuthBase
@@ -79,3 +80,13 @@ class ApiKeyAuth(AuthBase):
     async def jwt_allows(self, user: User, gateway_ok: bool) -> bool:
         """Whether a signed-in user may call this part of the API (here: they hold Access Gateway)."""
         return gateway_ok
+
+
+class ChatAuth(ApiKeyAuth):
+    """What OptimaChat calls: a JWT of a user with the Chat permission (chat users need not hold Access
+    Gateway) or with Access Gateway, or an API key as on the rest of the API."""
+
+    jwt_refusal = "You may not use OptimaChat: you lack the Chat permission."
+
+    async def jwt_allows(self, user: User, gateway_ok: bool) -> bool:
+        return gateway_ok or await database_sync_to_async(user.has_perm)("accounts.chat")

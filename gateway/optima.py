@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
 from accounts.models import User
 from nodes.models import Executor, Node
 
-from .auth import ApiKeyAuth, Principal
+from .auth import ApiKeyAuth, ChatAuth, Principal
 from .errors import ApiError, InvalidRequest, ModelNotFound, PermissionDenied
 from .executors import executor_configure, executor_delete, executor_remote_create
 from .routing.router import strategy as routing_strategy
@@ -48,7 +48,8 @@ def _owner(row: dict[str, Any]) -> str:
     return "optimagpt"
 
 
-@router.get("/models", summary="Models that can be served now, chat and embedding apart")
+@router.get("/models", auth=ChatAuth(), summary="Models that can be served now, chat and embedding apart (also for "
+            "OptimaChat's users)")
 async def optima_models(request: HttpRequest) -> HttpResponse:
     chat: dict[str, dict[str, Any]] = {}
     embed: dict[str, dict[str, Any]] = {}

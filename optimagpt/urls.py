@@ -1,12 +1,15 @@
 from django.contrib import admin
 from django.urls import include, path
+from django.views.generic import RedirectView
 
-from chat.views import home
+from chat.views import chat_token_view, home
 
 from .api import api
 
 urlpatterns = [
     path("", home, name="home"),
+    path("chat/", RedirectView.as_view(pattern_name="home"), name="chat"),
+    path("chat/token/", chat_token_view, name="chat-token"),
     path("admin/", admin.site.urls),
     path("", include("accounts.urls")),
     path("", include("nodes.urls")),

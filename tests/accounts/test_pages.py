@@ -56,7 +56,7 @@ def test_pages_need_their_permission(admin: User, member: User, page: str) -> No
 
 
 def test_buttons_show_only_with_the_permission(admin: User, member: User) -> None:
-    assert b'href="/manage/users/"' in _as(admin).get("/", follow=True).content  # admins land on Nodes
+    assert b'href="/manage/users/"' in _as(admin).get("/", follow=True).content  # admins land on the chat
     assert b'href="/manage/users/"' not in _as(member).get("/").content
     assert b'href="/manage/api-keys/"' not in _as(member).get("/").content
 

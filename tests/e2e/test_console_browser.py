@@ -46,11 +46,16 @@ def test_the_wizard_adds_a_node_whose_colour_graphs_and_log_follow_it_live(
     gateway.admin_browser("console-admin", PASSWORD).close()  # creates the admin
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.set_default_timeout(TIMEOUT_MS)
+    # Every page runs under a strict Content-Security-Policy: nothing on them may need inline script or style.
+    refused: list[str] = []
+    page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
     try:
         page.goto(gateway.url + "/login/")
         page.fill("input[name=username]", "console-admin")
         page.fill("input[name=password]", PASSWORD)
         page.click("button[type=submit]")
+        page.wait_for_url(gateway.url + "/")  # an Admin may chat: the front page is OptimaChat
+        page.click("header >> text=Nodes")
         page.wait_for_url(gateway.url + "/manage/nodes/")
 
         # New Node: a suggested name, refreshed; the address and port; Next verifies; Finish saves.
@@ -58,7 +63,7 @@ def test_the_wizard_adds_a_node_whose_colour_graphs_and_log_follow_it_live(
         suggested = page.input_value("#id_name")
         assert suggested and page.input_value("#id_port") == "8022"
         page.click("#new-name")
-        page.wait_for_function(f"document.getElementById('id_name').value !== {suggested!r}")
+        page.wait_for_function(f"() => document.getElementById('id_name').value !== {suggested!r}")
         page.fill("#id_name", "browser-node")
         page.fill("#id_host", "127.0.0.1")
         page.fill("#id_port", str(port))
@@ -82,10 +87,10 @@ def test_the_wizard_adds_a_node_whose_colour_graphs_and_log_follow_it_live(
 
         # The node page: graphs receive points as the node reports them.
         page.locator("#nodes a", has_text="browser-node").click()
-        page.wait_for_function("document.body.dataset.console === 'live'")
+        page.wait_for_function("() => document.body.dataset.console === 'live'")
         points = int(page.get_attribute("canvas[data-graph=cpu]", "data-points") or 0)
         page.wait_for_function(
-            f"Number(document.querySelector('canvas[data-graph=cpu]').dataset.points) >= {points + 3}")
+            f"() => Number(document.querySelector('canvas[data-graph=cpu]').dataset.points) >= {points + 3}")
         assert "absent" in page.inner_text("[data-now=gpu]"), "no GPU here: shown as absent"
 
         # The log filter hides and shows levels.
@@ -105,5 +110,15 @@ def test_the_wizard_adds_a_node_whose_colour_graphs_and_log_follow_it_live(
         agent.proc.send_signal(signal.SIGKILL)
         agent.proc.wait()
         page.wait_for_selector("#node-status.dot-red")
+
+        # Delete asks first (a declared confirmation, no inline script): dismissed keeps it, accepted deletes it.
+        page.once("dialog", lambda d: d.dismiss())
+        page.click("form[data-confirm] button.danger")
+        assert page.locator("h1", has_text="browser-node").count() == 1
+        page.once("dialog", lambda d: d.accept())
+        page.click("form[data-confirm] button.danger")
+        page.wait_for_url(gateway.url + "/manage/nodes/")
+        assert page.locator("tr", has_text="browser-node").count() == 0
+        assert not refused, refused
     finally:
         page.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.test import Client
 from django.utils import timezone
 
@@ -178,6 +179,13 @@ def test_a_node_with_more_requests_than_processes_or_a_queue_for_its_model_is_am
         del router._queues["a"]
 
 
-def test_the_front_page_is_the_nodes_page_for_node_managers(admin: User, member: User) -> None:
-    assert _as(admin).get("/")["Location"] == "/manage/nodes/"
-    assert _as(member).get("/").status_code == 200
+def test_the_front_page_is_the_chat_and_the_nodes_page_for_node_managers_who_may_not_chat(
+        admin: User, member: User) -> None:
+    assert b'id="chat"' in _as(admin).get("/").content
+    assert b'id="chat"' in _as(member).get("/").content
+    admin.user_permissions.set(Permission.objects.filter(codename="manage_nodes"))
+    admin.is_superuser = False
+    admin.save()
+    assert _as(User.objects.get(pk=admin.pk)).get("/")["Location"] == "/manage/nodes/"
+    visitor = _as(None).get("/")
+    assert visitor.status_code == 200 and b'id="chat"' not in visitor.content

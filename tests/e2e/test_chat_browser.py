@@ -1,0 +1,302 @@
+"""OptimaChat in real headless Chromium against a running gateway and node with SmolLM2: log in, send with
+Enter, watch tokens arrive and the model title the chat, change the system prompt and see it counted in the
+context visualiser, stop mid-reply, regenerate, switch model, rename, search, delete; Markdown, code and
+thinking blocks render, and nothing a user or a model writes runs. Screenshots go to test-artifacts/."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.conftest import ARTIFACTS, MODEL_ID
+from tests.processes import REPO
+
+pytestmark = pytest.mark.e2e
+
+PASSWORD = "a-long-chat-password-1"
+TIMEOUT_MS = 30_000
+REMOTE_MODEL = "smol-remote"
+XSS = ('<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2"> '
+       '<a href="javascript:window.__xss = 3">link</a> <svg onload="window.__xss = 4"></svg>')
+# A reply as a model might write it, stored as it came: Markdown, code, a thinking block, and every kind of
+# markup that must stay text.
+REPLY = f"""<think>They want a greeting. <script>window.__xss = 5</script></think>
+Here is **bold** text, a [safe link](https://example.com/docs) and a [bad link](javascript:window.__xss=6).
+
+{XSS}
+
+- one
+- two
+
+```python
+def hello():
+    return "world"  # greet
+```
+"""
+CODE = 'def hello():\n    return "world"  # greet'
+
+
+def _remote_upstream(gateway, api_key: str):  # type: ignore[no-untyped-def]
+    """A second chat model: this same gateway registered as a remote upstream (hybrid mode) under another id."""
+    subprocess.run([sys.executable, "manage.py", "create_user", "chatboss", "--type", "admin"], cwd=REPO,
+                   env=gateway.env, input=PASSWORD + "\n", text=True, check=True, capture_output=True)
+    admin_key = gateway.manage("create_api_key", "--name", "chatboss", "--user", "chatboss").strip()
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    created = httpx.post(gateway.url + "/optima/v1/executors", headers=headers, timeout=60, json={
+        "name": "SmolLM2 (remote)", "model_id": REMOTE_MODEL, "base_url": gateway.url + "/v1",
+        "upstream_model": MODEL_ID, "api_key": api_key})
+    assert created.status_code == 201, created.text
+    return lambda: httpx.delete(f"{gateway.url}/optima/v1/executors/{created.json()['id']}", headers=headers,
+                                timeout=60)
+
+
+def _stored_reply(gateway, username: str) -> str:  # type: ignore[no-untyped-def]
+    """A conversation of `username` holding REPLY as the model's answer, written to the database directly; its id."""
+    return gateway.manage("shell", "--no-imports", "-c", (
+        "from accounts.models import User; from chat.models import Conversation, Message\n"
+        f"c = Conversation.objects.create(user=User.objects.get(username={username!r}), title='Stored reply', "
+        f"model_id={MODEL_ID!r}, turn_count=1)\n"
+        "Message.objects.create(conversation=c, role='user', content='Show me everything.')\n"
+        f"Message.objects.create(conversation=c, role='assistant', content={json.dumps(REPLY)}, model_id={MODEL_ID!r})\n"
+        "print(c.pk)")).strip()
+
+
+def _evidence(page, name: str) -> None:  # type: ignore[no-untyped-def]
+    """What the page showed when a step failed: a screenshot, and its messages and notices on stdout."""
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    print("notice:", page.inner_text("#notice"), "| status:", page.inner_text("#run-status"))
+    for item in page.locator("#messages > li").all():
+        print(item.get_attribute("class"), repr(item.inner_text()[:300]))
+
+
+def _tokens(model_path, text: str) -> int:  # type: ignore[no-untyped-def]
+    from llama_cpp import Llama
+
+    vocabulary = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    return len(vocabulary.tokenize(text.encode(), add_bos=False, special=False))
+
+
+def test_a_user_chats_with_settings_stop_regenerate_models_rename_search_and_delete(  # type: ignore[no-untyped-def]
+        gateway, node, browser, api_key, model_path) -> None:
+    subprocess.run([sys.executable, "manage.py", "create_user", "chatter", "--type", "user"], cwd=REPO,
+                   env=gateway.env, input=PASSWORD + "\n", text=True, check=True, capture_output=True)
+    node.wait_for_model(MODEL_ID)
+    remove_remote = _remote_upstream(gateway, api_key)
+    context = browser.new_context(viewport={"width": 1280, "height": 900},
+                                  permissions=["clipboard-read", "clipboard-write"])
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    csp_violations: list[str] = []
+    page.on("console", lambda m: csp_violations.append(m.text) if "Content Security Policy" in m.text else None)
+    page.on("pageerror", lambda e: csp_violations.append(f"script error: {e}"))
+    last_reply = "document.querySelector('#messages li.assistant:last-child .content')?.textContent.length"
+
+    def stop_after_some_text() -> None:
+        """Let the reply that has begun show some text, then Stop it (if it has not ended by then)."""
+        page.wait_for_function(f"() => {last_reply} > 0")
+        page.evaluate("() => document.querySelector('#stop').click()")  # a no-op if it has just ended
+        page.locator("#send:not([hidden])").wait_for()
+    try:
+        page.goto(gateway.url + "/login/")
+        page.fill("input[name=username]", "chatter")
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_load_state()
+        response = page.goto(gateway.url + "/")  # the chat is the gateway's front page
+        assert "script-src 'self'" in response.headers["content-security-policy"]
+        for model in (MODEL_ID, REMOTE_MODEL):
+            page.wait_for_function(f"() => [...document.querySelectorAll('#model option')].some(o => o.value === {model!r})")
+        page.select_option("#model", MODEL_ID)
+
+        # Enter sends; Shift+Enter makes a new line. The reply streams in, then the model titles the chat.
+        page.click("#input")
+        page.keyboard.type("Say hello.")
+        page.keyboard.press("Shift+Enter")
+        page.keyboard.type("Briefly.")
+        assert page.input_value("#input") == "Say hello.\nBriefly."
+        page.keyboard.press("Enter")
+        page.locator("#messages li.user", has_text="Briefly.").wait_for()
+        page.wait_for_function(f"() => {last_reply} > 0")
+        page.locator("#send:not([hidden])").wait_for(timeout=120_000)
+        assert page.locator("#conversations li").count() == 1
+        assert page.inner_text("#run-status").startswith("Finished in ")
+        # The title shown is the one the model wrote (as the API says), in the bar and in the list.
+        signed_in = httpx.post(gateway.url + "/api/auth/login", json={"username": "chatter", "password": PASSWORD,
+                                                                       "deviceId": "check"}).json()
+        saved = httpx.get(gateway.url + "/optima/v1/conversations",
+                          headers={"Authorization": f"Bearer {signed_in['access_token']}"}).json()["data"][0]
+        assert saved["titleSource"] == "model" and saved["title"]
+        assert page.inner_text("#title") == saved["title"] == page.inner_text("#conversations li.active")
+
+        # Settings: the default system prompt is counted by the model's tokenizer; a new one is saved and counted.
+        page.click("#settings-toggle")
+        assert page.input_value("#system-prompt") == "You are a helpful assistant."
+        system = f"System {_tokens(model_path, 'You are a helpful assistant.')}"
+        page.locator("#context-legend li[data-part=system]", has_text=system).wait_for()
+        pirate = "You are a pirate. Answer every message like a pirate would, with plenty of arr and matey."
+        page.fill("#system-prompt", pirate)
+        page.evaluate("() => { const t = document.querySelector('#temperature'); t.value = '0';"
+                      " t.dispatchEvent(new Event('input')); }")
+        assert page.inner_text("#temperature-value") == "0.0"
+        page.click("#settings-save")
+        page.locator("#settings-saved", has_text="Saved").wait_for()
+        system = f"System {_tokens(model_path, pirate)}"
+        page.locator("#context-legend li[data-part=system]", has_text=system).wait_for()
+        assert page.locator("#context span").count() >= 4  # System, User, AI, Template
+        page.click("#context-view")
+        assert page.locator("#context.context-grid span").count() == 100
+        page.screenshot(path=str(ARTIFACTS / "chat-settings.png"), full_page=True)
+        page.click("#context-view")
+
+        # A long reply: tokens arrive one after another; Stop ends it and the partial reply stays, marked.
+        page.fill("#input", "Count from 1 to 1000, one number per line.")
+        page.keyboard.press("Enter")
+        page.locator("#stop:not([hidden])").wait_for()
+        page.wait_for_function(f"() => document.querySelectorAll('#messages li.assistant').length === 2"
+                               f" && {last_reply} > 3")
+        first = page.evaluate(f"() => {last_reply}")
+        page.wait_for_function(f"() => {last_reply} > {first}")  # more text came after the first pieces
+        page.click("#stop")
+        page.locator("#messages li.assistant.stopped").wait_for()
+        page.locator("#send:not([hidden])").wait_for()
+        assert page.inner_text("#run-status").startswith("Stopped after ")
+        page.screenshot(path=str(ARTIFACTS / "chat.png"), full_page=True)
+        page.reload()
+        page.locator("#messages li.assistant.stopped .mark", has_text="Stopped").wait_for()  # kept on the server
+
+        # Regenerate replaces the last reply (a pirate counting at temperature 0 goes on and on: stopped again).
+        stopped = page.inner_text("#messages li.assistant:last-child .content")
+        page.click("#regenerate")
+        stop_after_some_text()
+        assert page.locator("#messages li.assistant").count() == 2
+        page.reload()
+        page.locator("#messages li.assistant").nth(1).wait_for()
+        assert page.locator("#messages li.assistant").count() == 2, "the old reply was replaced, on the server too"
+        assert page.inner_text("#messages li.assistant:last-child .content") != stopped
+
+        # Switch model: the next reply comes from the other one, and says so.
+        page.select_option("#model", REMOTE_MODEL)
+        page.fill("#input", "Hi")
+        page.keyboard.press("Enter")
+        page.locator("#messages li.assistant:last-child .message-tools", has_text=REMOTE_MODEL).wait_for()
+        stop_after_some_text()
+        page.reload()
+        page.locator("#messages li.assistant:last-child .message-tools", has_text=REMOTE_MODEL).wait_for()
+        assert page.input_value("#model") == REMOTE_MODEL, "the conversation remembers its model"
+        page.select_option("#model", MODEL_ID)
+
+        # What users write is shown as text, and nothing in it runs.
+        page.fill("#input", XSS)
+        page.keyboard.press("Enter")
+        stop_after_some_text()
+        assert page.locator("#messages li.user").last.inner_text() == XSS
+        assert page.locator("#messages img, #messages script, #messages svg, #messages li.user a").count() == 0
+        assert page.evaluate("() => window.__xss") is None
+
+        # Rename, a second conversation, search (titles and what was said), delete.
+        page.once("dialog", lambda d: d.accept("Lighthouse stories"))
+        page.click("#rename")
+        page.locator("#conversations li", has_text="Lighthouse stories").wait_for()
+        page.click("#new-chat")
+        page.wait_for_function("() => document.querySelectorAll('#conversations li').length === 2")
+        page.fill("#search", "lighthouse")
+        page.wait_for_function("() => document.querySelectorAll('#conversations li').length === 1")
+        page.fill("#search", "one number per line")
+        page.wait_for_function("() => document.querySelectorAll('#conversations li').length === 1"
+                               " && document.querySelector('#conversations li').textContent === 'Lighthouse stories'")
+        page.fill("#search", "")
+        page.wait_for_function("() => document.querySelectorAll('#conversations li').length === 2")
+        page.locator("#conversations li", has_text="Lighthouse stories").click()
+        page.locator("#title", has_text="Lighthouse stories").wait_for()
+        page.once("dialog", lambda d: d.accept())
+        page.click("#delete")
+        page.wait_for_function("() => document.querySelectorAll('#conversations li').length === 1")
+        assert page.locator("#conversations li", has_text="Lighthouse stories").count() == 0
+
+        # Phone width: the page still works in one column.
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.screenshot(path=str(ARTIFACTS / "chat-phone.png"), full_page=True)
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 390 + 1
+        assert not csp_violations, csp_violations
+    except Exception:
+        _evidence(page, "chat-failure")
+        raise
+    finally:
+        context.close()
+        remove_remote()
+
+
+def test_a_models_reply_renders_markdown_code_and_thinking_and_nothing_in_it_runs(  # type: ignore[no-untyped-def]
+        gateway, browser) -> None:
+    for name in ("reader", "writer"):
+        subprocess.run([sys.executable, "manage.py", "create_user", name, "--type", "user"], cwd=REPO,
+                       env=gateway.env, input=PASSWORD + "\n", text=True, check=True, capture_output=True)
+    _stored_reply(gateway, "reader")
+    others = _stored_reply(gateway, "writer")
+    context = browser.new_context(viewport={"width": 1100, "height": 900},
+                                  permissions=["clipboard-read", "clipboard-write"])
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if "Content Security Policy" in m.text else None)
+    page.on("pageerror", lambda e: problems.append(f"script error: {e}"))
+    try:
+        page.goto(gateway.url + "/login/")
+        page.fill("input[name=username]", "reader")
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_load_state()
+        page.goto(gateway.url + "/")
+        reply = page.locator("#messages li.assistant")
+        reply.locator(".code-block").wait_for()
+        # Only this user's own conversation is listed (the writer has one just like it), and another user's
+        # conversation cannot be opened with this page's credentials.
+        assert page.locator("#conversations li").all_inner_texts() == ["Stored reply"]
+        status = page.evaluate("""async (id) => {
+            const token = (await (await fetch('/chat/token/', {method: 'POST', headers: {'X-CSRFToken':
+                document.getElementById('chat').dataset.csrf}})).json()).access_token;
+            return (await fetch('/optima/v1/conversations/' + id, {headers: {Authorization: 'Bearer ' + token}})).status;
+        }""", others)
+        assert status == 404
+
+        # Nothing the model wrote became an element that can run or load anything, and nothing ran.
+        assert page.locator("#messages script, #messages img, #messages svg, #messages iframe").count() == 0
+        links = reply.locator("a")
+        assert links.count() == 1 and links.first.get_attribute("href") == "https://example.com/docs"
+        assert links.first.get_attribute("rel") == "noopener noreferrer nofollow"
+        text = reply.inner_text()
+        assert "<script>window.__xss = 1</script>" in text and "[bad link](javascript:window.__xss=6)" in text
+        assert page.evaluate("() => window.__xss") is None
+
+        # Markdown and highlighted code with a copy button.
+        assert reply.locator("strong").inner_text() == "bold"
+        assert reply.locator("ul li").all_inner_texts() == ["one", "two"]
+        code = reply.locator(".code-block pre")
+        assert code.inner_text() == CODE
+        assert code.locator(".tok-keyword").all_inner_texts() == ["def", "return"]
+        assert code.locator(".tok-string").inner_text() == '"world"'
+        assert code.locator(".tok-comment").inner_text() == "# greet"
+        reply.locator(".code-block button.copy").click()
+        assert page.evaluate("() => navigator.clipboard.readText()") == CODE
+
+        # The thinking block is folded once the run is over; a personal setting keeps such blocks open.
+        thinking = reply.locator("details.block-think")
+        assert thinking.count() == 1 and thinking.get_attribute("open") is None
+        assert "<script>window.__xss = 5</script>" in thinking.text_content()
+        page.click("#settings-toggle")
+        page.check("#expand-blocks")
+        page.wait_for_function("() => document.querySelector('details.block-think').open")
+        page.screenshot(path=str(ARTIFACTS / "chat-markdown.png"), full_page=True)
+        page.reload()
+        page.locator("details.block-think[open]").wait_for()  # kept on the server, for every device
+        assert page.is_checked("#expand-blocks")
+        assert not problems, problems
+    except Exception:
+        _evidence(page, "chat-markdown-failure")
+        raise
+    finally:
+        context.close()
