@@ -65,6 +65,28 @@ def _stored_reply(gateway, username: str) -> str:  # type: ignore[no-untyped-def
         "print(c.pk)")).strip()
 
 
+def _user(gateway, username: str) -> None:  # type: ignore[no-untyped-def]
+    subprocess.run([sys.executable, "manage.py", "create_user", username, "--type", "user"], cwd=REPO,
+                   env=gateway.env, input=PASSWORD + "\n", text=True, check=True, capture_output=True)
+
+
+def _signed_in(browser, gateway, username: str, problems: list[str], width: int):  # type: ignore[no-untyped-def]
+    """A browser context (clipboard allowed) and a page signed in as `username`, on the gateway's front page;
+    refusals by the Content-Security-Policy and script errors are collected in `problems`."""
+    context = browser.new_context(viewport={"width": width, "height": 900},
+                                  permissions=["clipboard-read", "clipboard-write"])
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.on("console", lambda m: problems.append(m.text) if "Content Security Policy" in m.text else None)
+    page.on("pageerror", lambda e: problems.append(f"script error: {e}"))
+    page.goto(gateway.url + "/login/")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_load_state()
+    return context, page
+
+
 def _evidence(page, name: str) -> None:  # type: ignore[no-untyped-def]
     """What the page showed when a step failed: a screenshot, and its messages and notices on stdout."""
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
@@ -82,17 +104,11 @@ def _tokens(model_path, text: str) -> int:  # type: ignore[no-untyped-def]
 
 def test_a_user_chats_with_settings_stop_regenerate_models_rename_search_and_delete(  # type: ignore[no-untyped-def]
         gateway, node, browser, api_key, model_path) -> None:
-    subprocess.run([sys.executable, "manage.py", "create_user", "chatter", "--type", "user"], cwd=REPO,
-                   env=gateway.env, input=PASSWORD + "\n", text=True, check=True, capture_output=True)
+    _user(gateway, "chatter")
     node.wait_for_model(MODEL_ID)
     remove_remote = _remote_upstream(gateway, api_key)
-    context = browser.new_context(viewport={"width": 1280, "height": 900},
-                                  permissions=["clipboard-read", "clipboard-write"])
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
     csp_violations: list[str] = []
-    page.on("console", lambda m: csp_violations.append(m.text) if "Content Security Policy" in m.text else None)
-    page.on("pageerror", lambda e: csp_violations.append(f"script error: {e}"))
+    context, page = _signed_in(browser, gateway, "chatter", csp_violations, width=1280)
     last_reply = "document.querySelector('#messages li.assistant:last-child .content')?.textContent.length"
 
     def stop_after_some_text() -> None:
@@ -101,11 +117,6 @@ def test_a_user_chats_with_settings_stop_regenerate_models_rename_search_and_del
         page.evaluate("() => document.querySelector('#stop').click()")  # a no-op if it has just ended
         page.locator("#send:not([hidden])").wait_for()
     try:
-        page.goto(gateway.url + "/login/")
-        page.fill("input[name=username]", "chatter")
-        page.fill("input[name=password]", PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_load_state()
         response = page.goto(gateway.url + "/")  # the chat is the gateway's front page
         assert "script-src 'self'" in response.headers["content-security-policy"]
         for model in (MODEL_ID, REMOTE_MODEL):
@@ -233,23 +244,12 @@ def test_a_user_chats_with_settings_stop_regenerate_models_rename_search_and_del
 def test_a_models_reply_renders_markdown_code_and_thinking_and_nothing_in_it_runs(  # type: ignore[no-untyped-def]
         gateway, browser) -> None:
     for name in ("reader", "writer"):
-        subprocess.run([sys.executable, "manage.py", "create_user", name, "--type", "user"], cwd=REPO,
-                       env=gateway.env, input=PASSWORD + "\n", text=True, check=True, capture_output=True)
+        _user(gateway, name)
     _stored_reply(gateway, "reader")
     others = _stored_reply(gateway, "writer")
-    context = browser.new_context(viewport={"width": 1100, "height": 900},
-                                  permissions=["clipboard-read", "clipboard-write"])
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
     problems: list[str] = []
-    page.on("console", lambda m: problems.append(m.text) if "Content Security Policy" in m.text else None)
-    page.on("pageerror", lambda e: problems.append(f"script error: {e}"))
+    context, page = _signed_in(browser, gateway, "reader", problems, width=1100)
     try:
-        page.goto(gateway.url + "/login/")
-        page.fill("input[name=username]", "reader")
-        page.fill("input[name=password]", PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_load_state()
         page.goto(gateway.url + "/")
         reply = page.locator("#messages li.assistant")
         reply.locator(".code-block").wait_for()
