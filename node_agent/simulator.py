@@ -1,13 +1,14 @@
 """Simulated nodes: the agent's own link code in front of model stand-ins that answer at a chosen speed.
 
     python -m node_agent.simulator --gateway-url http://127.0.0.1:8000 --nodes 500 \\
-        [--model sim] [--models-per-node 1] [--delay 0] [--token-rate 0] [--tokens 1] [--slots 1]
+        [--model sim] [--models-per-node 1] [--delay 0] [--token-rate 0] [--tokens 1] [--slots 1] [--reply TEXT]
 
 Each simulated node is a real `Dialer` and `NodeSession` (handshake, heartbeats, metrics,
 reconnection with backoff, cancellation), so a simulated node speaks exactly the protocol a
 real one does; only the inference process is replaced. A stand-in waits `delay` seconds before
 its first token, then makes `tokens` tokens at `token_rate` per second (0: all at once), serving
-`slots` requests at a time and queueing the rest, as a llama.cpp process does. Used by the tests
+`slots` requests at a time and queueing the rest, as a llama.cpp process does. With `reply`, the tokens
+are that text's words instead (a scripted answer: thinking, tool calls, Markdown). Used by the tests
 and by bench/ to route over hundreds of nodes on one machine. The access key comes from
 OPTIMAGPT_NODE_ACCESS_KEY, as for the agent.
 """
@@ -20,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import tempfile
 import uuid
@@ -40,12 +42,18 @@ EventSink = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 @dataclass(frozen=True)
 class Behaviour:
-    """How a stand-in answers: seconds before the first token, tokens per reply, tokens per second (0: at once)."""
+    """How a stand-in answers: seconds before the first token, tokens per reply, tokens per second (0: at once);
+    `reply`, if given, is the answer, a word per token."""
 
     delay_s: float = 0.0
     tokens: int = 1
     token_rate: float = 0.0
     slots: int = 1
+    reply: str = ""
+
+    def pieces(self, max_tokens: int | None) -> list[str]:
+        words = re.findall(r"\S+\s*", self.reply) if self.reply else [f"t{i} " for i in range(self.tokens)]
+        return words[: max(1, min(len(words), max_tokens or len(words)))]
 
 
 @dataclass
@@ -80,7 +88,8 @@ class SimProcess:
         b = self.behaviour
         op, stream = request.get("op"), bool(request.get("stream"))
         body = request.get("body") or {}
-        tokens = max(1, min(b.tokens, int(body.get("max_tokens") or b.tokens)))
+        pieces = b.pieces(int(body.get("max_tokens") or 0) or None)
+        tokens = len(pieces)
         try:
             async with self._slots:
                 if b.delay_s:
@@ -91,10 +100,16 @@ class SimProcess:
                     await self._emit(sink, {"type": "end", "id": rid, "embeddings": [[0.5, 0.25, 0.125]] * count,
                                             "usage": {"prompt_tokens": count, "total_tokens": count}})
                     return
-                pieces = []
-                for i in range(tokens):
-                    piece = f"t{i} "
-                    pieces.append(piece)
+                if op == "tokenize":  # no tokenizer here: a token per word, and a window of 4096
+                    counts = {"system": 0, "tools": 0, "user": 0, "assistant": 0, "template": 0}
+                    for message in body.get("messages") or []:
+                        role = message.get("role")
+                        part = role if role in ("system", "user", "assistant") else "tools"
+                        counts[part] += len(str(message.get("content") or "").split())
+                    await self._emit(sink, {"type": "end", "id": rid, "finish_reason": "stop", "counts": {
+                        **counts, "prompt": sum(counts.values()), "window": 4096}})
+                    return
+                for piece in pieces:
                     if stream:
                         delta = {"delta": {"content": piece}} if op == "chat" else {"text": piece}
                         await self._emit(sink, {"type": "delta", "id": rid, **delta})
@@ -102,7 +117,8 @@ class SimProcess:
                         await asyncio.sleep(1 / b.token_rate)
                 text = "".join(pieces)
                 usage = {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": tokens + 1}
-                end: dict[str, Any] = {"type": "end", "id": rid, "finish_reason": "length", "usage": usage}
+                finish = "stop" if b.reply and tokens == len(b.pieces(None)) else "length"
+                end: dict[str, Any] = {"type": "end", "id": rid, "finish_reason": finish, "usage": usage}
                 if op == "chat":
                     end["message"] = {"role": "assistant", "content": "" if stream else text}
                 else:
@@ -205,7 +221,7 @@ async def _main(args: argparse.Namespace) -> None:
         nodes = make_nodes(gateway_url=args.gateway_url, access_key=access_key, count=args.nodes, model=args.model,
                            models_per_node=args.models_per_node,
                            behaviour=Behaviour(delay_s=args.delay, tokens=args.tokens, token_rate=args.token_rate,
-                                               slots=args.slots),
+                                               slots=args.slots, reply=args.reply),
                            state_dir=Path(state), heartbeat_interval_s=args.heartbeat_interval,
                            metrics_interval_s=args.metrics_interval, prefix=args.prefix)
         stop = asyncio.Event()
@@ -242,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heartbeat-interval", type=float, default=2.0)
     parser.add_argument("--metrics-interval", type=float, default=2.0)
     parser.add_argument("--prefix", default="sim", help="node names are PREFIX-0000, PREFIX-0001, ...")
+    parser.add_argument("--reply", default="", help="answer with this text, a word per token (instead of --tokens)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("OPTIMAGPT_NODE_LOG_LEVEL", "WARNING").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -191,14 +191,15 @@ class SimulatedNodes(Process):
 
     def __init__(self, *, gateway: Gateway, log_dir: Path, count: int = 1, model: str = "sim", delay_s: float = 0.0,
                  tokens: int = 1, token_rate: float = 0.0, slots: int = 1, prefix: str = "sim",
-                 heartbeat_interval_s: float = 2.0, metrics_interval_s: float = 2.0) -> None:
+                 heartbeat_interval_s: float = 2.0, metrics_interval_s: float = 2.0, reply: str = "") -> None:
         super().__init__(log_dir / f"{prefix}.log")
         self.gateway = gateway
         self.count = count
         self.argv = [sys.executable, "-m", "node_agent.simulator", "--gateway-url", gateway.url, "--nodes", str(count),
                      "--model", model, "--delay", str(delay_s), "--tokens", str(tokens), "--token-rate",
                      str(token_rate), "--slots", str(slots), "--prefix", prefix,
-                     "--heartbeat-interval", str(heartbeat_interval_s), "--metrics-interval", str(metrics_interval_s)]
+                     "--heartbeat-interval", str(heartbeat_interval_s), "--metrics-interval", str(metrics_interval_s),
+                     "--reply", reply]
         self.env = base_env()
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> None:

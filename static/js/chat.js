@@ -168,6 +168,7 @@
   async function send(body) {
     if (running) return;
     if (!current && !(await newChat())) return;
+    const conversation = current;
     if (body.content) drawMessage({role: "user", content: body.content});
     if (body.regenerate) {
       const last = $("messages").lastElementChild;
@@ -176,7 +177,7 @@
     const reply = drawMessage({role: "assistant", content: "", modelId: $("model").value});
     const content = reply.querySelector(".content");
     reply.classList.add("streaming");
-    running = new AbortController();
+    const controller = running = new AbortController();
     setBusy(true);
     const startedAt = performance.now();
     let state = {thinking: false, tools: 0, responding: false};
@@ -186,11 +187,29 @@
       state = md.render(content, reply.text, {finished, expand: preferences.expandBlocks, opened: reply.opened});
       status(state, startedAt, finished, ending);
     };
+    // The reply is over (done, error or stopped): fold its blocks, mark it and free the composer. The model's
+    // title may still come on the same stream, but nothing waits for it.
+    let settled = false;
+    const settle = (outcome) => {
+      if (settled) return;
+      settled = true;
+      if (frame) cancelAnimationFrame(frame);
+      reply.classList.remove("streaming");
+      if (reply.isConnected) {
+        draw(true, outcome && outcome.status);
+        if (outcome) {
+          if (outcome.status && outcome.status !== "complete") reply.classList.add(outcome.status);
+          mark(reply, outcome);
+        }
+      }
+      if (running === controller) running = null;
+      setBusy(false);
+    };
     $("run-status").textContent = "Waiting for the model...";
     let outcome = null;
     try {
-      const response = await call("POST", "/conversations/" + current.id + "/messages",
-                                  {...body, modelId: $("model").value}, running.signal);
+      const response = await call("POST", "/conversations/" + conversation.id + "/messages",
+                                  {...body, modelId: $("model").value}, controller.signal);
       if (!response.ok) { reply.remove(); notice(await errorText(response)); $("run-status").textContent = "";
                           return; }
       const reader = response.body.getReader();
@@ -209,13 +228,14 @@
             reply.text += event.content;
             if (!frame) frame = requestAnimationFrame(() => draw(false));
           } else if (event.type === "done") {
-            outcome = event.message;
-            reply.classList.remove("streaming");  // done: the title may still come, but Stop has nothing to stop
+            settle(outcome = event.message);
           } else if (event.type === "error") {
-            outcome = event.message;
             notice(event.error.message);
+            settle(outcome = event.message);
           } else if (event.type === "title") {
-            setTitle(event.title);
+            const listed = all.find((c) => c.id === conversation.id);
+            if (listed) { listed.title = event.title; drawList(); }
+            if (current && current.id === conversation.id) setTitle(event.title);
           }
         }
       }
@@ -223,21 +243,13 @@
       if (e.name === "AbortError") { if (!outcome) outcome = {status: "stopped"}; }
       else { outcome = outcome || {status: "error", error: String(e.message || e)}; notice(String(e.message || e)); }
     } finally {
-      if (frame) cancelAnimationFrame(frame);
-      reply.classList.remove("streaming");
-      if (reply.isConnected) {
-        draw(true, outcome && outcome.status);
-        if (outcome) {
-          if (outcome.status && outcome.status !== "complete") reply.classList.add(outcome.status);
-          mark(reply, outcome);
-        }
-      }
-      running = null;
-      setBusy(false);
+      settle(outcome);
       await loadList();
-      const shown = all.find((c) => c.id === current.id);
-      if (shown) $("title").textContent = shown.title || "New chat";
-      loadContext();
+      if (current && current.id === conversation.id) {
+        const shown = all.find((c) => c.id === conversation.id);
+        if (shown) $("title").textContent = shown.title || "New chat";
+        loadContext();
+      }
     }
   }
 

@@ -6,8 +6,10 @@ thinking blocks render, and nothing a user or a model writes runs. Screenshots g
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -138,9 +140,12 @@ def test_a_user_chats_with_settings_stop_regenerate_models_rename_search_and_del
         # The title shown is the one the model wrote (as the API says), in the bar and in the list.
         signed_in = httpx.post(gateway.url + "/api/auth/login", json={"username": "chatter", "password": PASSWORD,
                                                                        "deviceId": "check"}).json()
-        saved = httpx.get(gateway.url + "/optima/v1/conversations",
-                          headers={"Authorization": f"Bearer {signed_in['access_token']}"}).json()["data"][0]
-        assert saved["titleSource"] == "model" and saved["title"]
+        deadline = time.monotonic() + 30  # the title comes after the reply, which frees the composer at once
+        while (saved := httpx.get(gateway.url + "/optima/v1/conversations", headers={
+                "Authorization": f"Bearer {signed_in['access_token']}"}).json()["data"][0])["titleSource"] != "model":
+            assert time.monotonic() < deadline, saved
+            time.sleep(0.1)
+        page.locator("#title", has_text=saved["title"]).wait_for()
         assert page.inner_text("#title") == saved["title"] == page.inner_text("#conversations li.active")
 
         # Settings: the default system prompt is counted by the model's tokenizer; a new one is saved and counted.
@@ -300,3 +305,54 @@ def test_a_models_reply_renders_markdown_code_and_thinking_and_nothing_in_it_run
         raise
     finally:
         context.close()
+
+
+# A reasoning model that uses a tool, scripted on a simulated node at 8 words a second: each phase lasts long
+# enough to be seen.
+THINKER_REPLY = ("<think> The user asks about the weather. I should look it up before I answer them. </think> "
+                 '<tool_call> {"name": "weather", "arguments": {"city": "Oslo"}} </tool_call> '
+                 '<tool_response> {"temperature": 3, "sky": "clear"} </tool_response> '
+                 "It is **3 degrees** and clear in Oslo today, a fine evening for a walk by the water.")
+
+
+def test_thinking_and_tool_blocks_show_the_runs_status_open_while_it_runs_and_fold_when_it_ends(  # type: ignore[no-untyped-def]
+        browser, tmp_path) -> None:
+    from tests.processes import Gateway, SimulatedNodes, free_port
+
+    gateway = Gateway(data_dir=tmp_path, port=free_port())
+    gateway.start()
+    nodes = SimulatedNodes(gateway=gateway, log_dir=tmp_path, model="thinker", token_rate=8, reply=THINKER_REPLY)
+    problems: list[str] = []
+    context = None
+    try:
+        nodes.start()
+        _user(gateway, "asker")
+        context, page = _signed_in(browser, gateway, "asker", problems, width=1100)
+        page.wait_for_function("() => [...document.querySelectorAll('#model option')].some(o => o.value === 'thinker')")
+        page.fill("#input", "What is the weather in Oslo?")
+        page.keyboard.press("Enter")
+        status = page.locator("#run-status")
+        status.filter(has_text="Thinking...").wait_for()
+        assert page.locator("#messages details.block-think[open]").count() == 1, "open while the model thinks"
+        status.filter(has_text="Using tools (1)").wait_for()
+        status.filter(has_text="Responding...").wait_for()
+        page.locator("#send:not([hidden])").wait_for()
+        assert re.fullmatch(r"Used 1 tool in \d+\.\ds", status.inner_text()), status.inner_text()
+        reply = page.locator("#messages li.assistant")
+        assert reply.locator("details").count() == 3  # thinking, the call, its result
+        assert reply.locator("details[open]").count() == 0, "folded once the run is over"
+        assert reply.locator("details summary").all_inner_texts() == ["Thinking", "Tool call", "Tool result"]
+        assert reply.locator("strong").inner_text() == "3 degrees"
+        reply.locator("details.block-tool-call summary").click()
+        assert '"city": "Oslo"' in reply.locator("details.block-tool-call").inner_text()
+        page.screenshot(path=str(ARTIFACTS / "chat-thinking.png"), full_page=True)
+        assert not problems, problems
+    except Exception:
+        if context is not None:
+            _evidence(page, "chat-thinking-failure")
+        raise
+    finally:
+        if context is not None:
+            context.close()
+        nodes.stop()
+        gateway.stop()
