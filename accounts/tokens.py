@@ -133,6 +133,7 @@ def _forget_user_with_changed_permissions(sender: object, instance: object, **kw
     forget_user(instance.pk if isinstance(instance, User) else None)
 
 
-def access_token_for_session(user: User) -> tuple[str, int]:
-    """An access token for a user signed in to the pages (OptimaChat calls the API with it); and its lifetime."""
-    return str(AccessToken.for_user(user)), _lifetime()
+def access_token_for_session(user: User) -> dict[str, object]:
+    """An access token for a user signed in to the pages (OptimaChat calls the API with it), shaped like the
+    login's answer without a refresh token: the session is what renews it."""
+    return {"access_token": str(AccessToken.for_user(user)), "token_type": "Bearer", "expires_in": _lifetime()}

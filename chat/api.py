@@ -19,11 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.auth import ChatAuth, Principal
 from gateway.errors import ApiError, InvalidRequest, PermissionDenied
 from gateway.optima import json_object, validated
-
 from gateway.sse import SSE_HEADERS
 
 from .models import DEFAULT_SYSTEM_PROMPT, ChatPreferences, Conversation, Message
-from .services import context_usage, conversation_out, message_out, reply_start, reply_stream
+from .services import (context_usage, conversation_out, conversation_settings_out, message_out, reply_start,
+                       reply_stream)
 
 router = Router(auth=ChatAuth(), tags=["OptimaChat"])
 
@@ -121,8 +121,7 @@ def _mine(user_id: int, conversation_id: str) -> Conversation:
 @database_sync_to_async
 def _get(user_id: int, conversation_id: str) -> dict[str, Any]:
     conversation = _mine(user_id, conversation_id)
-    return {**conversation_out(conversation), "systemPrompt": conversation.system_prompt,
-            "temperature": conversation.temperature,
+    return {**conversation_settings_out(conversation),
             "messages": [message_out(m) for m in conversation.messages.all()]}
 
 
@@ -149,8 +148,7 @@ def _change(user_id: int, conversation_id: str, values: dict[str, Any]) -> dict[
         conversation.title_source = Conversation.TitleSource.USER
     conversation.save(update_fields=[fields[name] for name in values]
                       + (["title_source"] if "title" in values else []) + ["updated_at"])
-    return {**conversation_out(conversation), "systemPrompt": conversation.system_prompt,
-            "temperature": conversation.temperature}
+    return conversation_settings_out(conversation)
 
 
 @router.patch("/{conversation_id}", summary="Rename a conversation or change its settings (system prompt, "

@@ -39,6 +39,11 @@ def conversation_out(c: Conversation) -> dict[str, Any]:
             "createdAt": c.created_at.isoformat(), "updatedAt": c.updated_at.isoformat()}
 
 
+def conversation_settings_out(c: Conversation) -> dict[str, Any]:
+    """A conversation with its settings (one conversation's view; lists leave them out)."""
+    return {**conversation_out(c), "systemPrompt": c.system_prompt, "temperature": c.temperature}
+
+
 def message_out(m: Message) -> dict[str, Any]:
     out: dict[str, Any] = {"id": m.pk, "role": m.role, "content": m.content, "status": m.status,
                            "modelId": m.model_id, "createdAt": m.created_at.isoformat()}
@@ -232,8 +237,8 @@ async def context_usage(principal: Principal, conversation: Conversation, model_
     counts = end.get("counts")
     if not isinstance(counts, dict):
         raise ApiError("The node did not count the tokens.")
-    window = counts.get("window")
+    window, used = counts.get("window"), int(counts.get("prompt") or 0)
     out = {part: int(counts.get(part) or 0) for part in ("system", "tools", "user", "assistant", "template")}
-    return {"modelId": model_id, "window": window, **out, "used": int(counts.get("prompt") or 0),
-            "free": max(window - int(counts.get("prompt") or 0), 0) if window else None,
+    return {"modelId": model_id, "window": window, **out, "used": used,
+            "free": max(window - used, 0) if window else None,
             "countedWith": "estimate" if counts.get("estimated") else "tokenizer"}

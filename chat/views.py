@@ -6,6 +6,7 @@ from django.views.decorators.http import require_POST
 from accounts.tokens import access_token_for_session
 from nodes.models import Executor, Node
 
+
 def home(request: HttpRequest) -> HttpResponse:
     """The gateway's front page: OptimaChat for those who may chat, the Nodes page for node managers who may
     not; otherwise what is linked and where the API is."""
@@ -30,5 +31,4 @@ def _chat_page(request: HttpRequest) -> HttpResponse:
 @permission_required("accounts.chat", raise_exception=True)
 def chat_token_view(request: HttpRequest) -> HttpResponse:
     """A short-lived access token for the chat page's API calls (POST with the CSRF token of the session)."""
-    token, lifetime = access_token_for_session(request.user)
-    return JsonResponse({"access_token": token, "token_type": "Bearer", "expires_in": lifetime})
+    return JsonResponse(access_token_for_session(request.user))

@@ -75,12 +75,11 @@
     }
   }
 
-  function setTitle(title) {
-    $("title").textContent = title || "New chat";
-    if (!current) return;
-    current.title = title;
-    const listed = all.find((c) => c.id === current.id);
+  // A conversation's new title, in the list and, when it is the open one, in the bar.
+  function setTitle(id, title) {
+    const listed = all.find((c) => c.id === id);
     if (listed) { listed.title = title; drawList(); }
+    if (current && current.id === id) { current.title = title; $("title").textContent = title || "New chat"; }
   }
 
   // -- messages -----------------------------------------------------------------------------------------
@@ -233,9 +232,7 @@
             notice(event.error.message);
             settle(outcome = event.message);
           } else if (event.type === "title") {
-            const listed = all.find((c) => c.id === conversation.id);
-            if (listed) { listed.title = event.title; drawList(); }
-            if (current && current.id === conversation.id) setTitle(event.title);
+            setTitle(conversation.id, event.title);
           }
         }
       }
@@ -359,8 +356,7 @@
     if (title === null || !title.trim()) return;
     const response = await call("PATCH", "/conversations/" + current.id, {title});
     if (!response.ok) { notice(await errorText(response)); return; }
-    current.title = (await response.json()).title;
-    $("title").textContent = current.title;
+    setTitle(current.id, (await response.json()).title);
     await loadList();
   });
   $("delete").addEventListener("click", async () => {
