@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from node_agent.default_model import ensure_default_model  # noqa: E402
+from node_agent.protocol import pipe_frame  # noqa: E402
 from node_agent.runtimes.llama_cpp import ProcessConfig  # noqa: E402
 from node_agent.settings import DEFAULT_STREAM_INTERVAL_MS  # noqa: E402
 from tests.processes import Gateway, NodeAgent, free_port  # noqa: E402
@@ -186,7 +187,7 @@ class Worker(Path_):
 
     def _send(self, body: dict[str, Any], stream: bool) -> str:
         rid = str(next(self.ids))
-        self.proc.stdin.write((json.dumps({"op": "chat", "id": rid, "stream": stream, "body": body}) + "\n").encode())
+        self.proc.stdin.write(pipe_frame(json.dumps({"op": "chat", "id": rid, "stream": stream, "body": body}).encode()))
         self.proc.stdin.flush()
         return rid
 

@@ -313,6 +313,8 @@ class RoutedRequest:
                     "op": self.op,
                     "stream": self.stream,
                     "body_json": self.body_json,
+                    # The node stops by itself at the deadline, should our cancel be lost on the way.
+                    "deadline_s": round(max(self.deadline - asyncio.get_running_loop().time(), 0.001), 3),
                 })
         except Exception as exc:
             call.finished = True

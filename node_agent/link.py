@@ -26,17 +26,19 @@ from .protocol import (
     CLOSE_HEARTBEAT_LOST,
     CLOSE_REPLACED,
     HANDSHAKE_TIMEOUT_S,
+    MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
+    error_event,
     gateway_proof,
     new_nonce,
     node_proof,
     proof_matches,
+    split_message,
 )
 from .settings import AgentSettings
 
 log = logging.getLogger("node_agent.link")
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 LOG_REPORT_INTERVAL_S = 1.0
 SILENCE_LIMIT = 2.75  # heartbeat intervals without a word from the gateway before the link is dropped
 BACKOFF_BASE_S = 0.5
@@ -77,13 +79,16 @@ class NodeSession:
         self.manager = manager
         self.gpus = gpus
         self.heartbeat_interval_s = settings.heartbeat_interval_s
-        self._in_flight: dict[str, Any] = {}  # request id -> LlamaCppProcess
+        # request id -> (LlamaCppProcess, the timer that cancels it at its deadline)
+        self._in_flight: dict[str, tuple[Any, asyncio.TimerHandle | None]] = {}
+        self._parts: dict[str, list[str]] = {}  # request id -> the parts of a long message so far
         self._last_heard = time.monotonic()
         self._executors_dirty = asyncio.Event()
         self._control_tasks: set[asyncio.Task[None]] = set()
 
     async def _send(self, message: dict[str, Any]) -> None:
-        await self.socket.send(json.dumps(message, separators=(",", ":")))
+        for piece in split_message("", json.dumps(message, separators=(",", ":"))):
+            await self.socket.send(piece)
 
     async def _recv(self) -> dict[str, Any]:
         return (await self._recv_raw())[1]
@@ -150,27 +155,44 @@ class NodeSession:
             if self._in_flight:
                 # Nobody will read these replies: free the processes for the next link's requests.
                 log.info("link closed with %d request(s) in flight; cancelling them", len(self._in_flight))
-            for rid, process in self._in_flight.items():
-                process.cancel(rid)
-            self._in_flight.clear()
+            for rid in list(self._in_flight):
+                self._cancel(rid)
 
     def executors_changed(self) -> None:
         self._executors_dirty.set()
 
     async def _handle(self, raw: str, message: dict[str, Any]) -> None:
         kind = message.get("type")
-        if kind == "request":
+        if kind == "part":
+            await self._part(message)
+        elif kind == "request":
             await self._start_request(raw, message)
         elif kind == "cancel":
-            process = self._in_flight.pop(str(message.get("id")), None)
-            if process is not None:
-                process.cancel(message["id"])
+            self._cancel(str(message.get("id")))
         elif kind == "ping":
             await self._send({"type": "pong", "t": message.get("t")})
         elif kind == "pong":
             pass
         else:
             log.debug("ignoring message of type %r", kind)
+
+    async def _part(self, message: dict[str, Any]) -> None:
+        """Collect a long gateway message sent in parts; handle it whole once its last part came."""
+        rid, data = message.get("id"), message.get("data")
+        if not isinstance(rid, str) or not isinstance(data, str):
+            return
+        parts = self._parts.setdefault(rid, [])
+        parts.append(data)
+        if sum(map(len, parts)) > MAX_MESSAGE_BYTES:
+            del self._parts[rid]
+            await self._send(error_event(rid, f"The request is larger than {MAX_MESSAGE_BYTES} bytes.",
+                                         code="request_too_large", status=413))
+            return
+        if not message.get("more"):
+            raw = "".join(self._parts.pop(rid))
+            whole = json.loads(raw)
+            if isinstance(whole, dict) and whole.get("type") != "part":
+                await self._handle(raw, whole)
 
     async def _start_request(self, raw: str, message: dict[str, Any]) -> None:
         rid = str(message.get("id"))
@@ -184,9 +206,10 @@ class NodeSession:
 
         async def forward(raw: str, event: dict[str, Any]) -> None:
             if event.get("type") in ("end", "error"):
-                self._in_flight.pop(rid, None)
+                self._forget(rid)
             with contextlib.suppress(Exception):  # the link may have dropped meanwhile
-                await self.socket.send(raw)
+                for piece in split_message(rid, raw):
+                    await self.socket.send(piece)
 
         # The worker reads op, id, stream and body from the message itself: pass it on untouched.
         process = None
@@ -194,11 +217,30 @@ class NodeSession:
             process = executor.submit(rid, raw, forward)
         if process is None:
             state = executor.state if executor is not None else "unknown"
-            await self._send({"type": "error", "id": rid, "error": {
-                "message": f"executor {message.get('executor')!r} is not ready (state {state})",
-                "type": "server_error", "code": "executor_unavailable", "status": 503}})
+            await self._send(error_event(rid, f"executor {message.get('executor')!r} is not ready (state {state})",
+                                         code="executor_unavailable", status=503))
             return
-        self._in_flight[rid] = process
+        # Work the gateway has given up on stops here too, even if its cancel never arrives.
+        deadline_s = message.get("deadline_s")
+        timer = None
+        if isinstance(deadline_s, (int, float)) and deadline_s > 0:
+            timer = asyncio.get_running_loop().call_later(float(deadline_s), self._cancel, rid)
+        self._in_flight[rid] = (process, timer)
+
+    def _forget(self, rid: str) -> Any:
+        """Stop tracking `rid`; its process, or None if it was not in flight."""
+        entry = self._in_flight.pop(rid, None)
+        if entry is None:
+            return None
+        process, timer = entry
+        if timer is not None:
+            timer.cancel()
+        return process
+
+    def _cancel(self, rid: str) -> None:
+        process = self._forget(rid)
+        if process is not None:
+            process.cancel(rid)
 
     async def _configure(self, rid: str, message: dict[str, Any]) -> None:
         """Change an executor's settings at the gateway's request; answer with its new description."""
@@ -206,13 +248,11 @@ class NodeSession:
             described = await self.manager.configure(str(message.get("executor")), message.get("body"))
             reply: dict[str, Any] = {"type": "end", "id": rid, "executor": described}
         except SettingsError as exc:
-            reply = {"type": "error", "id": rid, "error": {
-                "message": str(exc), "type": "invalid_request_error", "code": "invalid_settings", "status": 400}}
+            reply = error_event(rid, str(exc), code="invalid_settings", status=400)
         except Exception as exc:  # noqa: BLE001 - the gateway must get an answer, whatever went wrong
             log.exception("configuring %s failed", message.get("executor"))
-            reply = {"type": "error", "id": rid, "error": {
-                "message": f"the node failed to apply the settings: {type(exc).__name__}",
-                "type": "server_error", "code": "node_error", "status": 500}}
+            reply = error_event(rid, f"the node failed to apply the settings: {type(exc).__name__}",
+                                code="node_error", status=500)
         with contextlib.suppress(Exception):  # the link may have dropped meanwhile
             await self._send(reply)
 

@@ -25,11 +25,14 @@ from node_agent.protocol import (
     CLOSE_PROTOCOL_ERROR,
     CLOSE_REPLACED,
     HANDSHAKE_TIMEOUT_S,
+    MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
+    error_event,
     gateway_proof,
     new_nonce,
     node_proof,
     proof_matches,
+    split_message,
 )
 
 from . import services
@@ -62,6 +65,7 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         self.address = _peer(self.scope)
         self.gateway_nonce = new_nonce()
         self.in_flight: dict[str, str] = {}  # request id -> reply channel
+        self.parts: dict[str, list[str]] = {}  # request id -> the parts of a long message so far
         self.last_heard = time.monotonic()
         self.last_seen_saved = 0.0
         self.heartbeat_interval_s = settings.OPTIMAGPT_HEARTBEAT_INTERVAL_S
@@ -82,6 +86,7 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         self.closing = True
         # Every request still waiting on this node learns at once that it will get nothing more.
         in_flight, self.in_flight = self.in_flight, {}
+        self.parts.clear()
         for rid, reply in in_flight.items():
             await self._forward(rid, reply, _disconnected(rid))
         node_pk, self.node_pk = self.node_pk, None
@@ -110,7 +115,9 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         except (ValueError, TypeError, KeyError):
             await self.close(CLOSE_PROTOCOL_ERROR)
             return
-        if kind in _REQUEST_EVENTS and self.node_pk is not None:
+        if kind == "part" and self.node_pk is not None:
+            await self._part(message)
+        elif kind in _REQUEST_EVENTS and self.node_pk is not None:
             rid = message.get("id")
             reply = self.in_flight.pop(rid, None) if kind != "delta" else self.in_flight.get(rid)
             if reply is not None:
@@ -135,6 +142,32 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         elif kind in ("register", "executors"):
             await self._sync_executors(message)
             await self._to_console({"kind": "executors"})
+
+    async def _part(self, message: dict[str, Any]) -> None:
+        """Collect a long node message sent in parts; handle it whole once its last part came.
+
+        A message that grows past the link's limit fails its own request (the node is told to stop);
+        the link and every other request on it go on.
+        """
+        rid, data = message.get("id"), message.get("data")
+        # A request's reply, or (id "") a long report of the node's own (executors, logs).
+        if not isinstance(rid, str) or not isinstance(data, str) or (rid and rid not in self.in_flight):
+            self.parts.pop(str(rid), None)
+            return
+        parts = self.parts.setdefault(rid, [])
+        parts.append(data)
+        if sum(map(len, parts)) > MAX_MESSAGE_BYTES:
+            del self.parts[rid]
+            if not rid:
+                log.warning("node %s sent a report larger than %d bytes; dropped", self.node_pk, MAX_MESSAGE_BYTES)
+                return
+            reply = self.in_flight.pop(rid)
+            await self._send({"type": "cancel", "id": rid})
+            await self._forward(rid, reply, json.dumps(error_event(
+                rid, f"The reply is larger than {MAX_MESSAGE_BYTES} bytes.", code="reply_too_large", status=502)))
+            return
+        if not message.get("more"):
+            await self.receive(text_data="".join(self.parts.pop(rid)))
 
     async def _to_console(self, event: dict[str, Any], node_pk: int | None = None) -> None:
         """Tell the browsers watching the node console (nodes/console.py); nobody watching costs one lookup."""
@@ -246,13 +279,24 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         if self.closing:  # routed here from a view of the nodes a moment old: fail it at once, for failover
             await self._forward(rid, event["reply_channel"], _disconnected(rid))
             return
+        head = {"type": "request", "id": rid, "executor": event["executor"], "op": event["op"],
+                "stream": event["stream"]}
+        if event.get("deadline_s"):
+            head["deadline_s"] = event["deadline_s"]
+        # The body is spliced in as the client sent it: one JSON value, checked by the API, so it cannot
+        # end the message early; on the node's pipe it travels in a frame of its own length.
+        text = json.dumps(head, separators=(",", ":"))[:-1] + ',"body":' + event["body_json"] + "}"
+        if len(text) * 4 > MAX_MESSAGE_BYTES and len(text.encode()) > MAX_MESSAGE_BYTES:
+            await self._forward(rid, event["reply_channel"], json.dumps(error_event(
+                rid, f"The request is larger than the node link carries ({MAX_MESSAGE_BYTES} bytes).",
+                code="request_too_large", status=413)))
+            return
         self.in_flight[rid] = event["reply_channel"]
-        head = json.dumps({"type": "request", "id": rid, "executor": event["executor"], "op": event["op"],
-                           "stream": event["stream"]}, separators=(",", ":"))
-        # The body is spliced in as the client sent it (valid JSON, checked by the API).
-        await self.send(text_data=head[:-1] + ',"body":' + event["body_json"] + "}")
+        for piece in split_message(rid, text):  # long bodies in parts: each fits the socket's message limit
+            await self.send(text_data=piece)
 
     async def node_cancel(self, event: dict[str, Any]) -> None:
+        self.parts.pop(event["id"], None)
         if self.in_flight.pop(event["id"], None) is not None:
             await self._send({"type": "cancel", "id": event["id"]})
 
@@ -269,8 +313,7 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
 
 def _disconnected(rid: str) -> str:
     """The error event for a request whose node went away (the gateway may send it to another node)."""
-    return json.dumps({"type": "error", "id": rid, "error": {
-        "message": "The node disconnected.", "type": "server_error", "code": "node_disconnected", "status": 502}})
+    return json.dumps(error_event(rid, "The node disconnected.", code="node_disconnected", status=502))
 
 
 def _peer(scope: dict[str, Any]) -> str:
