@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..protocol import error_event, pipe_frame
+
 log = logging.getLogger("node_agent.runtime")
 
 # An event line from the worker, forwarded as is; and its parsed form.
@@ -73,9 +75,9 @@ class ProcessConfig:
 @dataclass
 class _Request:
     sink: EventSink
-    line: bytes  # the request as written to the worker's stdin
+    frame: bytes  # the request as written to the worker's stdin
     answered: bool = False  # an event went out: the client has seen something, so no replay
-    replays: int = 0
+    crashed: bool = False  # the process died while computing it; if it dies on it again, it fails alone
 
 
 class LlamaCppProcess:
@@ -103,6 +105,8 @@ class LlamaCppProcess:
         self._wanted = False
         self._last_progress = 0.0
         self._hung = False
+        self._computing: str | None = None  # the request the worker said it began and has not ended
+        self._culprit_found = False  # the last crash was a request's that crashed the process before
 
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> None:
@@ -146,7 +150,11 @@ class LlamaCppProcess:
             error = await self._run_once()
             if not self._wanted:
                 break
-            crashes = 1 if time.monotonic() - started > STABLE_RUN_S else crashes + 1
+            if self._culprit_found:
+                # One request crashed the process twice and has failed alone: neither crash was the model's.
+                crashes = max(crashes - 1, 0)
+            else:
+                crashes = 1 if time.monotonic() - started > STABLE_RUN_S else crashes + 1
             self.last_error = error
             log.warning("inference process for %s ended (%s); crash %d of %d",
                         self.config.model_path, error, crashes, MAX_CONSECUTIVE_CRASHES)
@@ -156,7 +164,7 @@ class LlamaCppProcess:
                 return
             self._set_state("starting")
             # A first crash restarts at once (requests are waiting); crashing again backs off: 1 s, 2 s, ...
-            await asyncio.sleep(0.0 if crashes == 1 else min(2.0 ** (crashes - 2), 10.0))
+            await asyncio.sleep(0.0 if crashes <= 1 else min(2.0 ** (crashes - 2), 10.0))
         self._set_state("offline")
 
     async def _run_once(self) -> str:
@@ -246,34 +254,55 @@ class LlamaCppProcess:
             return
         rid = event.get("id")
         kind = event.get("type")
+        if kind == "begin":  # the worker's own bookkeeping: which request a crash now would be blamed on
+            self._computing = rid
+            return
+        if kind in ("end", "error") and rid == self._computing:
+            self._computing = None
         request = self._requests.pop(rid, None) if kind in ("end", "error") else self._requests.get(rid)
         if request is not None:
             request.answered = True
             await request.sink(text.rstrip("\n"), event)
 
     def _requeue_or_fail(self) -> None:
-        """After the process ended: replay unanswered requests on the next one, fail the others."""
+        """After the process ended: replay unanswered requests on the next one, fail the others.
+
+        The request it was computing when it died is replayed once, first; if the process dies on it
+        again, that request fails alone (`request_crashed`) and `_culprit_found` tells the supervisor
+        not to count either crash. Requests it had not begun are replayed whatever happened.
+        """
         restarting = self._wanted
+        suspect, self._computing = self._computing, None
+        self._culprit_found = False
+        replay: list[str] = []
         for rid, request in list(self._requests.items()):
             if rid in self._backlog:
                 continue
-            if restarting and not request.answered and request.replays == 0:
-                request.replays += 1
-                self._backlog.append(rid)
-            else:
+            if not restarting or request.answered:
                 self._fail(rid, "the inference process stopped")
+            elif rid != suspect:
+                replay.append(rid)
+            elif request.crashed:
+                self._culprit_found = True
+                log.warning("request %s crashed the inference process of %s twice; failing it alone",
+                            rid, self.config.model_path)
+                self._fail(rid, "This request crashed the model's inference process twice; it was not served.",
+                           code="request_crashed", status=500)
+            else:
+                request.crashed = True
+                replay.insert(0, rid)
+        self._backlog[:0] = replay
 
     def _fail_all(self, message: str) -> None:
         for rid in list(self._requests):
             self._fail(rid, message)
 
-    def _fail(self, rid: str, message: str) -> None:
+    def _fail(self, rid: str, message: str, *, code: str = "executor_lost", status: int = 502) -> None:
         request = self._requests.pop(rid, None)
         with contextlib.suppress(ValueError):
             self._backlog.remove(rid)
         if request is not None:
-            event = {"type": "error", "id": rid,
-                     "error": {"message": message, "type": "server_error", "code": "executor_lost", "status": 502}}
+            event = error_event(rid, message, code=code, status=status)
             asyncio.create_task(request.sink(json.dumps(event), event))
 
     # -- requests -----------------------------------------------------------
@@ -293,7 +322,7 @@ class LlamaCppProcess:
         """
         if not self._wanted or self.state not in ("online", "starting"):
             return False
-        self._requests[rid] = _Request(sink, request_json.encode() + b"\n")
+        self._requests[rid] = _Request(sink, pipe_frame(request_json.encode()))
         self._backlog.append(rid)
         if self.state == "online":
             self._write_backlog()
@@ -307,7 +336,7 @@ class LlamaCppProcess:
             self._last_progress = time.monotonic()  # idle until now: the hang clock starts here
         backlog, self._backlog = self._backlog, []
         for rid in backlog:
-            proc.stdin.write(self._requests[rid].line)
+            proc.stdin.write(self._requests[rid].frame)
 
     def cancel(self, rid: str) -> None:
         """Stop generating for `rid` at the next token; its sink gets no more events."""
@@ -317,4 +346,4 @@ class LlamaCppProcess:
             return
         proc = self._proc
         if proc is not None and proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.write((json.dumps({"op": "cancel", "id": rid}) + "\n").encode())
+            proc.stdin.write(pipe_frame(json.dumps({"op": "cancel", "id": rid}).encode()))

@@ -7,11 +7,14 @@ reach it. (We measured llama-cpp-python's own HTTP server at about 16 ms of
 framework work per request; this pipe costs well under a millisecond. See
 bench/README.md.)
 
-Input lines:  {"op": "chat"|"completion"|"embedding", "id": ID, "stream": bool, "body": {...}}
+Input frames (node_agent.protocol.pipe_frame: a length line, then that many bytes of JSON):
+              {"op": "chat"|"completion"|"embedding", "id": ID, "stream": bool, "body": {...}}
               {"op": "tokenize", "id": ID, "body": {"messages": [...]}} (answered at once, between tokens)
               {"op": "cancel", "id": ID}
+              The body is the client's JSON as sent (whitespace and newlines included): framed by
+              length, no byte of it can begin a request of its own.
 Output lines: {"type": "ready", ...} once the model is loaded, then per request
-              zero or more {"type": "delta", "id": ID, ...}, then exactly one
+              {"type": "begin", "id": ID} when its computation starts (for the agent alone), zero or more {"type": "delta", "id": ID, ...}, then exactly one
               {"type": "end", "id": ID, ...} or {"type": "error", "id": ID, "error": {...}}.
 
 The output lines are the node link's wire format: the agent forwards them to the
@@ -30,7 +33,9 @@ import time
 import uuid
 from collections.abc import Iterator
 from functools import lru_cache
-from typing import Any
+from typing import Any, BinaryIO
+
+from node_agent.protocol import PIPE_FRAME_MAX_BYTES
 
 # A request cancelled while queued or generating: the generating loop polls
 # this set between tokens, which is what bounds cancellation to one token.
@@ -192,6 +197,7 @@ class Worker:
         logit_bias = body.get("logit_bias") or None
         if logit_bias:
             logit_bias = {int(k): float(v) for k, v in logit_bias.items()}
+            _check_token_ids(logit_bias, self.llm.n_vocab(), "logit_bias")
         params: dict[str, Any] = {
             "max_tokens": max_tokens,
             "temperature": _float(body, "temperature", 1.0),
@@ -208,9 +214,35 @@ class Worker:
         return params
 
     def _generate(self, rid: str, prompt: list[int], params: dict[str, Any]) -> Iterator[str]:
-        """Yield text pieces; stop at the next token once the request is cancelled."""
+        """Yield text pieces; stop at the next token once the request is cancelled or has its max_tokens.
+
+        Both are checked on every sampled token by a stopping criterion of ours: llama-cpp-python checks
+        max_tokens only after a token that completes a character, so tokens that never make whole UTF-8
+        (a logit_bias can force them) would run on past max_tokens and past a cancel, silently.
+        """
+        from llama_cpp import StoppingCriteriaList
+
         self._finish = "stop"
-        for chunk in self.llm.create_completion(prompt=prompt, stream=True, **params):
+        self._cut_at: int | None = None
+        max_tokens = params["max_tokens"]
+        sampled = 0
+        seen = 0  # the context's length at the last call: it grows by one with every sampled token
+
+        def stop_now(input_ids: Any, logits: Any) -> bool:
+            nonlocal sampled, seen
+            if len(input_ids) <= seen or self._cut_at is not None:
+                return self._cut_at is not None  # asked again after the loop: no new token, same answer
+            seen = len(input_ids)
+            sampled += 1
+            if sampled > max_tokens:
+                self._cut_at = max_tokens
+            elif _is_cancelled(rid):
+                self._cut_at = sampled - 1
+            return self._cut_at is not None
+
+        stream = self.llm.create_completion(prompt=prompt, stream=True,
+                                            stopping_criteria=StoppingCriteriaList([stop_now]), **params)
+        for chunk in stream:
             if _is_cancelled(rid):
                 self._finish = "cancelled"
                 return
@@ -219,6 +251,10 @@ class Worker:
                 yield choice["text"]
             if choice.get("finish_reason"):
                 self._finish = choice["finish_reason"]
+        if _is_cancelled(rid):
+            self._finish = "cancelled"
+        elif self._cut_at == max_tokens:
+            self._finish = "length"
 
     def _coalesced(self, pieces: Iterator[str]) -> Iterator[str]:
         """Join the pieces made within --stream-interval-ms of the last one sent; the first goes at once.
@@ -242,6 +278,8 @@ class Worker:
             yield "".join(pending)
 
     def _completion_tokens(self, n_prompt: int) -> int:
+        if self._cut_at is not None:
+            return self._cut_at  # stopped by our criterion, which counted the tokens itself
         # The context holds the prompt and every generated token but the last
         # one sampled when generation stops at max_tokens (it is never evaluated).
         generated = self.llm.n_tokens - n_prompt
@@ -436,20 +474,30 @@ class Worker:
         if not isinstance(inputs, list) or not inputs:
             raise RequestError("input must be a non-empty string, list of strings, or list of token lists")
         embedder = self.embedder()
+        for item in inputs:
+            if not isinstance(item, str):
+                # llama.cpp aborts the whole process on a token id outside the vocabulary.
+                _check_token_ids(item, embedder.n_vocab(), "input")
         vectors = []
         prompt_tokens = 0
         for item in inputs:
             if _is_cancelled(rid):
                 self.out.send({"type": "end", "id": rid, "finish_reason": "cancelled"})
                 return
-            if not isinstance(item, str):
+            if isinstance(item, str):
+                given = len(embedder.tokenize(item.encode(), add_bos=False, special=False))
+            else:
+                given = len(item)
                 item = embedder.detokenize([int(t) for t in item]).decode("utf-8", errors="replace")
             tokens = embedder.tokenize(item.encode(), add_bos=True, special=False)
             if len(tokens) > embedder.n_ctx():
                 raise RequestError(
                     f"an input is {len(tokens)} tokens, more than this model's embedding window of {embedder.n_ctx()}"
                 )
-            prompt_tokens += len(tokens)
+            if not item.strip():
+                raise RequestError("an input has no text to embed (its tokens make no text)")
+            # As OpenAI counts: the tokens of the inputs themselves, not what the model adds around them.
+            prompt_tokens += given
             vectors.append(embedder.embed(item, normalize=True))
         self.out.send(
             {
@@ -463,6 +511,13 @@ class Worker:
 
 
 # -- helpers ---------------------------------------------------------------
+def _check_token_ids(ids: Any, n_vocab: int, field: str) -> None:
+    """RequestError unless every id is an integer token of this model's vocabulary."""
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < n_vocab:
+            raise RequestError(f"{field} holds token id {token!r}, outside this model's vocabulary of {n_vocab} tokens")
+
+
 def _error(rid: str, message: str, kind: str, status: int) -> dict[str, Any]:
     return {"type": "error", "id": rid, "error": {"message": message, "type": kind, "code": None, "status": status}}
 
@@ -602,12 +657,32 @@ def _response_format_grammar(response_format: Any) -> Any:
     return None
 
 
+def _frames(stream: BinaryIO) -> Iterator[bytes]:
+    """The payloads of the length-prefixed frames on `stream`, until it closes (or breaks the framing)."""
+    while header := stream.readline(32):
+        try:
+            size = int(header)
+        except ValueError:
+            size = -1
+        if not 0 <= size <= PIPE_FRAME_MAX_BYTES:
+            # Only our agent writes here; a broken frame means the pipe cannot be trusted to resync.
+            print(f"broken frame header {header[:32]!r} on the request pipe", file=sys.stderr)
+            return
+        payload = stream.read(size)
+        if len(payload) < size:
+            return
+        yield payload
+
+
 def _read_requests(inbox: queue.Queue[dict[str, Any] | None], worker: Worker) -> None:
     """Reader thread: cancellations and token counts take effect at once, everything else queues for the model."""
-    for line in sys.stdin.buffer:
+    for frame in _frames(sys.stdin.buffer):
         try:
-            request = json.loads(line)
+            request = json.loads(frame)
         except ValueError:
+            print("unreadable request frame on the request pipe", file=sys.stderr)
+            continue
+        if not isinstance(request, dict) or not isinstance(request.get("id"), str):
             continue
         if request.get("op") == "cancel":
             with _cancelled_lock:
@@ -641,6 +716,8 @@ def main(argv: list[str] | None = None) -> int:
     inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
     threading.Thread(target=_read_requests, args=(inbox, worker), daemon=True, name="requests").start()
     while (request := inbox.get()) is not None and not _parent_gone.is_set():
+        # Tells the agent which request a crash from here on would be blamed on (replayed once, then failed).
+        out.send({"type": "begin", "id": request["id"]})
         worker.handle(request)
     return 0
 
