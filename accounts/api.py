@@ -10,8 +10,9 @@ from ninja import Router
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.errors import AuthenticationFailed, RateLimited
+from optimagpt.addresses import client_address
 
-from .ratelimit import login_failed, login_retry_after
+from .ratelimit import login_retry_after
 from .tokens import TokenRefused, token_logout, token_pair_for_login, token_refresh
 
 router = Router(tags=["Auth"])
@@ -33,16 +34,15 @@ class RefreshIn(AuthIn):
 
 @router.post("/login", summary="Log in with username and password; returns JWTs")
 async def login(request: HttpRequest, body: LoginIn) -> JsonResponse:
-    address = request.META.get("REMOTE_ADDR", "?")
+    address = client_address(request)
     retry_after = await login_retry_after(address=address, username=body.username)
     if retry_after:
         raise RateLimited(f"Too many failed logins; try again in {retry_after} s.", retry_after=retry_after,
                           code="too_many_attempts")
     try:
         pair = await database_sync_to_async(token_pair_for_login)(
-            username=body.username, password=body.password, device_id=body.deviceId)
-    except TokenRefused as exc:
-        await login_failed(address=address, username=body.username)
+            request=request, username=body.username, password=body.password, device_id=body.deviceId)
+    except TokenRefused as exc:  # the failure is counted by accounts.backends
         raise AuthenticationFailed(str(exc), code="invalid_credentials") from None
     return JsonResponse(pair.body())
 

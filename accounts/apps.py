@@ -6,4 +6,4 @@ class AccountsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import services, tokens  # noqa: F401 - connect the caches' signal receivers
+        from . import backends, services, tokens  # noqa: F401 - connect the signal receivers

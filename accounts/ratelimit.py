@@ -11,6 +11,8 @@ from typing import Protocol
 
 from django.conf import settings
 
+from optimagpt.addresses import address_block
+
 REDIS_TIMEOUT_S = 2.0
 
 
@@ -95,18 +97,24 @@ def counter() -> Counter:
     return _counter
 
 
-def _login_keys(address: str, username: str) -> list[str]:
-    return [f"login:addr:{address}", f"login:user:{username.lower()[:150]}"]
+def _login_limits(address: str, username: str) -> list[tuple[str, int]]:
+    """The counters a failed login adds to, with their limits: the address with this username, and the address.
+
+    None of them is the account's alone: a throttle per username would let anyone lock its owner out.
+    """
+    block = address_block(address)
+    failures = settings.OPTIMAGPT_LOGIN_FAILURES
+    return [(f"login:pair:{block}:{username.lower()[:150]}", failures), (f"login:addr:{block}", 4 * failures)]
 
 
 async def login_retry_after(*, address: str, username: str) -> int:
-    """Seconds until this address or username may try again; 0 when not throttled."""
-    for key in _login_keys(address, username):
-        if await counter().get(key) >= settings.OPTIMAGPT_LOGIN_FAILURES:
+    """Seconds until this address may try this username again; 0 when not throttled."""
+    for key, limit in _login_limits(address, username):
+        if await counter().get(key) >= limit:
             return max(1, await counter().ttl(key))
     return 0
 
 
 async def login_failed(*, address: str, username: str) -> None:
-    for key in _login_keys(address, username):
+    for key, _ in _login_limits(address, username):
         await counter().add(key, 1, settings.OPTIMAGPT_LOGIN_WINDOW_S)

@@ -15,6 +15,7 @@ from django.conf import settings
 from django.contrib.auth import authenticate
 from django.db.models.signals import m2m_changed, post_save
 from django.dispatch import receiver
+from django.http import HttpRequest
 from rest_framework_simplejwt.exceptions import TokenError
 from rest_framework_simplejwt.settings import api_settings
 from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
@@ -42,9 +43,10 @@ def _lifetime() -> int:
     return int(api_settings.ACCESS_TOKEN_LIFETIME.total_seconds())
 
 
-def token_pair_for_login(*, username: str, password: str, device_id: str | None = None) -> TokenPair:
-    """Tokens for a username and password (sync: password hashing takes a while)."""
-    user = authenticate(username=username, password=password)
+def token_pair_for_login(*, request: HttpRequest | None = None, username: str, password: str,
+                         device_id: str | None = None) -> TokenPair:
+    """Tokens for a username and password (sync: password hashing takes a while); `request` for the throttle."""
+    user = authenticate(request, username=username, password=password)
     if user is None:
         raise TokenRefused("Incorrect username or password.")
     refresh = RefreshToken.for_user(user)

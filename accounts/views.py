@@ -14,9 +14,11 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
+from optimagpt.addresses import client_address
+
 from .forms import ApiKeyCreateForm, UserCreateForm
 from .models import ApiKey, User
-from .ratelimit import login_failed, login_retry_after
+from .ratelimit import login_retry_after
 from .users import UserRuleBroken, user_create, user_delete, user_set_type
 
 
@@ -29,7 +31,7 @@ def login_view(request: HttpRequest) -> HttpResponse:
     if request.method != "POST":
         return render(request, "accounts/login.html", context)
     username = request.POST.get("username", "")[:150]
-    address = request.META.get("REMOTE_ADDR", "?")
+    address = client_address(request)
     context["username"] = username
     retry_after = async_to_sync(login_retry_after)(address=address, username=username)
     if retry_after:
@@ -38,8 +40,7 @@ def login_view(request: HttpRequest) -> HttpResponse:
         response["Retry-After"] = str(retry_after)
         return response
     user = authenticate(request, username=username, password=request.POST.get("password", ""))
-    if user is None:
-        async_to_sync(login_failed)(address=address, username=username)
+    if user is None:  # counted by accounts.backends
         context["error"] = "Incorrect username or password."
         return render(request, "accounts/login.html", context, status=401)
     login(request, user)
@@ -114,7 +115,7 @@ def api_keys_view(request: HttpRequest) -> HttpResponse:
     new_key = ""
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
-        key, new_key = ApiKey.create_with_raw_key(name=data["name"], owner=data["owner"])
+        key, new_key = ApiKey.create_with_raw_key(name=data["name"], owner=data["owner"], scopes=data["scopes"])
         for field in ("expires_at", "allowed_models", "requests_per_minute", "tokens_per_minute", "token_budget",
                       "budget_period"):
             setattr(key, field, data[field])

@@ -8,6 +8,7 @@ Redis channel layer and a real Celery broker.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import secrets
 from datetime import timedelta
 from pathlib import Path
@@ -210,8 +211,19 @@ SIMPLE_JWT = {
 # Seconds between writes of the usage accounting (tokens per key and user per day).
 OPTIMAGPT_USAGE_FLUSH_S = env_float("OPTIMAGPT_USAGE_FLUSH_S", 2.0)
 # Failed logins allowed per client address (and per username) in OPTIMAGPT_LOGIN_WINDOW_S.
+# Failed logins allowed per client address and username in OPTIMAGPT_LOGIN_WINDOW_S; an address may fail
+# four times as often over all usernames. Throttled is the address that fails, never the account.
 OPTIMAGPT_LOGIN_FAILURES = env_int("OPTIMAGPT_LOGIN_FAILURES", 5)
 OPTIMAGPT_LOGIN_WINDOW_S = env_int("OPTIMAGPT_LOGIN_WINDOW_S", 900)
+# Reverse proxies (addresses or networks) whose X-Forwarded-For names the client; empty: none is believed.
+OPTIMAGPT_TRUSTED_PROXIES = env_list("OPTIMAGPT_TRUSTED_PROXIES", [])
+for _proxy in OPTIMAGPT_TRUSTED_PROXIES:
+    try:
+        ipaddress.ip_network(_proxy, strict=False)
+    except ValueError:
+        raise ImproperlyConfigured(f"OPTIMAGPT_TRUSTED_PROXIES: {_proxy!r} is not an address or network") from None
+# Every way to log in (login page, /api/auth/login, Django admin) asks this backend, which applies the throttle.
+AUTHENTICATION_BACKENDS = ["accounts.backends.ThrottledModelBackend"]
 
 LOGGING = {
     "version": 1,
