@@ -6,7 +6,7 @@ from django import forms
 from django.contrib.auth.password_validation import password_validators_help_text_html, validate_password
 from django.core.exceptions import ValidationError
 
-from .models import User
+from .models import SCOPE_INFERENCE, SCOPES, User
 
 
 class UserCreateForm(forms.Form):
@@ -47,6 +47,13 @@ class ApiKeyCreateForm(forms.Form):
     tokens_per_minute = forms.IntegerField(required=False, min_value=1)
     token_budget = forms.IntegerField(required=False, min_value=1, label="Token budget")
     budget_period = forms.ChoiceField(choices=[("day", "per day"), ("month", "per month")], initial="day")
+    scopes = forms.MultipleChoiceField(choices=SCOPES, initial=[SCOPE_INFERENCE], required=False,
+                                       widget=forms.CheckboxSelectMultiple,
+                                       help_text="inference: /v1; conversations: the owner's OptimaChat "
+                                                 "conversations; management: executors, as the owner may")
+
+    def clean_scopes(self) -> list[str]:
+        return self.cleaned_data["scopes"] or [SCOPE_INFERENCE]  # none ticked: the default, not a useless key
 
     def clean_allowed_models(self) -> list[str]:
         return [m.strip() for m in self.cleaned_data["allowed_models"].split(",") if m.strip()]

@@ -12,6 +12,17 @@ KEY_PREFIX = "sk-optima-"
 # Shown in lists so people can tell keys apart; far too short to guess the rest from.
 VISIBLE_CHARS = len(KEY_PREFIX) + 6
 
+# What a key may do. Inference (/v1, and the model lists) is every key's default; reading and writing its
+# owner's OptimaChat conversations, or managing executors as its owner may, must be granted at creation.
+SCOPE_INFERENCE = "inference"
+SCOPE_CONVERSATIONS = "conversations"
+SCOPE_MANAGEMENT = "management"
+SCOPES = [(SCOPE_INFERENCE, "Inference"), (SCOPE_CONVERSATIONS, "Conversations"), (SCOPE_MANAGEMENT, "Management")]
+
+
+def default_scopes() -> list[str]:
+    return [SCOPE_INFERENCE]
+
 
 # The product's permissions (REFERENCE.md section 1), as Django permissions on the User model.
 PERMISSIONS = [
@@ -82,6 +93,8 @@ class ApiKey(models.Model):
                                                   help_text="prompt plus completion tokens per budget period")
     budget_period = models.CharField(max_length=5, choices=[("day", "per day"), ("month", "per month")],
                                      default="day")
+    scopes = models.JSONField(default=default_scopes, blank=True,
+                              help_text="what the key may do: inference, conversations, management")
 
     objects = ApiKeyQuerySet.as_manager()
 
@@ -99,14 +112,19 @@ class ApiKey(models.Model):
     def allows_model(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
 
+    def has_scope(self, scope: str) -> bool:
+        return isinstance(self.scopes, list) and scope in self.scopes
+
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
 
     @classmethod
-    def create_with_raw_key(cls, *, name: str, owner: models.Model | None = None) -> tuple[ApiKey, str]:
+    def create_with_raw_key(cls, *, name: str, owner: models.Model | None = None,
+                            scopes: list[str] | None = None) -> tuple[ApiKey, str]:
         """Make a key; the raw key is returned here and never again."""
         raw = KEY_PREFIX + secrets.token_urlsafe(32)
-        key = cls.objects.create(name=name, owner=owner, prefix=raw[:VISIBLE_CHARS], digest=api_key_digest(raw))
+        key = cls.objects.create(name=name, owner=owner, prefix=raw[:VISIBLE_CHARS], digest=api_key_digest(raw),
+                                 scopes=scopes if scopes is not None else default_scopes())
         return key, raw
 
 

@@ -179,12 +179,13 @@ def _served_models() -> dict[str, int]:
 @router.get("/models", summary="List the models that can be served now")
 async def list_models(request: HttpRequest) -> HttpResponse:
     served = await _served_models()
-    return JsonResponse({"object": "list", "data": [_model_object(m, c) for m, c in sorted(served.items())]})
+    return JsonResponse({"object": "list", "data": [_model_object(m, c) for m, c in sorted(served.items())
+                                                    if request.auth.allows_model(m)]})
 
 
 @router.get("/models/{path:model_id}", summary="Retrieve a model")
 async def retrieve_model(request: HttpRequest, model_id: str) -> HttpResponse:
     served = await _served_models()
-    if model_id not in served:
+    if model_id not in served or not request.auth.allows_model(model_id):
         raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
     return JsonResponse(_model_object(model_id, served[model_id]))

@@ -9,7 +9,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 from ninja.security.base import AuthBase
 
-from accounts.models import KEY_PREFIX, ApiKey, User
+from accounts.models import KEY_PREFIX, SCOPE_CONVERSATIONS, SCOPE_INFERENCE, SCOPE_MANAGEMENT, ApiKey, User
 from accounts.services import api_key_authenticate
 from accounts.tokens import TokenRefused, access_token_user
 
@@ -23,6 +23,10 @@ class Principal:
 
     user_id: int | None
     api_key: ApiKey | None = None
+
+    def allows_model(self, model: str) -> bool:
+        """A key's model limit, which holds on every endpoint that names or lists models."""
+        return self.api_key is None or self.api_key.allows_model(model)
 
 
 def raw_key_from_headers(request: HttpRequest) -> str | None:
@@ -38,8 +42,11 @@ def raw_key_from_headers(request: HttpRequest) -> str | None:
 
 
 class ApiKeyAuth(AuthBase):
+    """An API key holding one of `scopes`, or a JWT of a user that `jwt_allows`."""
+
     openapi_type = "http"
     openapi_scheme = "bearer"
+    scopes: tuple[str, ...] = (SCOPE_INFERENCE,)
 
     async def __call__(self, request: HttpRequest) -> Principal:
         invalidation_listener_start()
@@ -53,8 +60,7 @@ class ApiKeyAuth(AuthBase):
             return await self._key(raw)
         return await self._jwt(raw)
 
-    @staticmethod
-    async def _key(raw: str) -> Principal:
+    async def _key(self, raw: str) -> Principal:
         found = await api_key_authenticate(raw_key=raw)
         if found is None:
             # Never echo the key back: it may be a real key pasted into the wrong place.
@@ -64,6 +70,9 @@ class ApiKeyAuth(AuthBase):
             raise AuthenticationFailed("This API key has expired.", code="api_key_expired")
         if not owner_ok:
             raise PermissionDenied("The owner of this API key may not use the API (Access Gateway).")
+        if not any(key.has_scope(scope) for scope in self.scopes):
+            raise PermissionDenied(f"This API key lacks the scope this needs ({' or '.join(self.scopes)}); "
+                                   "scopes are granted when a key is created.", code="missing_scope")
         return Principal(user_id=key.owner_id, api_key=key)
 
     async def _jwt(self, raw: str) -> Principal:
@@ -87,6 +96,19 @@ class ChatAuth(ApiKeyAuth):
     Gateway) or with Access Gateway, or an API key as on the rest of the API."""
 
     jwt_refusal = "You may not use OptimaChat: you lack the Chat permission."
+    scopes = (SCOPE_CONVERSATIONS,)
 
     async def jwt_allows(self, user: User, gateway_ok: bool) -> bool:
         return gateway_ok or await database_sync_to_async(user.has_perm)("accounts.chat")
+
+
+class ModelListAuth(ChatAuth):
+    """The model lists serve API callers and OptimaChat alike: either scope will do."""
+
+    scopes = (SCOPE_INFERENCE, SCOPE_CONVERSATIONS)
+
+
+class ManagementAuth(ApiKeyAuth):
+    """Managing executors: a key with the management scope (its owner's permissions still apply), or a JWT."""
+
+    scopes = (SCOPE_MANAGEMENT,)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
 from accounts.models import User
 from nodes.models import Executor, Node
 
-from .auth import ApiKeyAuth, ChatAuth, Principal
+from .auth import ApiKeyAuth, ManagementAuth, ModelListAuth, Principal
 from .errors import ApiError, InvalidRequest, ModelNotFound, PermissionDenied
 from .executors import executor_configure, executor_delete, executor_remote_create
 from .routing.router import strategy as routing_strategy
@@ -48,13 +48,15 @@ def _owner(row: dict[str, Any]) -> str:
     return "optimagpt"
 
 
-@router.get("/models", auth=ChatAuth(), summary="Models that can be served now, chat and embedding apart (also for "
+@router.get("/models", auth=ModelListAuth(), summary="Models that can be served now, chat and embedding apart (also for "
             "OptimaChat's users)")
 async def optima_models(request: HttpRequest) -> HttpResponse:
     chat: dict[str, dict[str, Any]] = {}
     embed: dict[str, dict[str, Any]] = {}
     for row in await _ready_rows():
         model_id = row["model_id"]
+        if not request.auth.allows_model(model_id):
+            continue
         if row["embedding"]:
             entry = embed.setdefault(model_id, {"id": model_id, "name": row["name"] or model_id,
                                                 "owned_by": _owner(row), "dimensions": None,
@@ -125,11 +127,17 @@ _out = database_sync_to_async(executor_out)  # reads the node's name: a query
 
 
 @database_sync_to_async
-def _executor(executor_id: int) -> Executor:
+def _executor(principal: Principal, executor_id: int) -> Executor:
+    """The executor, if it exists and the caller's key may touch its model (else: as if it did not exist)."""
     executor = Executor.objects.select_related("node").filter(pk=executor_id).first()
-    if executor is None:
+    if executor is None or not principal.allows_model(executor.model_id):
         raise ModelNotFound(f"No executor {executor_id}.", code="executor_not_found")
     return executor
+
+
+def _require_model_allowed(principal: Principal, values: dict[str, Any]) -> None:
+    if "model_id" in values and not principal.allows_model(values["model_id"]):
+        raise PermissionDenied(f"This API key may not use the model '{values['model_id']}'.", param="model_id")
 
 
 def json_object(request: HttpRequest) -> dict[str, Any]:
@@ -178,53 +186,56 @@ def validated(schema: type[BaseModel], body: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-@router.get("/executors", summary="Every executor: models on nodes and remote upstreams")
+@router.get("/executors", auth=ManagementAuth(), summary="Every executor: models on nodes and remote upstreams")
 async def executors_list(request: HttpRequest) -> HttpResponse:
     await _require_executor_management(request.auth)
-    rows = await database_sync_to_async(lambda: [executor_out(e) for e in Executor.objects.select_related("node")])()
+    rows = await database_sync_to_async(lambda: [executor_out(e) for e in Executor.objects.select_related("node")
+                                                  if request.auth.allows_model(e.model_id)])()
     return JsonResponse({"object": "list", "data": rows})
 
 
-@router.post("/executors", summary="Register a remote OpenAI-compatible upstream as an executor")
+@router.post("/executors", auth=ManagementAuth(), summary="Register a remote OpenAI-compatible upstream as an executor")
 async def executors_create_remote(request: HttpRequest) -> HttpResponse:
     await _require_executor_management(request.auth)
     values = validated(RemoteIn, json_object(request))
+    _require_model_allowed(request.auth, values)
     executor = await executor_remote_create(**values)
     return JsonResponse(await _out(executor), status=201)
 
 
-@router.get("/executors/{executor_id}", summary="One executor")
+@router.get("/executors/{executor_id}", auth=ManagementAuth(), summary="One executor")
 async def executors_get(request: HttpRequest, executor_id: int) -> HttpResponse:
     await _require_executor_management(request.auth)
-    return JsonResponse(await _out(await _executor(executor_id)))
+    return JsonResponse(await _out(await _executor(request.auth, executor_id)))
 
 
-@router.patch("/executors/{executor_id}", summary="Change an executor's settings (applied by restarting it)")
+@router.patch("/executors/{executor_id}", auth=ManagementAuth(), summary="Change an executor's settings (applied by restarting it)")
 async def executors_update(request: HttpRequest, executor_id: int) -> HttpResponse:
     await _require_executor_management(request.auth)
-    executor = await _executor(executor_id)
+    executor = await _executor(request.auth, executor_id)
     changes = json_object(request)
     if executor.is_remote:
         changes = validated(RemoteUpdateIn, changes)
+        _require_model_allowed(request.auth, changes)
     return JsonResponse(await _out(await executor_configure(executor=executor, changes=changes)))
 
 
-@router.post("/executors/{executor_id}/start", summary="Start an executor (and keep it enabled)")
+@router.post("/executors/{executor_id}/start", auth=ManagementAuth(), summary="Start an executor (and keep it enabled)")
 async def executors_start(request: HttpRequest, executor_id: int) -> HttpResponse:
     await _require_executor_management(request.auth)
-    executor = await executor_configure(executor=await _executor(executor_id), changes={"enabled": True})
+    executor = await executor_configure(executor=await _executor(request.auth, executor_id), changes={"enabled": True})
     return JsonResponse(await _out(executor))
 
 
-@router.post("/executors/{executor_id}/stop", summary="Stop an executor and free its memory")
+@router.post("/executors/{executor_id}/stop", auth=ManagementAuth(), summary="Stop an executor and free its memory")
 async def executors_stop(request: HttpRequest, executor_id: int) -> HttpResponse:
     await _require_executor_management(request.auth)
-    executor = await executor_configure(executor=await _executor(executor_id), changes={"enabled": False})
+    executor = await executor_configure(executor=await _executor(request.auth, executor_id), changes={"enabled": False})
     return JsonResponse(await _out(executor))
 
 
-@router.delete("/executors/{executor_id}", summary="Remove a remote upstream")
+@router.delete("/executors/{executor_id}", auth=ManagementAuth(), summary="Remove a remote upstream")
 async def executors_delete(request: HttpRequest, executor_id: int) -> HttpResponse:
     await _require_executor_management(request.auth)
-    await executor_delete(executor=await _executor(executor_id))
+    await executor_delete(executor=await _executor(request.auth, executor_id))
     return HttpResponse(status=204)

@@ -132,7 +132,7 @@ async def test_another_users_conversation_is_not_found_for_every_action_and_stay
 async def test_credentials_are_required_and_a_key_without_an_owner_has_no_conversations() -> None:
     response = await AsyncClient().get(BASE)
     assert response.status_code == 401 and "error" in response.json()
-    _, raw = await sync_to_async(ApiKey.create_with_raw_key)(name="service")
+    _, raw = await sync_to_async(ApiKey.create_with_raw_key)(name="service", scopes=["conversations"])
     response = await AsyncClient().get(BASE, headers={"Authorization": f"Bearer {raw}"})
     assert response.status_code == 403 and response.json()["error"]["code"] == "permission_denied"
 

@@ -46,7 +46,8 @@ def _remote_upstream(gateway, api_key: str):  # type: ignore[no-untyped-def]
     """A second chat model: this same gateway registered as a remote upstream (hybrid mode) under another id."""
     subprocess.run([sys.executable, "manage.py", "create_user", "chatboss", "--type", "admin"], cwd=REPO,
                    env=gateway.env, input=PASSWORD + "\n", text=True, check=True, capture_output=True)
-    admin_key = gateway.manage("create_api_key", "--name", "chatboss", "--user", "chatboss").strip()
+    admin_key = gateway.manage("create_api_key", "--name", "chatboss", "--user", "chatboss",
+                              "--scopes", "management").strip()
     headers = {"Authorization": f"Bearer {admin_key}"}
     created = httpx.post(gateway.url + "/optima/v1/executors", headers=headers, timeout=60, json={
         "name": "SmolLM2 (remote)", "model_id": REMOTE_MODEL, "base_url": gateway.url + "/v1",

@@ -112,7 +112,8 @@ def stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     gateway.start()
     subprocess.run([sys.executable, "manage.py", "create_user", "boss", "--type", "admin"], cwd=REPO,
                    env=gateway.env, input="a-long-admin-password\n", text=True, check=True, capture_output=True)
-    admin_key = gateway.manage("create_api_key", "--name", "boss", "--user", "boss").strip()
+    admin_key = gateway.manage("create_api_key", "--name", "boss", "--user", "boss", "--scopes", "inference",
+                               "management").strip()
     agent = NodeAgent(gateway=gateway, models_dir=chat_dir, state_dir=root / "node", name="exec-node",
                       extra_args=("--embedding-models-dir", str(embed_dir), "--hang-timeout", "3"),
                       enable=(SMOL, "smol-embed.gguf"))
@@ -304,7 +305,8 @@ def test_managing_executors_needs_the_permission(stack: Stack) -> None:
                          "from accounts.models import User; from django.contrib.auth.models import Permission; "
                          "User.objects.get(username='pleb').user_permissions.add("
                          "Permission.objects.get(codename='access_gateway'))")
-    pleb_key = stack.gateway.manage("create_api_key", "--name", "pleb", "--user", "pleb").strip()
+    pleb_key = stack.gateway.manage("create_api_key", "--name", "pleb", "--user", "pleb", "--scopes", "inference",
+                                    "management").strip()
     ownerless_key = stack.gateway.create_api_key("ownerless")
     smol = stack.wait_state(SMOL, "online")
     for key in (pleb_key, ownerless_key):

@@ -28,7 +28,8 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, s
     gateway.start()
     subprocess.run([sys.executable, "manage.py", "create_user", "boss", "--type", "admin"], cwd=REPO,
                    env=gateway.env, input="a-long-admin-password\n", text=True, check=True, capture_output=True)
-    key = gateway.manage("create_api_key", "--name", "boss", "--user", "boss").strip()
+    key = gateway.manage("create_api_key", "--name", "boss", "--user", "boss", "--scopes", "inference",
+                         "management").strip()
     try:
         yield gateway, key
     finally:

@@ -3,7 +3,7 @@ from datetime import timedelta
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from accounts.models import ApiKey, User
+from accounts.models import SCOPE_INFERENCE, SCOPES, ApiKey, User
 
 
 class Command(BaseCommand):
@@ -17,10 +17,13 @@ class Command(BaseCommand):
         parser.add_argument("--tpm", type=int, help="tokens per minute")
         parser.add_argument("--budget", type=int, help="tokens per budget period")
         parser.add_argument("--budget-period", choices=["day", "month"], default="day")
+        parser.add_argument("--scopes", nargs="+", choices=[s for s, _ in SCOPES], default=[SCOPE_INFERENCE],
+                            help="what the key may do (default: inference only)")
         parser.add_argument("--expires-in-days", type=float, help="the key stops working after this many days")
 
     def handle(self, *args, name: str, user: str | None, models: list[str], rpm: int | None,  # type: ignore[no-untyped-def]
-               tpm: int | None, budget: int | None, budget_period: str, expires_in_days: float | None, **options):
+               tpm: int | None, budget: int | None, budget_period: str, expires_in_days: float | None,
+               scopes: list[str], **options):
         owner = None
         if user:
             try:
@@ -30,7 +33,7 @@ class Command(BaseCommand):
         for value, flag in ((rpm, "--rpm"), (tpm, "--tpm"), (budget, "--budget")):
             if value is not None and value < 1:
                 raise CommandError(f"{flag} must be at least 1")
-        key, raw = ApiKey.create_with_raw_key(name=name, owner=owner)
+        key, raw = ApiKey.create_with_raw_key(name=name, owner=owner, scopes=sorted(set(scopes)))
         key.allowed_models = models
         key.requests_per_minute, key.tokens_per_minute, key.token_budget = rpm, tpm, budget
         key.budget_period = budget_period
