@@ -155,3 +155,103 @@ async def test_it_gives_up_after_three_crashes_in_a_row(tmp_path: Path) -> None:
     await _wait_state(proc, "failed", 60)
     assert proc.last_error
     await proc.stop()
+
+
+async def test_a_body_with_newlines_is_one_request_and_cannot_smuggle_another(process: LlamaCppProcess) -> None:
+    # Whitespace in the client's JSON is the client's: on a line-framed pipe the second line of this body
+    # ran as a request of its own (untracked, 100000 tokens), and the first line, not JSON alone, was lost.
+    smuggled = json.dumps({"op": "completion", "id": "INJ", "stream": False,
+                           "body": {"prompt": "Once upon a time", "max_tokens": 100000}})
+    raw = ('{"op":"chat","id":"a","stream":false,"body":{"messages":[{"role":"user","content":"Hi"}],'
+           '"max_tokens":2,"pad":[\n' + smuggled + '\n]}}')
+    events: list[dict[str, Any]] = []
+    done = asyncio.Event()
+
+    async def sink(line: str, event: dict[str, Any]) -> None:
+        events.append(event)
+        done.set()
+
+    assert process.submit("a", raw, sink)
+    await asyncio.wait_for(done.wait(), 30)
+    assert events[-1]["type"] == "end" and events[-1]["usage"]["completion_tokens"] == 2
+    pretty = json.dumps({"op": "chat", "id": "b", "stream": False, "body": {
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}}, indent=2)
+    started = time.monotonic()
+    after = await _request(process, json.loads(pretty) | {"id": "b"})
+    assert after[-1]["type"] == "end"
+    assert time.monotonic() - started < 5, "nothing smuggled holds the process"
+
+
+async def test_max_tokens_and_cancel_hold_for_tokens_that_never_make_whole_characters(
+        process: LlamaCppProcess) -> None:
+    # Token 187 is the byte 0xF0 alone: text made of it never completes a character.
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "logit_bias": {"187": 100}}
+    started = time.monotonic()
+    events = await _request(process, {"op": "chat", "id": "short", "stream": True, "body": body})
+    assert events[-1]["type"] == "end"
+    assert events[-1]["finish_reason"] == "length" and events[-1]["usage"]["completion_tokens"] == 5
+    unstreamed = await _request(process, {"op": "chat", "id": "short2", "stream": False, "body": body})
+    assert unstreamed[-1]["usage"]["completion_tokens"] == 5
+    assert time.monotonic() - started < 10
+
+    sink_events: list[dict[str, Any]] = []
+
+    async def sink(line: str, event: dict[str, Any]) -> None:
+        sink_events.append(event)
+
+    assert process.submit("long", json.dumps({"op": "chat", "id": "long", "stream": True, "body": {
+        **body, "max_tokens": 2000}}), sink)
+    await asyncio.sleep(1.0)  # it generates, and sends nothing: no token completes a character
+    process.cancel("long")
+    started = time.monotonic()
+    after = await _request(process, {"op": "chat", "id": "next", "stream": False,
+                                     "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}})
+    assert after[-1]["type"] == "end"
+    assert time.monotonic() - started < 2.0, "the cancelled request stopped within a token"
+
+
+async def test_token_ids_outside_the_vocabulary_are_refused_and_the_process_lives_on(
+        process: LlamaCppProcess) -> None:
+    pid = process.pid
+    events = await _request(process, {"op": "embedding", "id": "oov", "body": {"input": [1000000000]}})
+    assert events[-1]["type"] == "error" and events[-1]["error"]["status"] == 400
+    assert "vocabulary" in events[-1]["error"]["message"]
+    events = await _request(process, {"op": "chat", "id": "bias", "stream": False, "body": {
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "logit_bias": {"999999999": 5}}})
+    assert events[-1]["type"] == "error" and events[-1]["error"]["status"] == 400
+    ok = await _request(process, {"op": "embedding", "id": "fine", "body": {"input": [[28120, 905], [1, 2]]}})
+    assert ok[-1]["type"] == "error" and ok[-1]["error"]["status"] == 400, "special tokens alone make no text"
+    ok = await _request(process, {"op": "embedding", "id": "fine2", "body": {"input": [[28120, 905], [19556]]}})
+    assert ok[-1]["type"] == "end" and len(ok[-1]["embeddings"]) == 2
+    assert ok[-1]["usage"]["prompt_tokens"] == 3, "usage is the sum of the inputs' own tokens"
+    assert process.pid == pid and process.state == "online"
+
+
+async def test_a_request_that_crashes_the_process_twice_fails_alone_and_never_fails_the_executor(
+        process: LlamaCppProcess) -> None:
+    # Three requests in a row, each killing the process whenever it is being computed (as a request that
+    # makes llama.cpp abort would): each is replayed once, then fails alone; the model stays up.
+    for culprit in ("x", "y", "z"):
+        events: list[dict[str, Any]] = []
+
+        async def sink(line: str, event: dict[str, Any], events: list[dict[str, Any]] = events) -> None:
+            events.append(event)
+
+        assert process.submit(culprit, json.dumps({"op": "chat", "id": culprit, "stream": False, "body": {
+            "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 500}}), sink)
+        for _ in range(2):
+            deadline = time.monotonic() + 30
+            while process._computing != culprit:
+                assert time.monotonic() < deadline, "the request was not begun"
+                await asyncio.sleep(0.005)
+            os.kill(process.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            await asyncio.sleep(0.2)
+        deadline = time.monotonic() + 30
+        while not events:
+            assert time.monotonic() < deadline, "the culprit got no answer"
+            await asyncio.sleep(0.05)
+        assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "request_crashed"
+        await _wait_state(process, "online", 30)
+    after = await _request(process, {"op": "chat", "id": "after", "stream": False,
+                                     "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}})
+    assert after[-1]["type"] == "end" and process.state == "online"

@@ -1,0 +1,185 @@
+"""The attack pass's defects, reproduced against the real stack (daphne, node agent, llama.cpp), each fixed.
+
+Each test sends what the attack sent and checks that the model stays up for everyone else.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import MODEL_ID, REPO
+
+pytestmark = pytest.mark.e2e
+
+PASSWORD = "a-long-throttle-password"
+
+
+def _headers(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+
+
+def _one_token(gateway, api_key: str, timeout_s: float = 15) -> httpx.Response:  # type: ignore[no-untyped-def]
+    """A 1-token chat: answered within seconds only while the model is free for everyone."""
+    return httpx.post(gateway.url + "/v1/chat/completions", headers=_headers(api_key), timeout=timeout_s, json={
+        "model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
+
+
+# -- 1. the worker pipe ------------------------------------------------------------
+def test_a_body_cannot_smuggle_a_request_onto_the_workers_pipe(gateway, node, api_key) -> None:  # type: ignore[no-untyped-def]
+    smuggled = json.dumps({"op": "completion", "id": "INJ", "stream": False,
+                           "body": {"prompt": "Once upon a time", "max_tokens": 100000}})
+    body = ('{"model": "%s", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "pad": [\n%s\n]}'
+            % (MODEL_ID, smuggled))
+    response = httpx.post(gateway.url + "/v1/chat/completions", headers=_headers(api_key), content=body, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 2
+    pretty = json.dumps({"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+                        indent=2)
+    response = httpx.post(gateway.url + "/v1/chat/completions", headers=_headers(api_key), content=pretty, timeout=30)
+    assert response.status_code == 200, "pretty-printed JSON gets an answer"
+    assert _one_token(gateway, api_key, 10).status_code == 200, "no smuggled generation holds the model"
+
+
+# -- 2. one request cannot fail the model --------------------------------------------
+def test_a_token_outside_the_vocabulary_is_400_and_the_model_stays_up(gateway, node, api_key) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(4):  # the attack crashed the worker three times in a row, and the executor gave up
+        response = httpx.post(gateway.url + "/v1/embeddings", headers=_headers(api_key), timeout=30,
+                              json={"model": MODEL_ID, "input": [1000000000]})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["type"] == "invalid_request_error"
+    assert _one_token(gateway, api_key).status_code == 200
+    assert "crash" not in node.log().lower()
+
+
+# -- 3. messages over 1 MiB on the link ----------------------------------------------
+def test_messages_over_a_mebibyte_cross_the_link_and_another_stream_goes_on(gateway, node, api_key) -> None:  # type: ignore[no-untyped-def]
+    streamed: list[str] = []
+
+    def stream() -> None:
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers=_headers(api_key), timeout=60, json={
+                "model": MODEL_ID, "messages": [{"role": "user", "content": "Write a story."}], "max_tokens": 60,
+                "stream": True}) as response:
+            streamed.extend(line for line in response.iter_lines() if line)
+
+    other = threading.Thread(target=stream)
+    other.start()
+    big = httpx.post(gateway.url + "/v1/chat/completions", headers=_headers(api_key), timeout=60, json={
+        "model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "blob": "x" * 1_100_000})
+    assert big.status_code == 200, big.text
+    many = httpx.post(gateway.url + "/v1/embeddings", headers=_headers(api_key), timeout=120, json={
+        "model": MODEL_ID, "input": [f"input number {i}" for i in range(150)]})
+    assert many.status_code == 200, many.text
+    assert len(many.content) > 1024 * 1024 and len(many.json()["data"]) == 150
+    other.join(60)
+    assert streamed and streamed[-1] == "data: [DONE]", streamed[-3:]
+    assert not any("error" in line for line in streamed)
+    assert _one_token(gateway, api_key).status_code == 200
+
+
+# -- 4. max_tokens and cancel, whatever text the tokens make ---------------------------
+def test_max_tokens_and_a_disconnect_hold_for_tokens_that_make_no_character(gateway, node, api_key) -> None:  # type: ignore[no-untyped-def]
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "logit_bias": {"187": 100}}
+    started = time.monotonic()
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers=_headers(api_key), timeout=30, json={
+            **body, "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data: {")]
+    assert json.loads(lines[-1][6:])["usage"]["completion_tokens"] == 5
+    finished = json.loads(lines[-2][6:])["choices"][0]["finish_reason"]
+    assert finished == "length"
+    response = httpx.post(gateway.url + "/v1/chat/completions", headers=_headers(api_key), timeout=30,
+                          json={**body, "max_tokens": 5})
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 5
+    assert time.monotonic() - started < 20
+    # A long one that never sends a chunk: the client gives up, and the model must stop with it.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway.url + "/v1/chat/completions", headers=_headers(api_key), timeout=httpx.Timeout(2.0),
+                   json={**body, "max_tokens": 3000, "stream": True})
+    assert _one_token(gateway, api_key, 10).status_code == 200, "the abandoned generation stopped"
+
+
+# -- 5, 6. logins: throttled per address, on every way in, and never the account -------------
+def _from(address: str, gateway) -> httpx.Client:  # type: ignore[no-untyped-def]
+    """A client whose connections come from `address` (any 127.x reaches the gateway on 127.0.0.1)."""
+    return httpx.Client(base_url=gateway.url, transport=httpx.HTTPTransport(local_address=address), timeout=30)
+
+
+def _make_user(gateway, username: str, kind: str) -> None:  # type: ignore[no-untyped-def]
+    subprocess.run([sys.executable, "manage.py", "create_user", username, "--type", kind], cwd=REPO,
+                   env=gateway.env, input=PASSWORD + "\n", text=True, check=True, capture_output=True)
+
+
+def _admin_login(client: httpx.Client, username: str, password: str) -> httpx.Response:
+    client.get("/admin/login/")
+    return client.post("/admin/login/?next=/admin/", data={
+        "username": username, "password": password, "csrfmiddlewaretoken": client.cookies["csrftoken"],
+        "next": "/admin/"})
+
+
+def test_admin_login_is_throttled_like_every_other_login(gateway, node) -> None:  # type: ignore[no-untyped-def]
+    _make_user(gateway, "throttled-staff", "admin")
+    with _from("127.0.0.21", gateway) as attacker:
+        for _ in range(30):
+            assert _admin_login(attacker, "throttled-staff", "wrong-password").status_code == 200
+        right = _admin_login(attacker, "throttled-staff", PASSWORD)
+        assert right.status_code == 200 and "sessionid" not in attacker.cookies, "the 31st, correct, is refused"
+        # The same throttle on the other ways in.
+        api = attacker.post("/api/auth/login", json={"username": "throttled-staff", "password": PASSWORD})
+        assert api.status_code == 429 and api.headers["Retry-After"]
+    with _from("127.0.0.22", gateway) as owner:
+        assert _admin_login(owner, "throttled-staff", PASSWORD).status_code == 302, "the owner elsewhere gets in"
+
+
+def test_failed_logins_slow_the_attackers_address_not_the_victims_account(gateway, node) -> None:  # type: ignore[no-untyped-def]
+    _make_user(gateway, "victim", "user")
+    with _from("127.0.0.31", gateway) as attacker:
+        for _ in range(6):
+            attacker.get("/login/")
+            attacker.post("/login/", data={"username": "victim", "password": "guess",
+                                           "csrfmiddlewaretoken": attacker.cookies["csrftoken"]},
+                          headers={"X-Forwarded-For": f"198.51.100.{_}"})  # not a trusted proxy: ignored
+        attacker.get("/login/")
+        throttled = attacker.post("/login/", data={"username": "victim", "password": PASSWORD,
+                                                   "csrfmiddlewaretoken": attacker.cookies["csrftoken"]})
+        assert throttled.status_code == 429 and "Too many failed logins" in throttled.text
+    with _from("127.0.0.32", gateway) as victim:
+        api = victim.post("/api/auth/login", json={"username": "victim", "password": PASSWORD})
+        assert api.status_code == 200, api.text
+        victim.get("/login/")
+        page = victim.post("/login/", data={"username": "victim", "password": PASSWORD,
+                                            "csrfmiddlewaretoken": victim.cookies["csrftoken"]})
+        assert page.status_code == 302
+
+
+# -- 8. what a key may do --------------------------------------------------------------
+def test_a_key_does_inference_only_unless_granted_and_its_model_limit_holds_everywhere(gateway, node) -> None:  # type: ignore[no-untyped-def]
+    _make_user(gateway, "scoped-boss", "admin")
+    limited = gateway.manage("create_api_key", "--name", "limited", "--user", "scoped-boss",
+                             "--models", "some-other-model").strip()
+    manager = gateway.manage("create_api_key", "--name", "manager", "--user", "scoped-boss",
+                             "--scopes", "management").strip()
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        executors = http.get("/optima/v1/executors", headers=_headers(manager)).json()["data"]
+        (smol,) = [e for e in executors if e["model_id"] == MODEL_ID]
+        for method, path in (("POST", f"/optima/v1/executors/{smol['id']}/stop"), ("GET", "/optima/v1/executors"),
+                             ("POST", "/optima/v1/executors"), ("GET", "/optima/v1/conversations"),
+                             ("POST", "/optima/v1/conversations")):
+            response = http.request(method, path, headers=_headers(limited), json={})
+            assert response.status_code == 403, (method, path, response.text)
+            assert response.json()["error"]["code"] == "missing_scope"
+        assert http.get("/v1/models", headers=_headers(limited)).json()["data"] == []
+        assert http.get(f"/v1/models/{MODEL_ID}", headers=_headers(limited)).status_code == 404
+        assert http.get("/optima/v1/models", headers=_headers(limited)).json()["chat_models"] == []
+        # The management scope does not lift the model limit, nor inference come with it.
+        narrow = gateway.manage("create_api_key", "--name", "narrow-manager", "--user", "scoped-boss",
+                                "--scopes", "management", "--models", "some-other-model").strip()
+        assert http.get("/optima/v1/executors", headers=_headers(narrow)).json()["data"] == []
+        assert http.post(f"/optima/v1/executors/{smol['id']}/stop", headers=_headers(narrow)).status_code == 404
+        assert http.get("/v1/models", headers=_headers(manager)).status_code == 403
+    assert _one_token(gateway, gateway.create_api_key("after-scopes")).status_code == 200, "the model still runs"
