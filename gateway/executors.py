@@ -18,7 +18,13 @@ from nodes.models import Executor
 from nodes.services import executor_reported
 from nodes.signals import executors_changed
 
-from .connectors.remote import remote_probe, upstream_for
+from .connectors.remote import (
+    UpstreamAddressRefused,
+    remote_address_check,
+    remote_probe,
+    same_origin,
+    upstream_for,
+)
 from .errors import Conflict, InvalidRequest
 from .services import node_configure
 
@@ -48,6 +54,7 @@ async def executor_remote_create(*, name: str, model_id: str, base_url: str, ups
     executor = Executor(key=name, model_id=model_id, base_url=base_url, upstream_model=upstream_model,
                         description=description, embedding=embedding, enabled=enabled, name=name,
                         architecture="remote")
+    await _check_address(base_url)
     executor.set_upstream_key(api_key)
     await _probe_into(executor)
     try:
@@ -67,6 +74,13 @@ async def executor_remote_update(*, executor: Executor, changes: dict[str, Any])
     unknown = sorted(set(changes) - REMOTE_FIELDS)
     if unknown:
         raise InvalidRequest(f"unknown field {unknown[0]!r} for a remote upstream")
+    if "base_url" in changes:
+        await _check_address(changes["base_url"])
+        # The stored key was given for the old host: it goes to a new one only if given again.
+        if not same_origin(changes["base_url"], executor.base_url) and "api_key" not in changes \
+                and executor.upstream_key_encrypted:
+            raise InvalidRequest("base_url names another host: give its api_key again (the stored key is "
+                                 "never sent to a host it was not given for)", param="api_key")
     for field, value in changes.items():
         if field == "api_key":
             executor.set_upstream_key(value)
@@ -75,6 +89,13 @@ async def executor_remote_update(*, executor: Executor, changes: dict[str, Any])
     await _probe_into(executor)
     await database_sync_to_async(_save)(executor)
     return executor
+
+
+async def _check_address(base_url: str) -> None:
+    try:
+        await remote_address_check(base_url)
+    except UpstreamAddressRefused as exc:
+        raise InvalidRequest(str(exc), param="base_url") from None
 
 
 def _save(executor: Executor) -> None:

@@ -114,13 +114,21 @@ def executor_out(e: Executor) -> dict[str, Any]:
         "error": e.error, "enabled": e.enabled, "embedding": e.embedding,
     }
     if e.is_remote:
-        out.update(base_url=e.base_url, upstream_model=e.upstream_model, has_api_key=bool(e.upstream_key_encrypted))
+        out.update(base_url=_without_credentials(e.base_url), upstream_model=e.upstream_model, has_api_key=bool(e.upstream_key_encrypted))
     else:
         out.update(family=e.family, architecture=e.architecture, parameter_count=e.parameter_count,
                    quantization=e.quantization, context_length=e.context_length,
                    embedding_length=e.embedding_length, n_ctx=e.n_ctx, size_bytes=e.size_bytes, sha256=e.sha256,
                    valid=e.valid, replicas=e.replicas, replicas_online=e.replicas_online, settings=e.settings)
     return out
+
+
+def _without_credentials(url: str) -> str:
+    """A base URL as shown: credentials, refused since, are never echoed from rows saved before."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
 
 
 _out = database_sync_to_async(executor_out)  # reads the node's name: a query

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from channels.db import database_sync_to_async
@@ -230,21 +232,67 @@ async def remote_call_start(*, target: Target, principal: Principal, op: str, bo
     return RemoteCall(target, principal, upstream, op, json.loads(body_json), stream, **timing)
 
 
+UNREACHABLE = "unreachable: no OpenAI-compatible API answered at this address"
+# Cloud metadata services outside the link-local ranges (those are refused whole).
+METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in ("100.100.100.200", "fd00:ec2::254"))
+
+
+class UpstreamAddressRefused(ValueError):
+    """A base URL the gateway will not call; the message says why, without probing anything."""
+
+
+async def remote_address_check(base_url: str) -> None:
+    """Refuse URLs with credentials, and hosts that resolve to link-local or metadata addresses.
+
+    Checked after resolution, so every notation of an address is caught (2852039166, 0251.0376.0251.0376,
+    [::ffff:169.254.169.254] and names that resolve there alike). Loopback and private networks stay
+    allowed: a self-hosted upstream is often on the same machine or LAN.
+    """
+    parts = urlsplit(base_url)
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise UpstreamAddressRefused("base_url must not hold credentials; give the key as api_key")
+    host = parts.hostname
+    if not host or parts.scheme not in ("http", "https"):
+        raise UpstreamAddressRefused("base_url must be an http or https URL with a host")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(host, port), PROBE_TIMEOUT_S)
+    except (OSError, ValueError, asyncio.TimeoutError):
+        return  # an unknown name cannot reach anything; the probe will say it is unreachable
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if address.is_link_local or address in METADATA_ADDRESSES or address.is_multicast \
+                or address.is_unspecified:
+            raise UpstreamAddressRefused("base_url points to a link-local, metadata or otherwise reserved "
+                                         "address, which the gateway does not call")
+
+
+def same_origin(first: str, second: str) -> bool:
+    a, b = urlsplit(first), urlsplit(second)
+    return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)
+
+
 async def remote_probe(upstream: Upstream) -> str:
-    """Ask the upstream for its models; "" when it answers and serves our model, else what is wrong."""
+    """Ask the upstream for its models; "" when it answers and serves our model, else what is wrong.
+
+    What fails below HTTP says only "unreachable": which way a connection failed (refused, reset, timed
+    out) would tell a caller what listens on hosts it cannot reach itself.
+    """
     try:
         response = await _client().get(upstream.url("/models"), headers=upstream.headers(),
-                                       timeout=PROBE_TIMEOUT_S)
-    except httpx.HTTPError as exc:
-        return f"cannot reach {upstream.base_url} ({type(exc).__name__})"
+                                       timeout=PROBE_TIMEOUT_S, follow_redirects=False)
+    except httpx.HTTPError:
+        return UNREACHABLE
     if response.status_code in (401, 403):
-        return f"{upstream.base_url} refused the key ({response.status_code})"
+        return f"the upstream refused the key ({response.status_code})"
     if response.status_code != 200:
-        return f"{upstream.base_url}/models answered {response.status_code}"
+        return UNREACHABLE
     try:
         listed = {m["id"] for m in response.json().get("data") or ()}
     except (ValueError, KeyError, TypeError, AttributeError):
-        return f"{upstream.base_url}/models is not an OpenAI model list"
+        return UNREACHABLE
     if listed and upstream.model not in listed:
-        return f"{upstream.base_url} does not list the model {upstream.model!r}"
+        return f"the upstream does not list the model {upstream.model!r}"
     return ""

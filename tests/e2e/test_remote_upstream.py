@@ -7,6 +7,7 @@ serves the model only through it.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -125,3 +126,109 @@ def test_a_remote_upstream_is_updated_and_deleted_through_the_api(
     assert "refused-model" not in {m.id for m in client.models.list().data}
     assert _api(front_gw, admin_key, "DELETE", f"/optima/v1/executors/{refused['id']}").status_code == 204
     assert refused["id"] not in {e["id"] for e in _api(front_gw, admin_key, "GET", "/optima/v1/executors").json()["data"]}
+
+
+@pytest.mark.parametrize("host", ["169.254.169.254", "[::ffff:169.254.169.254]", "2852039166",
+                                  "0251.0376.0251.0376", "[fe80::1]", "100.100.100.200"])
+def test_link_local_and_metadata_addresses_are_refused_in_any_notation(front: tuple[Gateway, str], host: str) -> None:
+    front_gw, admin_key = front
+    response = _api(front_gw, admin_key, "POST", "/optima/v1/executors", json={
+        "name": f"ssrf-{host}", "model_id": "ssrf", "base_url": f"http://{host}/latest/meta-data"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "base_url"
+    names = {e["key"] for e in _api(front_gw, admin_key, "GET", "/optima/v1/executors").json()["data"]}
+    assert f"ssrf-{host}" not in names
+
+
+def test_credentials_in_the_url_are_refused_and_never_echoed(front: tuple[Gateway, str], gateway: Gateway) -> None:
+    front_gw, admin_key = front
+    url = gateway.url.replace("http://", "http://admin:hunter2@") + "/v1"
+    response = _api(front_gw, admin_key, "POST", "/optima/v1/executors", json={
+        "name": "creds", "model_id": "creds", "base_url": url})
+    assert response.status_code == 400 and "hunter2" not in response.text
+
+
+class _Recorder:
+    """An HTTP server on loopback that records the Authorization header of each request and answers 404."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        seen = self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+                seen.append(self.headers.get("Authorization"))
+                self.send_response(404)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_the_stored_key_never_goes_to_a_new_host_and_probes_say_only_unreachable(
+        front: tuple[Gateway, str], gateway: Gateway, node: NodeAgent, api_key: str) -> None:
+    front_gw, admin_key = front
+    created = _api(front_gw, admin_key, "POST", "/optima/v1/executors", json={
+        "name": "moving", "model_id": "moving", "base_url": gateway.url + "/v1", "upstream_model": MODEL_ID,
+        "api_key": api_key})
+    assert created.status_code == 201 and created.json()["state"] == "online", created.text
+    recorder = _Recorder()
+    try:
+        moved = _api(front_gw, admin_key, "PATCH", f"/optima/v1/executors/{created.json()['id']}",
+                     json={"base_url": recorder.url + "/v1"})
+        assert moved.status_code == 400 and moved.json()["error"]["param"] == "api_key"
+        assert recorder.seen == [], "nothing was sent to the new host"
+        moved = _api(front_gw, admin_key, "PATCH", f"/optima/v1/executors/{created.json()['id']}",
+                     json={"base_url": recorder.url + "/v1", "api_key": "sk-the-new-hosts-key"})
+        assert moved.status_code == 200 and recorder.seen == ["Bearer sk-the-new-hosts-key"]
+        # A closed port, a server that is no OpenAI API, a port that speaks no HTTP: one answer for all.
+        with socket_listening() as raw_port:
+            errors = set()
+            for url in (f"http://127.0.0.1:{free_port()}/v1", recorder.url + "/v1", f"http://127.0.0.1:{raw_port}/v1"):
+                probed = _api(front_gw, admin_key, "PATCH", f"/optima/v1/executors/{created.json()['id']}",
+                              json={"base_url": url, "api_key": "k"})
+                assert probed.status_code == 200 and probed.json()["state"] == "failed"
+                errors.add(probed.json()["error"])
+        assert len(errors) == 1 and errors.pop().startswith("unreachable")
+    finally:
+        recorder.close()
+        _api(front_gw, admin_key, "DELETE", f"/optima/v1/executors/{created.json()['id']}")
+
+
+@contextlib.contextmanager
+def socket_listening() -> Iterator[int]:
+    """A TCP port that accepts connections and closes them at once (no HTTP)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = server.accept()
+                connection.close()
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
