@@ -23,12 +23,13 @@ install() {
     "$PY" -m node_agent.default_model --dest models >/dev/null
 }
 
-# Secrets of the embedded default: made once, kept in var/ readable by this user only.
+# Secrets of the embedded default: made once, kept in var/ readable by this user only; so is
+# everything else the product writes from here on (database, node state).
 local_secrets() {
+    umask 077
     export OPTIMAGPT_DATA_DIR=$(realpath -m "${OPTIMAGPT_DATA_DIR:-var}")
     mkdir -p "$OPTIMAGPT_DATA_DIR"
-    (umask 077
-     [ -s "$OPTIMAGPT_DATA_DIR/secret_key" ] || "$PY" -c 'import secrets; print(secrets.token_urlsafe(50))' >"$OPTIMAGPT_DATA_DIR/secret_key"
+    ([ -s "$OPTIMAGPT_DATA_DIR/secret_key" ] || "$PY" -c 'import secrets; print(secrets.token_urlsafe(50))' >"$OPTIMAGPT_DATA_DIR/secret_key"
      [ -s "$OPTIMAGPT_DATA_DIR/node_access_key" ] || "$PY" -c 'import secrets; print(secrets.token_urlsafe(32))' >"$OPTIMAGPT_DATA_DIR/node_access_key")
     if [ -z "${SECRET_KEY:-}" ]; then export SECRET_KEY_FILE=${SECRET_KEY_FILE:-$OPTIMAGPT_DATA_DIR/secret_key}; fi
     if [ -z "${OPTIMAGPT_NODE_ACCESS_KEY:-}" ]; then

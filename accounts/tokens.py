@@ -7,17 +7,19 @@ active user, and the hash_password claim, which a password change invalidates.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.contrib.auth import authenticate
-from django.db.models.signals import m2m_changed, post_save
+from django.db.models.signals import m2m_changed, post_save, pre_save
 from django.dispatch import receiver
 from django.http import HttpRequest
 from rest_framework_simplejwt.exceptions import TokenError
 from rest_framework_simplejwt.settings import api_settings
+from rest_framework_simplejwt.token_blacklist.models import OutstandingToken
 from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
 from rest_framework_simplejwt.utils import get_md5_hash_password
 
@@ -139,3 +141,18 @@ def access_token_for_session(user: User) -> dict[str, object]:
     """An access token for a user signed in to the pages (OptimaChat calls the API with it), shaped like the
     login's answer without a refresh token: the session is what renews it."""
     return {"access_token": str(AccessToken.for_user(user)), "token_type": "Bearer", "expires_in": _lifetime()}
+
+
+TOKEN_DIGEST_PREFIX = "sha256:"
+
+
+def token_digest(raw: str) -> str:
+    """What the outstanding-token table keeps of a refresh token: enough to tell tokens apart, not to use one."""
+    return TOKEN_DIGEST_PREFIX + hashlib.sha256(raw.encode()).hexdigest()
+
+
+@receiver(pre_save, sender=OutstandingToken)
+def _keep_no_usable_token(sender: type[OutstandingToken], instance: OutstandingToken, **kwargs: object) -> None:
+    """simplejwt stores each refresh token whole; blacklisting needs only its jti, so a digest is kept instead."""
+    if instance.token and not instance.token.startswith(TOKEN_DIGEST_PREFIX):
+        instance.token = token_digest(instance.token)

@@ -16,6 +16,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from .files import restrict_to_owner
 from .env import env_bool, env_float, env_int, env_list, env_secret, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -88,7 +89,8 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    # The database holds password hashes and key digests: its folder and files are for this user alone.
+    restrict_to_owner(DATA_DIR, Path(DATABASES["default"]["NAME"]))
     # WAL lets the gateway's reads go on while a node report writes; the busy
     # timeout turns a brief lock into a wait instead of "database is locked".
     DATABASES["default"]["OPTIONS"] = {

@@ -122,3 +122,16 @@ async def test_no_password_or_token_reaches_the_logs(admin: User, caplog) -> Non
     await _post("/api/auth/logout", {"refresh_token": tokens["refresh_token"]})
     for secret in (PASSWORD, "a-wrong-password-123", tokens["access_token"], tokens["refresh_token"]):
         assert secret not in caplog.text
+
+
+async def test_the_database_keeps_no_usable_refresh_token(admin: User) -> None:
+    from rest_framework_simplejwt.token_blacklist.models import OutstandingToken
+
+    refresh = (await _login("ada")).json()["refresh_token"]
+    stored = [row.token async for row in OutstandingToken.objects.all()]
+    assert stored and refresh not in stored and all(token.startswith("sha256:") for token in stored)
+    for token in stored:  # what someone who read the table holds
+        assert (await _post("/api/auth/refresh", {"refresh_token": token})).status_code == 401
+    assert (await _post("/api/auth/refresh", {"refresh_token": refresh})).status_code == 200
+    assert (await _post("/api/auth/logout", {"refresh_token": refresh})).status_code == 200
+    assert (await _post("/api/auth/refresh", {"refresh_token": refresh})).status_code == 401, "blacklisting works"

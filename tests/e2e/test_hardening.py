@@ -183,3 +183,12 @@ def test_a_key_does_inference_only_unless_granted_and_its_model_limit_holds_ever
         assert http.post(f"/optima/v1/executors/{smol['id']}/stop", headers=_headers(narrow)).status_code == 404
         assert http.get("/v1/models", headers=_headers(manager)).status_code == 403
     assert _one_token(gateway, gateway.create_api_key("after-scopes")).status_code == 200, "the model still runs"
+
+
+# -- 10. data files ---------------------------------------------------------------------
+def test_the_database_and_its_folder_are_readable_by_their_owner_only(gateway, node) -> None:  # type: ignore[no-untyped-def]
+    assert gateway.data_dir.stat().st_mode & 0o777 == 0o700
+    files = list(gateway.data_dir.glob("optimagpt.sqlite3*"))
+    assert files
+    for path in files:
+        assert path.stat().st_mode & 0o077 == 0, f"{path.name} is {oct(path.stat().st_mode & 0o777)}"
