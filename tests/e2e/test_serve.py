@@ -27,6 +27,18 @@ def _manage(env: dict[str, str], *args: str) -> str:
     return result.stdout
 
 
+def _agents(pid: int) -> list[psutil.Process]:
+    """The node agents that `pid` runs now (a killed one not yet reaped is a zombie: not counted)."""
+    found = []
+    for child in psutil.Process(pid).children():
+        try:
+            if "node_agent" in child.cmdline():
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
 def test_bootstrap_and_serve_bring_up_a_working_gateway_and_local_node(tmp_path: Path, models_dir: Path) -> None:
     env = base_env(OPTIMAGPT_DATA_DIR=str(tmp_path))
     _manage(env, "migrate", "--verbosity", "0")
@@ -61,6 +73,22 @@ def test_bootstrap_and_serve_bring_up_a_working_gateway_and_local_node(tmp_path:
                 "username": "admin", "password": password, "next": "/admin/",
                 "csrfmiddlewaretoken": browser.cookies["csrftoken"]})
             assert login.status_code == 302 and login.headers["location"] == "/admin/"
+
+        # kill -9 of the local node: the gateway stays up and the node comes back by itself.
+        (agent,) = _agents(serve.pid)
+        agent.kill()
+        assert client.models.list() is not None, "the gateway answers while the node is away"
+        deadline = time.monotonic() + 60
+        while True:
+            assert serve.poll() is None, "serve stopped with its node"
+            agents = _agents(serve.pid)
+            if agents and agents[0].pid != agent.pid and MODEL_ID in {m.id for m in client.models.list().data}:
+                break
+            assert time.monotonic() < deadline, "the local node was not started again"
+            time.sleep(0.5)
+        reply = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=1)
+        assert reply.usage.completion_tokens == 1
 
         children = psutil.Process(serve.pid).children(recursive=True)
         assert len(children) >= 3, "daphne, the node agent and its inference process"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
@@ -18,6 +19,10 @@ from nodes.models import Executor
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0
+# A local node agent that dies is started again after 1 s, then 2, 4... up to 30 s while it keeps dying.
+AGENT_BACKOFF_S = 1.0
+AGENT_BACKOFF_MAX_S = 30.0
+AGENT_STABLE_S = 60.0
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -51,16 +56,16 @@ class Command(BaseCommand):
         children: list[subprocess.Popen[bytes]] = [subprocess.Popen(
             [sys.executable, "-m", "optimagpt.server", "-b", host, "-p", str(port)])]
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        agent_argv = [sys.executable, "-m", "node_agent", "--gateway-url", url, "--models-dir", models_dir,
+                      "--name", "Local Node", "--state-dir", str(Path(settings.DATA_DIR) / "local-node"),
+                      "--enable", CATALOG[DEFAULT_MODEL].filename]
         try:
             self._wait(lambda: _port_open(host if host not in ("0.0.0.0", "::") else "127.0.0.1", port),
                        children, "the gateway to listen")
             self.stdout.write(f"Gateway:       {url}/   (OpenAI API at {url}/v1, admin at {url}/admin/)")
             if not no_local_node:
                 # The default model starts by itself; other files appear offline until an admin starts them.
-                children.append(subprocess.Popen(
-                    [sys.executable, "-m", "node_agent", "--gateway-url", url, "--models-dir", models_dir,
-                     "--name", "Local Node", "--state-dir", str(Path(settings.DATA_DIR) / "local-node"),
-                     "--enable", CATALOG[DEFAULT_MODEL].filename]))
+                children.append(subprocess.Popen(agent_argv))
                 self._wait(lambda: Executor.objects.filter(state=Executor.State.ONLINE,
                                                            node__connected=True).exists(),
                            children, "the local node's first model")
@@ -69,13 +74,37 @@ class Command(BaseCommand):
                 self.stdout.write(f"Local node:    linked; serving {', '.join(models)}")
             self.stdout.write("Ready. Press Ctrl-C to stop.")
             self.stdout.flush()
-            while not stopping and all(child.poll() is None for child in children):
-                time.sleep(0.5)
+            self._supervise(children, agent_argv, lambda: stopping)
         finally:
             self._stop(children)
-        failed = [c for c in children if c.returncode not in (0, -signal.SIGTERM, None)]
-        if failed and not stopping:
-            raise CommandError(f"{failed[0].args[2]} exited with code {failed[0].returncode}")
+        gateway = children[0]
+        if gateway.returncode not in (0, -signal.SIGTERM, None) and not stopping:
+            raise CommandError(f"the gateway exited with code {gateway.returncode}")
+
+    def _supervise(self, children: list[subprocess.Popen[bytes]], agent_argv: list[str],
+                   stopping: Callable[[], bool]) -> None:
+        """Until asked to stop or the gateway ends: a local node agent that dies is started again, with backoff.
+
+        The gateway serves other nodes and remote upstreams too; it must not go down with the local one.
+        """
+        backoff = AGENT_BACKOFF_S
+        started = time.monotonic()
+        restart_at: float | None = None
+        while not stopping() and children[0].poll() is None:
+            agent = children[1] if len(children) > 1 else None
+            if agent is not None and agent.poll() is not None:
+                now = time.monotonic()
+                if restart_at is None:
+                    if now - started > AGENT_STABLE_S:
+                        backoff = AGENT_BACKOFF_S  # it ran well for a while: no crash loop to slow down
+                    restart_at = now + backoff
+                    self.stderr.write(f"The local node exited (code {agent.returncode}); "
+                                      f"starting it again in {backoff:.0f} s.")
+                    backoff = min(backoff * 2, AGENT_BACKOFF_MAX_S)
+                elif now >= restart_at:
+                    children[1] = subprocess.Popen(agent_argv)
+                    started, restart_at = now, None
+            time.sleep(0.25)
 
     def _wait(self, ready: Any, children: list[subprocess.Popen[bytes]], what: str) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
