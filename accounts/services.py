@@ -14,7 +14,7 @@ from datetime import timedelta
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.db.models.signals import post_delete, post_save
+from django.db.models.signals import m2m_changed, post_delete, post_save
 from django.dispatch import receiver
 from django.utils import timezone
 
@@ -97,3 +97,9 @@ def _forget_cached_key(sender: type[ApiKey], instance: ApiKey, **kwargs: object)
 @receiver(post_save, sender=User)
 def _forget_keys_of_changed_user(sender: type[User], instance: User, **kwargs: object) -> None:
     forget_keys_of_user(instance.pk)
+
+
+@receiver(m2m_changed, sender=User.user_permissions.through)
+def _forget_keys_of_user_with_changed_permissions(sender: object, instance: object, **kwargs: object) -> None:
+    # Access Gateway decides whether a user's keys work: a cached key must not outlive its removal.
+    forget_keys_of_user(instance.pk if isinstance(instance, User) else None)

@@ -67,7 +67,7 @@ def _key_changed(sender: type[ApiKey], instance: ApiKey, **kwargs: Any) -> None:
 @receiver(post_save, sender=User)
 @receiver(post_delete, sender=User)
 def _user_changed(sender: type[User], instance: User, **kwargs: Any) -> None:
-    _broadcast({"user_id": instance.pk})
+    _broadcast({"user_id": instance.pk, "inactive": not instance.is_active or "created" not in kwargs})
 
 
 @receiver(m2m_changed, sender=User.user_permissions.through)
@@ -77,7 +77,7 @@ def _permissions_changed(sender: object, instance: object, **kwargs: Any) -> Non
 
 
 def _apply(message: dict[str, Any]) -> None:
-    from .services import revoke_calls_of_key
+    from .services import revoke_calls_of_key, revoke_calls_of_owner
 
     if "digest" in message:
         key_cache.forget_key(message["digest"])
@@ -86,6 +86,8 @@ def _apply(message: dict[str, Any]) -> None:
     if "user_id" in message:
         user_cache.forget_user(message["user_id"])
         key_cache.forget_keys_of_user(message["user_id"])
+        if message.get("inactive") and message["user_id"] is not None:
+            revoke_calls_of_owner(message["user_id"])  # deactivated or deleted: their keys end at once
 
 
 async def _listen() -> None:

@@ -21,10 +21,10 @@ from typing import Any
 from channels.layers import get_channel_layer
 from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
-from django.db.models.signals import post_delete
+from django.db.models.signals import m2m_changed, post_delete, post_save
 from django.dispatch import receiver
 
-from accounts.models import ApiKey
+from accounts.models import ApiKey, User
 
 from . import stats as gateway_stats
 from .auth import Principal
@@ -76,8 +76,8 @@ async def _drop_channel(channel: str) -> None:
         await waiter
 
 
-def revoke_calls_of_key(key_id: int) -> None:
-    """End this process's requests made with a revoked key. Safe from any thread (signals run in many)."""
+def _on_the_loop(function: Any, *args: Any) -> None:
+    """Run `function` on the loop that runs the requests: at once from it, else soon. Safe from any thread."""
     loop = _loop
     if loop is None or loop.is_closed():
         return
@@ -86,14 +86,26 @@ def revoke_calls_of_key(key_id: int) -> None:
     except RuntimeError:
         on_loop = False
     if on_loop:
-        _revoke_now(key_id)
+        function(*args)
     else:
-        loop.call_soon_threadsafe(_revoke_now, key_id)
+        loop.call_soon_threadsafe(function, *args)
 
 
-def _revoke_now(key_id: int) -> None:
-    for call in list(_calls_by_key.get(key_id, ())):
-        if not call.revoked:
+def revoke_calls_of_key(key_id: int) -> None:
+    """End this process's requests made with a revoked key. Safe from any thread (signals run in many)."""
+    _on_the_loop(_revoke_now, lambda call: call.principal.api_key.pk == key_id, key_id)
+
+
+def revoke_calls_of_owner(user_id: int) -> None:
+    """End this process's requests made with the keys of a user who may no longer use them."""
+    _on_the_loop(_revoke_now, lambda call: call.principal.api_key.owner_id == user_id)
+
+
+def _revoke_now(matches: Any, key_id: int | None = None) -> None:
+    calls = _calls_by_key.get(key_id, ()) if key_id is not None else \
+        [call for calls in _calls_by_key.values() for call in calls]
+    for call in list(calls):
+        if not call.revoked and matches(call):
             call.revoked = True
             asyncio.ensure_future(call.revoke())
 
@@ -101,6 +113,21 @@ def _revoke_now(key_id: int) -> None:
 @receiver(post_delete, sender=ApiKey)
 def _end_requests_of_revoked_key(sender: type[ApiKey], instance: ApiKey, **kwargs: Any) -> None:
     revoke_calls_of_key(instance.pk)
+
+
+@receiver(post_save, sender=User)
+def _end_requests_of_deactivated_owner(sender: type[User], instance: User, **kwargs: Any) -> None:
+    if not instance.is_active:
+        revoke_calls_of_owner(instance.pk)
+
+
+@receiver(m2m_changed, sender=User.user_permissions.through)
+def _end_requests_of_owner_without_access(sender: object, instance: object, action: str = "",
+                                          **kwargs: Any) -> None:
+    if action in ("post_remove", "post_clear") and isinstance(instance, User):
+        user = User.objects.filter(pk=instance.pk).first()  # a fresh row: the instance caches its permissions
+        if user is None or not user.has_perm("accounts.access_gateway"):
+            revoke_calls_of_owner(instance.pk)
 
 
 class Call:
@@ -219,7 +246,9 @@ class InferenceCall(Call):
 
 def _fails_over(exc: ApiError) -> bool:
     """Whether an error before any reply means "this node could not do it" (another may), not "the request is bad"."""
-    return exc.status >= 500 and exc.code not in ("timeout", "deadline_exceeded", "queue_timeout")
+    # inference_failed and request_crashed are this request's doing: another node would fail it the same way.
+    return exc.status >= 500 and exc.code not in ("timeout", "deadline_exceeded", "queue_timeout", "inference_failed",
+                                                  "request_crashed")
 
 
 class RoutedRequest:
