@@ -8,6 +8,28 @@ from django.conf import settings
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
+# A JSON schema deeper than this (tools' parameters, response_format) is refused: turning a 200-deep
+# schema into a grammar held the model's process for 45 s, and no real tool nests that far.
+MAX_SCHEMA_DEPTH = 24
+MAX_SCHEMA_BYTES = 64 * 1024
+
+
+def _schema_bounded(schema: dict[str, Any] | None) -> dict[str, Any] | None:
+    """ValueError unless `schema` nests at most MAX_SCHEMA_DEPTH deep (counted without recursion)."""
+    if schema is None:
+        return schema
+    stack: list[tuple[Any, int]] = [(schema, 1)]
+    nodes = 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        if nodes > MAX_SCHEMA_BYTES // 4:
+            raise ValueError("the schema is too large")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return schema
 
 
 def _max_tokens_limit() -> int:
@@ -27,6 +49,8 @@ class FunctionSpec(OpenAIIn):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
     description: str | None = None
     parameters: dict[str, Any] | None = None
+
+    _bounded = field_validator("parameters")(classmethod(lambda cls, v: _schema_bounded(v)))
 
 
 class Tool(OpenAIIn):
@@ -48,6 +72,8 @@ class JsonSchemaSpec(OpenAIIn):
     schema_: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None
 
+    _bounded = field_validator("schema_")(classmethod(lambda cls, v: _schema_bounded(v)))
+
 
 class ResponseFormat(OpenAIIn):
     type: Literal["text", "json_object", "json_schema"]
@@ -64,11 +90,27 @@ class StreamOptions(OpenAIIn):
     include_usage: bool = False
 
 
+class ToolCallFunction(OpenAIIn):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    arguments: str
+
+
+class ToolCall(OpenAIIn):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ContentPart(OpenAIIn):
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(OpenAIIn):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
 
@@ -86,6 +128,11 @@ class SamplingIn(OpenAIIn):
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     n: Annotated[int, Field(ge=1, le=1)] = 1
     user: str | None = None
+    # llama.cpp's own sampling extras, which the node reads: typed here, so a bad one is a 400, not a
+    # failure inside the model's process.
+    top_k: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repeat_penalty: Annotated[float, Field(ge=0, le=10)] | None = None
 
     @field_validator("max_tokens", "max_completion_tokens", check_fields=False)
     @classmethod
@@ -109,8 +156,13 @@ class SamplingIn(OpenAIIn):
         return value
 
 
+# More turns than this cannot fit any window we serve (each takes a few tokens of template at least);
+# rendering 25,000 of them held the model's process for 14 s before the window check refused them.
+MAX_MESSAGES = 4096
+
+
 class ChatCompletionIn(SamplingIn):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None

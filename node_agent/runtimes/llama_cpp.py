@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import re
 import sys
 import time
 from collections import deque
@@ -31,6 +33,9 @@ MAX_CONSECUTIVE_CRASHES = 3
 # its next death starts the count again.
 STABLE_RUN_S = 60.0
 PIPE_LIMIT = 64 * 1024 * 1024  # one line carries a whole embedding batch
+# What a debugger prints about a crashed process: frames, addresses, thread and library chatter.
+_BACKTRACE_LINE = re.compile(r"^\s*(#\d+|\[New |\[Thread |\[Inferior |0x[0-9a-f]+|Using host libthread_db|"
+                             r"Thread \d+ |warning: |ptrace|\(gdb\)|Backtrace|.*\bin \?\? \(\))")
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,7 @@ class LlamaCppProcess:
         self._hung = False
         proc = await asyncio.create_subprocess_exec(
             *self.config.argv(),
+            env={**os.environ, "GGML_NO_BACKTRACE": "1"},  # no debugger attached to print a crash's frames
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -234,7 +240,13 @@ class LlamaCppProcess:
                 return
 
     def _exit_reason(self, proc: asyncio.subprocess.Process) -> str:
-        tail = " | ".join(self._stderr_tail)
+        """How the process ended, with its last words: what admins see on the executor's page.
+
+        A debugger's backtrace (ggml attaches gdb when it aborts, where gdb exists) says nothing to an
+        admin and shows the process's memory layout: such lines stay in the node's debug log only.
+        """
+        said = [line for line in self._stderr_tail if not _BACKTRACE_LINE.match(line)]
+        tail = " | ".join(said[-5:])
         return f"exit code {proc.returncode}" + (f": {tail}" if tail else "")
 
     async def _drain_stderr(self, proc: asyncio.subprocess.Process) -> None:

@@ -35,13 +35,17 @@ from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any, BinaryIO
 
-from node_agent.protocol import PIPE_FRAME_MAX_BYTES
+from node_agent.protocol import PIPE_FRAME_MAX_BYTES, error_event
 
 # A request cancelled while queued or generating: the generating loop polls
 # this set between tokens, which is what bounds cancellation to one token.
 _cancelled: set[str] = set()
 _cancelled_lock = threading.Lock()
 _parent_gone = threading.Event()  # stdin closed: the agent stopped or died; stop generating at once
+
+
+# Every chat template spends at least this many tokens on a turn (role markers and an end).
+MIN_TOKENS_PER_TURN = 2
 
 
 class RequestError(Exception):
@@ -175,7 +179,10 @@ class Worker:
             # the context window, a bad grammar) as ValueError.
             self.out.send(_error(rid, str(exc), "invalid_request_error", 400))
         except Exception as exc:  # noqa: BLE001 - one bad request must not end the process
-            self.out.send(_error(rid, f"inference failed: {type(exc).__name__}: {exc}", "server_error", 500))
+            # The details stay in the node's log: the client learns only that this request failed here.
+            print(f"request {rid} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            self.out.send(_error(rid, "The model failed to process this request.", "server_error", 500,
+                                 code="inference_failed"))
         finally:
             with _cancelled_lock:
                 _cancelled.discard(rid)
@@ -287,7 +294,12 @@ class Worker:
 
     # -- chat -------------------------------------------------------------
     def chat(self, rid: str, body: dict[str, Any], stream: bool) -> None:
-        messages = [_normalize_message(m) for m in body.get("messages") or []]
+        raw_messages = body.get("messages") or []
+        if len(raw_messages) * MIN_TOKENS_PER_TURN > self.llm.n_ctx():
+            # Refused before the template renders them all: that alone can take seconds.
+            raise RequestError(f"{len(raw_messages)} messages cannot fit this model's context window of "
+                               f"{self.llm.n_ctx()} tokens")
+        messages = [_normalize_message(m) for m in raw_messages]
         tools = body.get("tools") or None
         tool_choice = body.get("tool_choice")
         if tools and tool_choice is None:
@@ -464,7 +476,9 @@ class Worker:
         except (RequestError, ValueError) as exc:
             self.out.send(_error(rid, str(exc), "invalid_request_error", 400))
         except Exception as exc:  # noqa: BLE001 - one bad request must not end the process
-            self.out.send(_error(rid, f"tokenizing failed: {type(exc).__name__}: {exc}", "server_error", 500))
+            print(f"tokenizing {rid} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            self.out.send(_error(rid, "The model failed to count these tokens.", "server_error", 500,
+                                 code="inference_failed"))
 
     # -- embeddings -------------------------------------------------------
     def embedding(self, rid: str, body: dict[str, Any]) -> None:
@@ -518,8 +532,8 @@ def _check_token_ids(ids: Any, n_vocab: int, field: str) -> None:
             raise RequestError(f"{field} holds token id {token!r}, outside this model's vocabulary of {n_vocab} tokens")
 
 
-def _error(rid: str, message: str, kind: str, status: int) -> dict[str, Any]:
-    return {"type": "error", "id": rid, "error": {"message": message, "type": kind, "code": None, "status": status}}
+def _error(rid: str, message: str, kind: str, status: int, code: str | None = None) -> dict[str, Any]:
+    return error_event(rid, message, code=code, status=status, kind=kind)
 
 
 def _float(body: dict[str, Any], key: str, default: float) -> float:
