@@ -153,6 +153,8 @@ def json_object(request: HttpRequest) -> dict[str, Any]:
         body = json.loads(request.body or b"{}")
     except ValueError:
         raise InvalidRequest("The request body is not valid JSON.") from None
+    except RecursionError:
+        raise InvalidRequest("The request body is nested too deeply.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     return body

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.views.defaults import page_not_found
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
@@ -66,6 +67,14 @@ def on_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
 @api.exception_handler(RequestDataTooBig)
 def on_too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
     return error_response(413, "The request body is too large.", code="request_too_large")
+
+
+def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """404 for any path no route takes: OpenAI's error body under the API's prefixes, Django's page elsewhere."""
+    if request.path.startswith(("/v1/", "/optima/v1/", "/api/")) or request.path in ("/v1", "/optima/v1"):
+        return error_response(404, f"Unknown request URL: {request.method} {request.path}.",
+                              code="unknown_url")
+    return page_not_found(request, exception or Http404())
 
 
 @api.exception_handler(Exception)

@@ -11,12 +11,14 @@ import contextlib
 import json
 import os
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.core import signals
 from django.core.asgi import get_asgi_application
-from django.core.exceptions import ImproperlyConfigured, RequestAborted
+from django.core.exceptions import DisallowedHost, ImproperlyConfigured, RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
+from django.http import HttpResponse
 from django.urls import set_script_prefix
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "optimagpt.settings")
@@ -66,6 +68,12 @@ class ApiHandler(ASGIHandler):
         set_script_prefix(get_script_prefix(scope))
         signals.request_started.send(sender=self.__class__, scope=scope)
         request, error_response = self.create_request(scope, body_file)
+        if request is not None:
+            try:
+                request.get_host()  # ALLOWED_HOSTS, which CommonMiddleware checks on the pages
+            except DisallowedHost:
+                request, error_response = None, _json_error(400, "The Host header is not one this gateway serves.",
+                                                            "invalid_host")
         if request is None:
             body_file.close()
             await self.send_response(error_response, send)
@@ -102,8 +110,9 @@ class ApiHandler(ASGIHandler):
 
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from channels.security.websocket import WebsocketDenier  # noqa: E402
 from django.conf import settings  # noqa: E402
+from django.http.request import split_domain_port, validate_host  # noqa: E402
 
 from nodes.routing import websocket_urlpatterns  # noqa: E402
 
@@ -120,8 +129,17 @@ class SplitByPath:
         await app(scope, receive, send)
 
 
+def _json_error(status: int, message: str, code: str) -> HttpResponse:
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+    return HttpResponse(json.dumps(body), status=status, content_type="application/json")
+
+
 class BodySizeLimit:
-    """Refuse request bodies over OPTIMAGPT_MAX_BODY_BYTES with 413 before reading them into memory."""
+    """Refuse request bodies over OPTIMAGPT_MAX_BODY_BYTES with 413 before reading them into memory.
+
+    (A body that trickles in is timed out below ASGI, in optimagpt/server.py: daphne hands a request on
+    only once its body is whole.)
+    """
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app = app
@@ -137,7 +155,8 @@ class BodySizeLimit:
                 except ValueError:
                     declared = -1
                 if declared < 0 or declared > self.limit:
-                    return await self._refuse(send)
+                    return await self._refuse(send, 413, f"The request body is larger than {self.limit} bytes.",
+                                              "request_too_large")
         received = 0
         refused = False
 
@@ -154,21 +173,61 @@ class BodySizeLimit:
 
         await self.app(scope, counted_receive, send)
         if refused:
-            await self._refuse(send)
+            await self._refuse(send, 413, f"The request body is larger than {self.limit} bytes.", "request_too_large")
 
-    async def _refuse(self, send: Any) -> None:
-        body = json.dumps({"error": {"message": f"The request body is larger than {self.limit} bytes.",
-                                     "type": "invalid_request_error", "param": None,
-                                     "code": "request_too_large"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
+    async def _refuse(self, send: Any, status: int, message: str, code: str) -> None:
+        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                     "code": code}}).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+                                (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+class SameOriginWebSocket:
+    """WebSocket handshakes only from this gateway's own origin.
+
+    Browsers send cookies with any page's WebSocket, so the console socket (session auth) must know who
+    opened it. Channels' AllowedHostsOriginValidator compares the Origin's host name alone, so a page on
+    another port of an allowed host (another app on the same machine) passed. Here the Origin's host
+    and port must equal the Host header's (itself one of ALLOWED_HOSTS), or the Origin be listed in
+    CSRF_TRUSTED_ORIGINS. Node agents send their gateway URL's origin, which is the same.
+    """
+
+    DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        if scope["type"] == "websocket" and not self.allowed(dict(scope.get("headers", ()))):
+            return await WebsocketDenier()(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    @classmethod
+    def _host_port(cls, netloc: str, scheme: str) -> tuple[str, int | None]:
+        domain, port = split_domain_port(netloc)
+        return domain, int(port) if port else cls.DEFAULT_PORTS.get(scheme)
+
+    @classmethod
+    def allowed(cls, headers: dict[bytes, bytes]) -> bool:
+        origin = headers.get(b"origin", b"").decode("latin-1").strip()
+        host = headers.get(b"host", b"").decode("latin-1").strip().lower()
+        if not origin or not host:
+            return False
+        if origin in settings.CSRF_TRUSTED_ORIGINS:
+            return True
+        parts = urlsplit(origin)
+        # The scheme is not compared: behind a TLS proxy the page is https and the socket here plain.
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            return False
+        domain, port = cls._host_port(parts.netloc.lower(), parts.scheme)
+        host_domain, host_port = cls._host_port(host, parts.scheme)
+        return bool(domain) and validate_host(domain, settings.ALLOWED_HOSTS) and (domain, port) == (
+            host_domain, host_port)
 
 
 application = ProtocolTypeRouter({
     "http": BodySizeLimit(SplitByPath(ApiHandler(), django_asgi_app), settings.OPTIMAGPT_MAX_BODY_BYTES),
-    # Nodes are not browsers and send no Origin; the validator still stops
-    # cross-site pages from opening the link in a logged-in admin's browser.
-    "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
+    "websocket": SameOriginWebSocket(URLRouter(websocket_urlpatterns)),
 })

@@ -11,9 +11,11 @@ finished by the time daphne returns.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+from typing import Any
 
 APPLICATION = "optimagpt.asgi:application"
 
@@ -61,6 +63,59 @@ def _speed_up_twisted() -> None:
         listen(self, port, factory, max(backlog_asked, backlog), interface, reactor)
 
     tcp.Port.__init__ = listen_with_backlog
+
+    _time_out_slow_requests(http)
+
+
+def _time_out_slow_requests(http: Any) -> None:
+    """A request whose head and body have not all arrived OPTIMAGPT_BODY_TIMEOUT_S after its first line gets
+    408 and its connection closed.
+
+    Twisted's idle timeout restarts with every byte, so a client sending one a second held a connection and
+    its buffer for as long as it liked; daphne sees a request only once its body is whole, so the clock
+    must run here. WebSocket handshakes have no body and pass as soon as their headers are in.
+    """
+    from django.conf import settings
+    from twisted.internet import reactor
+
+    timeout_s = settings.OPTIMAGPT_BODY_TIMEOUT_S
+    body = json.dumps({"error": {"message": f"The request did not arrive within {timeout_s:g} s.",
+                                 "type": "invalid_request_error", "param": None,
+                                 "code": "request_timeout"}}).encode()
+    answer = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    line_received = http.HTTPChannel.lineReceived
+    all_content_received = http.HTTPChannel.allContentReceived
+    connection_lost = http.HTTPChannel.connectionLost
+
+    def too_slow(channel: Any) -> None:
+        channel._optimagpt_timer = None
+        if channel.transport is not None:
+            channel.transport.write(answer)
+            channel.transport.loseConnection()
+
+    def stop_clock(channel: Any) -> None:
+        timer = getattr(channel, "_optimagpt_timer", None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        channel._optimagpt_timer = None
+
+    def on_line(self: Any, line: bytes) -> Any:
+        if getattr(self, "_optimagpt_timer", None) is None:
+            self._optimagpt_timer = reactor.callLater(timeout_s, too_slow, self)
+        return line_received(self, line)
+
+    def on_all_content(self: Any) -> Any:
+        stop_clock(self)
+        return all_content_received(self)
+
+    def on_lost(self: Any, reason: Any) -> Any:
+        stop_clock(self)
+        return connection_lost(self, reason)
+
+    http.HTTPChannel.lineReceived = on_line
+    http.HTTPChannel.allContentReceived = on_all_content
+    http.HTTPChannel.connectionLost = on_lost
 
 
 def _start_background_work() -> None:
@@ -139,8 +194,8 @@ def _forget_links_of_a_previous_run() -> None:
 def main(argv: list[str]) -> None:
     from daphne.cli import CommandLineInterface
 
+    _forget_links_of_a_previous_run()  # sets Django up, whose settings the patches below read
     _speed_up_twisted()
-    _forget_links_of_a_previous_run()
     _start_background_work()
     # No access log unless asked for (OPTIMAGPT_ACCESS_LOG: a path, or - for stdout):
     # a line per request is work on the hot path that the request log does not need.

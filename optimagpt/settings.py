@@ -42,6 +42,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "ninja",  # its Swagger UI files, so /docs loads nothing from another host
     "rest_framework_simplejwt.token_blacklist",
     "accounts",
     "nodes",
@@ -156,6 +157,9 @@ CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 # --- OptimaGPT ---------------------------------------------------------------
 # Shared secret of gateway and nodes; it never crosses the wire (HMAC challenge and response).
 OPTIMAGPT_NODE_ACCESS_KEY = env_secret("OPTIMAGPT_NODE_ACCESS_KEY")
+# Whether a node id seen for the first time is routed requests at once; off, it waits on the Nodes page for an
+# admin's approval (the run command approves its own local node).
+OPTIMAGPT_NODE_AUTO_APPROVE = env_bool("OPTIMAGPT_NODE_AUTO_APPROVE", False)
 OPTIMAGPT_HEARTBEAT_INTERVAL_S = env_float("OPTIMAGPT_HEARTBEAT_INTERVAL_S", 2.0)
 # A request whose first token (or answer) took longer than this many seconds counts as delayed on the Nodes page.
 OPTIMAGPT_DELAYED_REQUEST_S = env_float("OPTIMAGPT_DELAYED_REQUEST_S", 5.0)
@@ -172,6 +176,8 @@ CELERY_BEAT_SCHEDULE = {
 OPTIMAGPT_AUTO_CONNECT_ADDRESS = env_str("OPTIMAGPT_AUTO_CONNECT_ADDRESS", "localhost:8022")
 # Request bodies above this size are refused with 413 before they are read.
 OPTIMAGPT_MAX_BODY_BYTES = env_int("OPTIMAGPT_MAX_BODY_BYTES", 8 * 1024 * 1024)
+# A request body must have arrived this many seconds after its request began; slower ones get 408.
+OPTIMAGPT_BODY_TIMEOUT_S = env_float("OPTIMAGPT_BODY_TIMEOUT_S", 30.0)
 # max_tokens above this is refused as absurd; the model's context window limits it further.
 OPTIMAGPT_MAX_TOKENS_LIMIT = env_int("OPTIMAGPT_MAX_TOKENS_LIMIT", 131072)
 # Waits on a node: until the first event (queueing and prompt processing), between events, in all.

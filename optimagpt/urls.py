@@ -15,3 +15,6 @@ urlpatterns = [
     path("", include("nodes.urls")),
     path("", api.urls),
 ]
+
+# Unknown paths under /v1 and /optima/v1 answer in OpenAI's error form, like every other API error.
+handler404 = "optimagpt.api.not_found"
