@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import ssl
 import time
@@ -30,8 +31,10 @@ from .protocol import (
     PROTOCOL_VERSION,
     error_event,
     gateway_proof,
+    identity_proof,
     new_nonce,
     node_proof,
+    open_node_secret,
     proof_matches,
     split_message,
 )
@@ -65,6 +68,26 @@ def load_node_id(state_dir: Path) -> str:
         node_id = str(uuid.uuid4())
         path.write_text(node_id + "\n")
         return node_id
+
+
+class NodeSecret:
+    """The secret the gateway gave this node on its first link, kept in the state folder for this user only."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "node_secret"
+
+    def load(self) -> str:
+        try:
+            return self.path.read_text().strip()
+        except FileNotFoundError:
+            return ""
+
+    def save(self, secret: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        partial.touch(mode=0o600)
+        partial.write_text(secret + "\n")
+        os.replace(partial, self.path)
 
 
 class NodeSession:
@@ -109,14 +132,19 @@ class NodeSession:
         gateway_nonce = str(hello.get("nonce", ""))
         node_nonce = new_nonce()
         key = self.settings.access_key
-        await self._send({
+        store = NodeSecret(self.settings.state_dir)
+        secret = await asyncio.to_thread(store.load)
+        auth = {
             "type": "auth",
             "node_id": self.node_id,
             "name": self.settings.name,
             "version": __version__,
             "nonce": node_nonce,
             "proof": node_proof(key, gateway_nonce, node_nonce, self.node_id),
-        })
+        }
+        if secret:
+            auth["identity"] = identity_proof(secret, gateway_nonce, node_nonce, self.node_id)
+        await self._send(auth)
         reply = await asyncio.wait_for(self._recv(), HANDSHAKE_TIMEOUT_S)
         if reply.get("type") == "refused":
             raise HandshakeRefused(f"gateway refused the link: {reply.get('reason', 'no reason given')}")
@@ -125,6 +153,14 @@ class NodeSession:
             await self.socket.close(CLOSE_AUTH_FAILED, "gateway failed to prove the access key")
             raise HandshakeRefused("the gateway could not prove it holds the access key")
         self.heartbeat_interval_s = float(reply.get("heartbeat_interval_s") or self.heartbeat_interval_s)
+        sealed = reply.get("node_secret")
+        if isinstance(sealed, str):
+            try:
+                given = open_node_secret(sealed, key, gateway_nonce, node_nonce, self.node_id)
+            except ValueError:
+                raise HandshakeRefused("the gateway sent an unreadable node secret") from None
+            await asyncio.to_thread(store.save, given)
+            log.info("the gateway gave this node its identity secret (kept in %s)", store.path)
 
     async def run(self) -> None:
         """Authenticate, then serve the link until it drops."""

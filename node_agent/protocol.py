@@ -4,13 +4,20 @@ Every message is a JSON object with a "type". After the socket opens, whoever
 dialed, the handshake is:
 
     gateway -> node   {"type": "hello", "protocol": 1, "nonce": G}
-    node -> gateway   {"type": "auth", "node_id", "name", "nonce": N, "proof": node_proof(key, G, N, node_id)}
-    gateway -> node   {"type": "welcome", "proof": gateway_proof(key, G, N, node_id), "heartbeat_interval_s"}
+    node -> gateway   {"type": "auth", "node_id", "name", "nonce": N, "proof": node_proof(key, G, N, node_id),
+                       "identity": identity_proof(node_secret, G, N, node_id)  (once it has a secret)}
+    gateway -> node   {"type": "welcome", "proof": gateway_proof(key, G, N, node_id), "heartbeat_interval_s",
+                       "node_secret": seal_node_secret(...)  (on the first link under this id)}
                       or {"type": "refused", "reason"} and a close with code 4401
 
 The access key never crosses the wire; each side proves it holds the key by an
 HMAC over both fresh nonces, with a different label per direction so that one
-side's proof can never be replayed as the other's. Then the node sends
+side's proof can never be replayed as the other's. The access key is shared by
+every node, so it cannot tell nodes apart: on a node id's first link the gateway
+gives that node a secret of its own (kept encrypted on the gateway, in the
+node's state folder on the node), and from then on a link under that id must
+also prove it holds that secret. An impostor with only the access key and
+another node's id is refused. Then the node sends
 "register" (hardware, executors), and from there on:
 
     gateway -> node   request {id, executor, op, stream, deadline_s, body}, cancel {id}, ping, pong
@@ -92,6 +99,33 @@ def node_proof(key: str, gateway_nonce: str, node_nonce: str, node_id: str) -> s
 
 def gateway_proof(key: str, gateway_nonce: str, node_nonce: str, node_id: str) -> str:
     return _proof("optimagpt-gateway", key, gateway_nonce, node_nonce, node_id)
+
+
+def identity_proof(node_secret: str, gateway_nonce: str, node_nonce: str, node_id: str) -> str:
+    """Proof that a node is the one that first linked under `node_id`: keyed by the secret the gateway gave it."""
+    return _proof("optimagpt-node-identity", node_secret, gateway_nonce, node_nonce, node_id)
+
+
+def _secret_pad(key: str, gateway_nonce: str, node_nonce: str, node_id: str) -> bytes:
+    return bytes.fromhex(_proof("optimagpt-node-secret", key, gateway_nonce, node_nonce, node_id))
+
+
+def seal_node_secret(secret: str, key: str, gateway_nonce: str, node_nonce: str, node_id: str) -> str:
+    """The node's secret as the welcome carries it: masked by a pad only holders of the access key can make
+    (fresh for every handshake), so it never crosses the wire readable, wss or not."""
+    raw = bytes.fromhex(secret)
+    pad = _secret_pad(key, gateway_nonce, node_nonce, node_id)
+    if len(raw) != len(pad):
+        raise ValueError("a node secret is 32 bytes")
+    return bytes(a ^ b for a, b in zip(raw, pad)).hex()
+
+
+def open_node_secret(sealed: str, key: str, gateway_nonce: str, node_nonce: str, node_id: str) -> str:
+    return seal_node_secret(sealed, key, gateway_nonce, node_nonce, node_id)  # the same pad undoes it
+
+
+def new_node_secret() -> str:
+    return secrets.token_hex(32)
 
 
 def proof_matches(expected: str, given: object) -> bool:

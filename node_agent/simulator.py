@@ -184,7 +184,7 @@ class SimNode:
         self.manager = SimManager(executors)
         self.settings = AgentSettings(
             gateway_url=gateway_url, access_key=access_key, model_dirs=(), embedding_model_dirs=(), enable=(),
-            name=name, state_dir=state_dir, threads=1, n_ctx=0, n_gpu_layers=0, stream_interval_ms=0.0,
+            name=name, state_dir=state_dir / self.node_id, threads=1, n_ctx=0, n_gpu_layers=0, stream_interval_ms=0.0,
             hang_timeout_s=0.0, listen=None, heartbeat_interval_s=heartbeat_interval_s, rescan_interval_s=0.0,
             metrics_interval_s=metrics_interval_s, ca_file=None)
         self.dialer = Dialer(settings=self.settings, node_id=self.node_id, manager=self.manager,  # type: ignore[arg-type]

@@ -29,9 +29,11 @@ from node_agent.protocol import (
     PROTOCOL_VERSION,
     error_event,
     gateway_proof,
+    identity_proof,
     new_nonce,
     node_proof,
     proof_matches,
+    seal_node_secret,
     split_message,
 )
 
@@ -100,7 +102,8 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
 
     async def _refuse(self, reason: str, node_id: str = "") -> None:
         await database_sync_to_async(services.node_handshake_refused)(
-            node_id=node_id, address=self.address, reason=reason)
+            node_id=node_id, address=self.address, reason=reason,
+            dialed=bool(node_id) and node_id == self.scope.get("optimagpt_expected_node_id"))
         await self._send({"type": "refused", "reason": reason})
         await self.close(CLOSE_AUTH_FAILED)
 
@@ -215,18 +218,24 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
             await self._refuse(f"expected node {dialed} at this address, found {node_id}", dialed)
             return
         try:
-            node, replaced = await database_sync_to_async(services.node_link_open)(
+            opened = await database_sync_to_async(services.node_link_open)(
                 node_id=node_id, name=str(message.get("name", "")), version=str(message.get("version", "")),
-                address=self.address, channel_name=self.channel_name)
+                address=self.address, channel_name=self.channel_name,
+                identity_proof_of=lambda secret: identity_proof(secret, self.gateway_nonce, node_nonce, node_id),
+                identity=message.get("identity"))
         except services.NodeRefused as exc:
             await self._refuse(str(exc), node_id)
             return
-        if replaced:
-            await self.channel_layer.send(replaced, {"type": "node.replaced"})
-        self.node_pk = node.pk
+        if opened.replaced:
+            await self.channel_layer.send(opened.replaced, {"type": "node.replaced"})
+        self.node_pk = opened.node.pk
         await self._to_console({"kind": "link", "connected": True})
-        await self._send({"type": "welcome", "proof": gateway_proof(key, self.gateway_nonce, node_nonce, node_id),
-                          "heartbeat_interval_s": self.heartbeat_interval_s})
+        welcome: dict[str, Any] = {"type": "welcome",
+                                   "proof": gateway_proof(key, self.gateway_nonce, node_nonce, node_id),
+                                   "heartbeat_interval_s": self.heartbeat_interval_s}
+        if opened.new_secret:
+            welcome["node_secret"] = seal_node_secret(opened.new_secret, key, self.gateway_nonce, node_nonce, node_id)
+        await self._send(welcome)
         self.authenticated.set()  # after the welcome: the watchdog's first ping must not come before it
 
     async def _mark_seen(self) -> None:

@@ -19,6 +19,12 @@ class Node(models.Model):
     address = models.CharField(max_length=255, blank=True)
     version = models.CharField(max_length=32, blank=True)
     activated = models.BooleanField(default=True)
+    # A node id that first shows up by linking in is routed nothing until an admin approves it (unless
+    # OPTIMAGPT_NODE_AUTO_APPROVE); rows the gateway's own code makes (admin-added nodes) are approved.
+    approved = models.BooleanField(default=True)
+    # The secret this node proves it holds on every link (encrypted, nodes/secrets.py): the shared access
+    # key alone cannot tell one node from another.
+    identity_secret_encrypted = models.TextField(blank=True, editable=False)
     connected = models.BooleanField(default=False)
     # The Channels name of the consumer holding this node's link; requests are sent there.
     channel_name = models.CharField(max_length=255, blank=True)
@@ -55,7 +61,7 @@ class Node(models.Model):
 
         Uses the executors prefetched or queried: call on nodes from `with_executors()`.
         """
-        if not self.activated:
+        if not self.activated or not self.approved:
             return "grey"
         if not self.connected or self.last_seen is None or self.last_seen < self.live_cutoff():
             return "red"
@@ -87,7 +93,8 @@ class Node(models.Model):
 
 
 def _on_live_node() -> models.Q:
-    return models.Q(node__connected=True, node__activated=True, node__last_seen__gte=Node.live_cutoff())
+    return models.Q(node__connected=True, node__activated=True, node__approved=True,
+                    node__last_seen__gte=Node.live_cutoff())
 
 
 def _remote_up() -> models.Q:

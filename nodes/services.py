@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
@@ -14,7 +15,10 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from node_agent.protocol import new_node_secret, proof_matches
+
 from .models import Executor, Node, NodeLog, NodeMetric
+from .secrets import SecretUnreadable, decrypt, encrypt
 from .signals import executors_changed
 
 log = logging.getLogger("optimagpt.nodes")
@@ -28,22 +32,43 @@ class NodeRefused(Exception):
     """The node may not link: it is deactivated or identified itself badly."""
 
 
-def node_link_open(*, node_id: str, name: str, version: str, address: str, channel_name: str) -> tuple[Node, str]:
-    """Record that an authenticated node is linked through `channel_name`.
+@dataclass(frozen=True)
+class LinkOpened:
+    node: Node
+    replaced: str  # the channel of the link this one replaces ("" if none): the caller closes it
+    new_secret: str  # the node's identity secret, when this link is the first to receive one ("" if not)
 
-    Returns the node and the channel of the link it replaces ("" if none), so the
-    caller can close that older link: one link per node.
+
+def node_link_open(*, node_id: str, name: str, version: str, address: str, channel_name: str,
+                   identity_proof_of: Callable[[str], str], identity: object) -> LinkOpened:
+    """Record that an authenticated node is linked through `channel_name`, once it proved it is that node.
+
+    `identity_proof_of(secret)` is the proof the node must have sent (`identity`) if it holds the secret
+    this gateway gave that id before. A node id without a secret yet (new, added by an admin, or known
+    from before secrets existed) is given one. Nothing is written for a node that fails to prove itself.
     """
     try:
         uid = uuid.UUID(node_id)
     except ValueError:
         raise NodeRefused("node_id is not a UUID") from None
+    new_secret = ""
     with transaction.atomic():
         node, created = Node.objects.select_for_update().get_or_create(
-            node_id=uid, defaults={"name": name[:100] or str(uid)[:8]}
+            node_id=uid, defaults={"name": name[:100] or str(uid)[:8], "approved": settings.OPTIMAGPT_NODE_AUTO_APPROVE}
         )
+        if node.identity_secret_encrypted:
+            try:
+                secret = decrypt(node.identity_secret_encrypted)
+            except SecretUnreadable:
+                raise NodeRefused("this node's identity cannot be checked (SECRET_KEY changed): delete the node "
+                                  "on the Nodes page to let it link anew") from None
+            if not proof_matches(identity_proof_of(secret), identity):
+                raise NodeRefused("this node id belongs to another node: the identity proof is missing or wrong")
         if not node.activated:
             raise NodeRefused("this node is deactivated on the gateway")
+        if not node.identity_secret_encrypted:
+            new_secret = new_node_secret()
+            node.identity_secret_encrypted = encrypt(new_secret)
         replaced = node.channel_name if node.connected and node.channel_name != channel_name else ""
         node.version = version[:32]
         node.address = address[:255]
@@ -56,8 +81,22 @@ def node_link_open(*, node_id: str, name: str, version: str, address: str, chann
             node.name = name[:100]
         node.save()
     executors_changed.send(sender=Node)
+    if created and not node.approved:
+        log.warning("node %s (%s) linked from %s for the first time; it serves nothing until an admin "
+                    "approves it on the Nodes page", node.name, node.node_id, address)
     log.info("node %s (%s) linked from %s", node.name, node.node_id, address)
-    return node, replaced
+    return LinkOpened(node, replaced, new_secret)
+
+
+def node_approve(*, node: Node) -> None:
+    Node.objects.filter(pk=node.pk).update(approved=True, activated=True)
+    node.approved = node.activated = True
+    executors_changed.send(sender=Node)
+
+
+def node_preregister(*, node_id: str, name: str) -> None:
+    """Approve a node id before its first link (the run command's local node: its id is on this machine)."""
+    Node.objects.get_or_create(node_id=uuid.UUID(node_id), defaults={"name": name[:100]})
 
 
 def node_link_closed(*, node_pk: int, channel_name: str, reason: str) -> None:
@@ -106,9 +145,12 @@ def nodes_unlink_all(*, reason: str) -> None:
         executors_changed.send(sender=Node)
 
 
-def node_handshake_refused(*, node_id: str, address: str, reason: str) -> None:
-    """Make a refused handshake visible on the gateway: in the log, and on the node if it is known."""
+def node_handshake_refused(*, node_id: str, address: str, reason: str, dialed: bool = False) -> None:
+    """Make a refused handshake visible on the gateway: in the log, and on the node's row when the gateway
+    dialed that node itself. A node id an inbound link claims proves nothing: it writes no row."""
     log.warning("node link refused from %s (node_id %.40r): %s", address, node_id, reason)
+    if not dialed:
+        return
     try:
         uid = uuid.UUID(node_id)
     except ValueError:
@@ -217,8 +259,9 @@ def node_add_dialed(*, name: str, host: str, port: int, node_id: str, fingerprin
     """Register a verified listening node for the gateway to dial; None if that node is registered already."""
     try:
         with transaction.atomic():
+            # An admin added it, having seen its certificate: approved.
             node = Node.objects.create(node_id=uuid.UUID(node_id), name=name[:100], host=host, port=port,
-                                       tls_fingerprint=fingerprint, version=version[:32],
+                                       tls_fingerprint=fingerprint, version=version[:32], approved=True,
                                        link_mode=Node.LinkMode.GATEWAY_DIALS, address=f"{host}:{port}")
     except IntegrityError:
         return None

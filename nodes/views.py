@@ -26,7 +26,7 @@ from .forms import ExecutorSettingsForm, NewNodeForm, RemoteUpstreamForm, Remote
 from .models import Executor, Node
 from .names import node_name_suggestion
 from .outbound import ProbeFailed, node_probe
-from .services import node_add_dialed, node_delete, node_set_activated
+from .services import node_add_dialed, node_approve, node_delete, node_set_activated
 
 PERMISSION = "accounts.manage_executors"
 
@@ -177,6 +177,10 @@ def node_name_view(request: HttpRequest) -> HttpResponse:
 def node_activation_view(request: HttpRequest, pk: int) -> HttpResponse:
     node = get_object_or_404(Node, pk=pk)
     activated = request.POST.get("activated") == "true"
+    if activated and not node.approved:
+        node_approve(node=node)  # a new node waiting for an admin: approving it also activates it
+        messages.success(request, f"{node.name} approved; it is routed requests from now on.")
+        return redirect("nodes")
     node_set_activated(node=node, activated=activated)
     messages.success(request, f"{node.name} {'activated' if activated else 'deactivated'}.")
     return redirect("nodes")
@@ -198,6 +202,7 @@ HISTORY_LINES = 300
 
 def _node_state(node: Node) -> dict[str, object]:
     return {"id": node.pk, "status": node.status(), "connected": node.connected, "activated": node.activated,
+            "approved": node.approved,
             "last_error": node.last_error,
             "executors": [{"id": e.pk, "model_id": e.model_id, "state": e.state, "enabled": e.enabled,
                            "valid": e.valid, "error": e.error[:200]} for e in node.executors.all()]}

@@ -69,7 +69,9 @@ def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE")}
     env.update(PYTHONUNBUFFERED="1", SECRET_KEY="e2e-secret-key-" + "x" * 40, OPTIMAGPT_NODE_ACCESS_KEY=NODE_ACCESS_KEY,
                # No gateway of the test run adopts a node listening on localhost:8022 unless its test asks.
-               OPTIMAGPT_AUTO_CONNECT_ADDRESS="")
+               OPTIMAGPT_AUTO_CONNECT_ADDRESS="",
+               # The test nodes dial in with new ids all the time; the approval test turns this off.
+               OPTIMAGPT_NODE_AUTO_APPROVE="true")
     env.update(extra)
     return env
 

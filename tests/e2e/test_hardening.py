@@ -192,3 +192,113 @@ def test_the_database_and_its_folder_are_readable_by_their_owner_only(gateway, n
     assert files
     for path in files:
         assert path.stat().st_mode & 0o077 == 0, f"{path.name} is {oct(path.stat().st_mode & 0o777)}"
+
+
+# -- 12. the smaller ones -----------------------------------------------------------------
+def test_bad_bodies_are_400s_in_openai_form_and_never_reach_the_model(gateway, node, api_key) -> None:  # type: ignore[no-untyped-def]
+    _make_user(gateway, "deep-boss", "admin")
+    manager = gateway.manage("create_api_key", "--name", "deep-manager", "--user", "deep-boss",
+                             "--scopes", "management").strip()
+    deep = "[" * 100_000 + "]" * 100_000
+    chat = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    nested: dict = {"type": "object"}
+    for _ in range(200):
+        nested = {"type": "object", "properties": {"a": nested}}
+    cases = [
+        ("/optima/v1/executors", manager, deep),
+        ("/v1/chat/completions", api_key, deep),
+        ("/v1/chat/completions", api_key, json.dumps({**chat, "top_k": [1]})),
+        ("/v1/chat/completions", api_key, json.dumps({**chat, "messages": [
+            {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"x": 1}}]},
+            {"role": "user", "content": "Hi"}]})),
+        ("/v1/chat/completions", api_key, json.dumps({**chat, "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": nested}}]})),
+        ("/v1/chat/completions", api_key, json.dumps({**chat, "messages": [{"role": "user", "content": "x"}] * 25_000})),
+    ]
+    for path, key, body in cases:
+        started = time.monotonic()
+        response = httpx.post(gateway.url + path, headers=_headers(key), content=body, timeout=30)
+        assert response.status_code == 400, (path, body[:80], response.text[:300])
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        assert "Traceback" not in response.text and "Error:" not in response.json()["error"]["message"]
+        assert time.monotonic() - started < 5, (path, body[:80])
+    assert _one_token(gateway, api_key).status_code == 200
+
+
+def test_messages_that_cannot_fit_the_window_are_refused_before_the_template_renders_them(
+        gateway, node, api_key) -> None:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    response = httpx.post(gateway.url + "/v1/chat/completions", headers=_headers(api_key), timeout=30, json={
+        "model": MODEL_ID, "messages": [{"role": "user", "content": "x"}] * 4000, "max_tokens": 1})
+    assert response.status_code == 400 and "context window" in response.json()["error"]["message"]
+    assert time.monotonic() - started < 3
+
+
+def _resubmit_without(html: str, dropped: str) -> dict[str, list[str]]:
+    """The values a browser would post back from the first form of `html`, with checkbox `dropped` unticked."""
+    from html.parser import HTMLParser
+
+    values: dict[str, list[str]] = {}
+
+    class Form(HTMLParser):
+        select: str | None = None
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            a = dict(attrs)
+            name = a.get("name")
+            if tag == "input" and name and name != dropped:
+                if a.get("type") in ("checkbox", "radio") and "checked" not in a:
+                    return
+                if a.get("type") not in ("submit", "button", "file"):
+                    values.setdefault(name, []).append(a.get("value") or ("on" if a.get("type") == "checkbox" else ""))
+            elif tag == "select":
+                self.select = name
+            elif tag == "option" and self.select and "selected" in a:
+                values.setdefault(self.select, []).append(a.get("value") or "")
+
+        def handle_endtag(self, tag: str) -> None:
+            if tag == "select":
+                self.select = None
+
+    Form().feed(html)
+    return values
+
+
+def test_deactivating_a_user_ends_their_keys_requests_at_once(gateway, node) -> None:  # type: ignore[no-untyped-def]
+    _make_user(gateway, "leaver", "user")
+    gateway.manage("shell", "--no-imports", "-c",
+                   "from accounts.models import User; from django.contrib.auth.models import Permission; "
+                   "User.objects.get(username='leaver').user_permissions.add("
+                   "Permission.objects.get(codename='access_gateway'))")
+    key = gateway.manage("create_api_key", "--name", "leavers-key", "--user", "leaver").strip()
+    user_id = gateway.manage("shell", "--no-imports", "-c",
+                             "from accounts.models import User; print(User.objects.get(username='leaver').pk)").strip()
+    admin = gateway.admin_browser("deactivating-admin", PASSWORD)
+    lines: list[str] = []
+
+    def stream() -> None:
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers=_headers(key), timeout=120, json={
+                "model": MODEL_ID, "messages": [{"role": "user", "content": "Write a long story."}],
+                "max_tokens": 2000, "logit_bias": {"2": -100}, "stream": True}) as response:
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    deadline = time.monotonic() + 30
+    while len(lines) < 3:
+        assert time.monotonic() < deadline, "the stream did not start"
+        time.sleep(0.05)
+    page = admin.get(f"/admin/accounts/user/{user_id}/change/")
+    form = _resubmit_without(page.text, "is_active")
+    form["csrfmiddlewaretoken"] = [admin.cookies["csrftoken"]]
+    saved = admin.post(f"/admin/accounts/user/{user_id}/change/", data=form)
+    assert saved.status_code == 302, saved.text[-2000:]
+    ended_at = time.monotonic()
+    streaming.join(30)
+    assert not streaming.is_alive()
+    assert time.monotonic() - ended_at < 2, "the stream ended at once"
+    assert "api_key_revoked" in lines[-1], lines[-1]
+    assert _one_token(gateway, key, 10).status_code == 403
+

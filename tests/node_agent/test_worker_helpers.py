@@ -72,3 +72,11 @@ def test_streamed_pieces_are_joined_per_interval_and_the_first_goes_at_once(monk
     assert list(worker._coalesced(iter(["a", "b", "c", "d", "e"]))) == ["a", "bcd", "e"]
     worker.args = argparse.Namespace(stream_interval_ms=0)
     assert list(worker._coalesced(iter(["a", "b"]))) == ["a", "b"]
+
+
+def test_the_backtrace_of_a_crash_stays_out_of_the_executors_error() -> None:
+    from node_agent.runtimes.llama_cpp import _BACKTRACE_LINE
+
+    said = ["ggml.c:1234: GGML_ASSERT(id < n_vocab) failed", "[New LWP 4242]", "0x00007f1c2a in __wait4 ()",
+            "#0  0x00007f in ?? ()", "#1  0x0000563 in ggml_abort ()", "Using host libthread_db library"]
+    assert [line for line in said if not _BACKTRACE_LINE.match(line)] == [said[0]]

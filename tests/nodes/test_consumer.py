@@ -6,10 +6,18 @@ import json
 import uuid
 
 import pytest
+from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 
-from node_agent.protocol import CLOSE_AUTH_FAILED, gateway_proof, new_nonce, node_proof
+from node_agent.protocol import (
+    CLOSE_AUTH_FAILED,
+    gateway_proof,
+    identity_proof,
+    new_nonce,
+    node_proof,
+    open_node_secret,
+)
 from nodes.consumers import NodeLinkConsumer
 from nodes.models import Executor, Node
 
@@ -25,16 +33,23 @@ def _communicator() -> WebsocketCommunicator:
     return WebsocketCommunicator(NodeLinkConsumer.as_asgi(), "/ws/node/")
 
 
-async def _handshake(comm: WebsocketCommunicator, key: str, node_id: str) -> dict:
+async def _handshake(comm: WebsocketCommunicator, key: str, node_id: str, secret: str | None = None) -> dict:
+    """Link as `node_id`; with `secret`, prove the identity too. The reply gets `_secret`: the node secret
+    the welcome carried, opened as the node would."""
     connected, _ = await comm.connect()
     assert connected
     hello = await comm.receive_json_from()
     assert hello["type"] == "hello" and len(hello["nonce"]) >= 32
     nonce = new_nonce()
-    await comm.send_json_to({"type": "auth", "node_id": node_id, "name": "n1", "version": "0.1.0", "nonce": nonce,
-                             "proof": node_proof(key, hello["nonce"], nonce, node_id)})
+    auth = {"type": "auth", "node_id": node_id, "name": "n1", "version": "0.1.0", "nonce": nonce,
+            "proof": node_proof(key, hello["nonce"], nonce, node_id)}
+    if secret is not None:
+        auth["identity"] = identity_proof(secret, hello["nonce"], nonce, node_id)
+    await comm.send_json_to(auth)
     reply = await comm.receive_json_from()
     reply["_expected_proof"] = gateway_proof(KEY, hello["nonce"], nonce, node_id)
+    if "node_secret" in reply:
+        reply["_secret"] = open_node_secret(reply.pop("node_secret"), KEY, hello["nonce"], nonce, node_id)
     return reply
 
 
@@ -56,7 +71,7 @@ async def test_a_node_with_the_right_key_links_and_the_gateway_proves_itself() -
     assert not node.connected and node.channel_name == ""
 
 
-async def test_a_key_mismatch_is_refused_and_recorded_on_the_gateway(caplog) -> None:
+async def test_a_key_mismatch_is_refused_and_logged_and_writes_nothing_to_the_node_it_names(caplog) -> None:
     node_id = str(uuid.uuid4())
     await Node.objects.acreate(node_id=node_id, name="known")
     comm = _communicator()
@@ -65,7 +80,8 @@ async def test_a_key_mismatch_is_refused_and_recorded_on_the_gateway(caplog) -> 
     output = await comm.receive_output()
     assert output == {"type": "websocket.close", "code": CLOSE_AUTH_FAILED}
     node = await Node.objects.aget(node_id=node_id)
-    assert not node.connected and "access key mismatch" in node.last_error
+    # The id an unauthenticated link claims proves nothing: the real node's row is not the caller's to write.
+    assert not node.connected and node.last_error == ""
     assert "access key mismatch" in caplog.text
     assert "not-the-key" not in caplog.text
 
@@ -119,3 +135,48 @@ async def test_a_dropped_link_fails_the_requests_in_flight_at_once() -> None:
     await comm.disconnect()
     event = json.loads((await layer.receive(reply))["raw"])
     assert event["type"] == "error" and event["error"]["code"] == "node_disconnected"
+
+
+async def test_a_node_proves_it_is_the_one_that_first_linked_and_an_impostor_with_the_key_is_refused() -> None:
+    node_id = str(uuid.uuid4())
+    real = _communicator()
+    first = await _handshake(real, KEY, node_id)
+    assert first["type"] == "welcome" and len(first["_secret"]) == 64, "the first link gets the node's secret"
+    await real.disconnect()
+    again = _communicator()
+    second = await _handshake(again, KEY, node_id, secret=first["_secret"])
+    assert second["type"] == "welcome" and "_secret" not in second
+    linked = await Node.objects.aget(node_id=node_id)
+    for identity in (None, "0" * 64):  # only the shared key; a made-up secret
+        impostor = _communicator()
+        refused = await _handshake(impostor, KEY, node_id, secret=identity)
+        assert refused["type"] == "refused" and "identity" in refused["reason"]
+        assert (await impostor.receive_output())["code"] == CLOSE_AUTH_FAILED
+    node = await Node.objects.aget(node_id=node_id)
+    assert node.connected and node.channel_name == linked.channel_name and node.last_error == ""
+    await again.disconnect()
+
+
+async def test_a_new_node_waits_for_approval_and_is_routed_nothing_until_then() -> None:
+    from django.test import override_settings
+
+    comm = _communicator()
+    node_id = str(uuid.uuid4())
+    assert (await _handshake(comm, KEY, node_id))["type"] == "welcome"
+    await comm.send_json_to({"type": "register", "hardware": {}, "executors": [EXECUTOR]})
+    await comm.send_json_to({"type": "ping", "t": 1})
+    await _receive_skipping_pings(comm)
+    node = await Node.objects.aget(node_id=node_id)
+    assert not node.approved and node.connected
+    assert not await Executor.objects.ready(model="smollm2").aexists()
+    from nodes.services import node_approve
+
+    await sync_to_async(node_approve)(node=node)
+    assert await Executor.objects.ready(model="smollm2").aexists()
+    await comm.disconnect()
+    with override_settings(OPTIMAGPT_NODE_AUTO_APPROVE=True):
+        other = _communicator()
+        other_id = str(uuid.uuid4())
+        assert (await _handshake(other, KEY, other_id))["type"] == "welcome"
+        assert (await Node.objects.aget(node_id=other_id)).approved
+        await other.disconnect()

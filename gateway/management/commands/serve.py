@@ -15,7 +15,9 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from node_agent.default_model import CATALOG, DEFAULT_MODEL
+from node_agent.link import load_node_id
 from nodes.models import Executor
+from nodes.services import node_preregister
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0
@@ -56,9 +58,13 @@ class Command(BaseCommand):
         children: list[subprocess.Popen[bytes]] = [subprocess.Popen(
             [sys.executable, "-m", "optimagpt.server", "-b", host, "-p", str(port)])]
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        state_dir = Path(settings.DATA_DIR) / "local-node"
         agent_argv = [sys.executable, "-m", "node_agent", "--gateway-url", url, "--models-dir", models_dir,
-                      "--name", "Local Node", "--state-dir", str(Path(settings.DATA_DIR) / "local-node"),
+                      "--name", "Local Node", "--state-dir", str(state_dir),
                       "--enable", CATALOG[DEFAULT_MODEL].filename]
+        if not no_local_node:
+            # Our own node, on this machine: approved before it first links (others wait for an admin).
+            node_preregister(node_id=load_node_id(state_dir), name="Local Node")
         try:
             self._wait(lambda: _port_open(host if host not in ("0.0.0.0", "::") else "127.0.0.1", port),
                        children, "the gateway to listen")
