@@ -226,7 +226,11 @@ class NodeSession:
             return
         if not message.get("more"):
             raw = "".join(self._parts.pop(rid))
-            whole = json.loads(raw)
+            try:
+                whole = json.loads(raw)
+            except (ValueError, RecursionError):
+                log.warning("dropping a message in parts that joined to no JSON (request %.40s)", rid)
+                return
             if isinstance(whole, dict) and whole.get("type") != "part":
                 await self._handle(raw, whole)
 
@@ -377,7 +381,7 @@ class Dialer(_Link):
                 self.session = None
             # A link that stayed up a while was healthy; start the backoff over.
             failures = 1 if time.monotonic() - started > BACKOFF_MAX_S else failures + 1
-            delay = random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** failures))
+            delay = random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** failures))  # nosec B311 # jitter for reconnection backoff, not for security
             log.info("dialing again in %.1f s", delay)
             await asyncio.sleep(delay)
 

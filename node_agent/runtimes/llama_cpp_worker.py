@@ -44,6 +44,7 @@ _cancelled_lock = threading.Lock()
 _parent_gone = threading.Event()  # stdin closed: the agent stopped or died; stop generating at once
 
 
+MAX_CHOICES = 8  # n: choices per request, made one after another
 # Every chat template spends at least this many tokens on a turn (role markers and an end).
 MIN_TOKENS_PER_TURN = 2
 
@@ -81,6 +82,7 @@ class Worker:
 
         self.args = args
         self.out = out
+        self._choice = 0  # which of a request's n choices is being made
         self._embedder: Any = None
         if args.embedding:
             # An embedding model: one context, in embedding mode, and no chat.
@@ -157,6 +159,7 @@ class Worker:
     # -- dispatch ---------------------------------------------------------
     def handle(self, request: dict[str, Any]) -> None:
         rid = request["id"]
+        self._choice = 0
         try:
             if _is_cancelled(rid):
                 self.out.send({"type": "end", "id": rid, "finish_reason": "cancelled"})
@@ -322,26 +325,52 @@ class Worker:
             params["stop"] = params["stop"] + extra
         params["grammar"] = grammar
 
-        pieces = self._generate(rid, prompt, params)
-        if stream:
-            pieces = self._coalesced(pieces)
-        if forced is not None:
-            message = self._forced_tool_call(rid, forced, pieces, stream)
-        elif tools and tool_choice == "auto":
-            message = self._auto_tools(rid, pieces, stream)
-        else:
-            message = self._plain(rid, pieces, stream)
-        finish = self._finish
-        if message.get("tool_calls") and finish == "stop" and not (forced and forced["named"]):
-            finish = "tool_calls"
-        end: dict[str, Any] = {
-            "type": "end",
-            "id": rid,
-            "finish_reason": finish,
-            "usage": _usage(len(prompt), self._completion_tokens(len(prompt))),
-        }
-        if not stream:
-            end["message"] = message
+        seed = params.get("seed")
+        choices: list[dict[str, Any]] = []
+        completion_tokens = 0
+        for index in range(self._choices(body)):
+            self._choice = index
+            if index and seed is not None:
+                params["seed"] = seed + index  # n choices from one seed must still differ
+            pieces = self._generate(rid, prompt, params)
+            if stream:
+                pieces = self._coalesced(pieces)
+            if forced is not None:
+                message = self._forced_tool_call(rid, forced, pieces, stream)
+            elif tools and tool_choice == "auto":
+                message = self._auto_tools(rid, pieces, stream)
+            else:
+                message = self._plain(rid, pieces, stream)
+            finish = self._finish
+            if message.get("tool_calls") and finish == "stop" and not (forced and forced["named"]):
+                finish = "tool_calls"
+            completion_tokens += self._completion_tokens(len(prompt))
+            choices.append({"index": index, "finish_reason": finish, **({} if stream else {"message": message})})
+            if finish == "cancelled":
+                break
+        self._end(rid, choices, _usage(len(prompt), completion_tokens), "message")
+
+    def _choices(self, body: dict[str, Any]) -> int:
+        n = body.get("n") or 1
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CHOICES:
+            raise RequestError(f"n must be an integer from 1 to {MAX_CHOICES}")
+        return n
+
+    def _delta(self, rid: str, fields: dict[str, Any]) -> None:
+        """A piece of choice `self._choice`'s reply; the index is said only when there are several choices."""
+        event = {"type": "delta", "id": rid, **fields}
+        if self._choice:
+            event["index"] = self._choice
+        self.out.send(event)
+
+    def _end(self, rid: str, choices: list[dict[str, Any]], usage: dict[str, int], field: str) -> None:
+        """The end event: one choice's `field` and finish_reason at the top (as before n existed), several in
+        `choices`."""
+        end: dict[str, Any] = {"type": "end", "id": rid, "finish_reason": choices[0]["finish_reason"], "usage": usage}
+        if len(choices) > 1:
+            end["choices"] = choices
+        elif field in choices[0]:
+            end[field] = choices[0][field]
         self.out.send(end)
 
     def _plain(self, rid: str, pieces: Iterator[str], stream: bool) -> dict[str, Any]:
@@ -349,7 +378,7 @@ class Worker:
         for piece in pieces:
             text.append(piece)
             if stream:
-                self.out.send({"type": "delta", "id": rid, "delta": {"content": piece}})
+                self._delta(rid, {"delta": {"content": piece}})
         return {"role": "assistant", "content": "".join(text)}
 
     def _forced_tool_call(
@@ -360,12 +389,12 @@ class Worker:
             # The name is known before the first token, so arguments stream as they come.
             name = forced["name"]
             if stream:
-                self.out.send({"type": "delta", "id": rid, "delta": {"tool_calls": [_tool_call_head(call_id, name)]}})
+                self._delta(rid, {"delta": {"tool_calls": [_tool_call_head(call_id, name)]}})
             args = []
             for piece in pieces:
                 args.append(piece)
                 if stream:
-                    self.out.send({"type": "delta", "id": rid, "delta": {"tool_calls": [_tool_call_args(piece)]}})
+                    self._delta(rid, {"delta": {"tool_calls": [_tool_call_args(piece)]}})
             arguments = "".join(args)
         else:
             text = "".join(pieces)
@@ -375,8 +404,8 @@ class Worker:
             except (ValueError, KeyError, TypeError):
                 name, arguments = forced["names"][0], text
             if stream:
-                self.out.send({"type": "delta", "id": rid, "delta": {"tool_calls": [_tool_call_head(call_id, name)]}})
-                self.out.send({"type": "delta", "id": rid, "delta": {"tool_calls": [_tool_call_args(arguments)]}})
+                self._delta(rid, {"delta": {"tool_calls": [_tool_call_head(call_id, name)]}})
+                self._delta(rid, {"delta": {"tool_calls": [_tool_call_args(arguments)]}})
         call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
         return {"role": "assistant", "content": None, "tool_calls": [call]}
 
@@ -388,7 +417,7 @@ class Worker:
             if mode == "text":
                 held.append(piece)
                 if stream:
-                    self.out.send({"type": "delta", "id": rid, "delta": {"content": piece}})
+                    self._delta(rid, {"delta": {"content": piece}})
                 continue
             held.append(piece)
             head = "".join(held).lstrip()
@@ -399,17 +428,17 @@ class Worker:
             elif mode == "undecided" and not "<tool_call>".startswith(head):
                 mode = "text"
                 if stream:
-                    self.out.send({"type": "delta", "id": rid, "delta": {"content": "".join(held)}})
+                    self._delta(rid, {"delta": {"content": "".join(held)}})
         text = "".join(held)
         call = _parse_tool_call(text) if mode == "tool" else None
         if call is None:
             if stream and mode != "text" and text:
-                self.out.send({"type": "delta", "id": rid, "delta": {"content": text}})
+                self._delta(rid, {"delta": {"content": text}})
             return {"role": "assistant", "content": text}
         call_id = "call_" + uuid.uuid4().hex[:24]
         if stream:
-            self.out.send({"type": "delta", "id": rid, "delta": {"tool_calls": [_tool_call_head(call_id, call[0])]}})
-            self.out.send({"type": "delta", "id": rid, "delta": {"tool_calls": [_tool_call_args(call[1])]}})
+            self._delta(rid, {"delta": {"tool_calls": [_tool_call_head(call_id, call[0])]}})
+            self._delta(rid, {"delta": {"tool_calls": [_tool_call_args(call[1])]}})
         tool_call = {"id": call_id, "type": "function", "function": {"name": call[0], "arguments": call[1]}}
         return {"role": "assistant", "content": None, "tool_calls": [tool_call]}
 
@@ -423,25 +452,29 @@ class Worker:
         prompt = self.llm.tokenize(str(prompt_in).encode(), add_bos=True, special=False)
         params = self._sampling(body, len(prompt))
         params["grammar"] = _response_format_grammar(body.get("response_format"))
-        text = []
-        if body.get("echo"):
-            text.append(str(prompt_in))
-            if stream:
-                self.out.send({"type": "delta", "id": rid, "text": str(prompt_in)})
-        pieces = self._generate(rid, prompt, params)
-        for piece in self._coalesced(pieces) if stream else pieces:
-            text.append(piece)
-            if stream:
-                self.out.send({"type": "delta", "id": rid, "text": piece})
-        end: dict[str, Any] = {
-            "type": "end",
-            "id": rid,
-            "finish_reason": self._finish,
-            "usage": _usage(len(prompt), self._completion_tokens(len(prompt))),
-        }
-        if not stream:
-            end["text"] = "".join(text)
-        self.out.send(end)
+        seed = params.get("seed")
+        choices: list[dict[str, Any]] = []
+        completion_tokens = 0
+        for index in range(self._choices(body)):
+            self._choice = index
+            if index and seed is not None:
+                params["seed"] = seed + index
+            text = []
+            if body.get("echo"):
+                text.append(str(prompt_in))
+                if stream:
+                    self._delta(rid, {"text": str(prompt_in)})
+            pieces = self._generate(rid, prompt, params)
+            for piece in self._coalesced(pieces) if stream else pieces:
+                text.append(piece)
+                if stream:
+                    self._delta(rid, {"text": piece})
+            completion_tokens += self._completion_tokens(len(prompt))
+            choices.append({"index": index, "finish_reason": self._finish,
+                            **({} if stream else {"text": "".join(text)})})
+            if self._finish == "cancelled":
+                break
+        self._end(rid, choices, _usage(len(prompt), completion_tokens), "text")
 
     # -- token counts -----------------------------------------------------
     def tokenize(self, rid: str, body: dict[str, Any]) -> None:
@@ -557,12 +590,14 @@ def _normalize_message(message: dict[str, Any]) -> dict[str, Any]:
     """Turn OpenAI message shapes the chat templates do not know into plain text turns."""
     content = message.get("content")
     if isinstance(content, list):
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        content = "".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
     if message.get("role") == "assistant" and message.get("tool_calls"):
-        calls = [
-            json.dumps({"name": c["function"]["name"], "arguments": _json_or_text(c["function"].get("arguments"))})
-            for c in message["tool_calls"]
-        ]
+        calls = []
+        for call in message["tool_calls"] if isinstance(message["tool_calls"], list) else ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise RequestError("each tool call must have a function with a name")
+            calls.append(json.dumps({"name": function["name"], "arguments": _json_or_text(function.get("arguments"))}))
         content = (content or "") + "".join(f"<tool_call>\n{c}\n</tool_call>" for c in calls)
     normalized = {"role": message.get("role", "user"), "content": content or ""}
     if message.get("name"):
@@ -600,7 +635,12 @@ def _forced_tool(tools: list[dict[str, Any]] | None, tool_choice: Any) -> dict[s
     """The grammar schema for a tool call the client requires, or None when the model may choose."""
     if not tools:
         return None
-    functions = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
+    functions: dict[str, Any] = {}
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RequestError("each tool must be {\"type\": \"function\", \"function\": {\"name\": ...}}")
+        functions[function["name"]] = function.get("parameters") or {"type": "object"}
     if isinstance(tool_choice, dict):
         name = tool_choice.get("function", {}).get("name")
         if name not in functions:
