@@ -65,6 +65,11 @@ async def _stream(events: AsyncIterator[dict[str, Any]], first: dict[str, Any], 
         await events.aclose()  # type: ignore[attr-defined]
 
 
+def _choices(end: dict[str, Any]) -> list[dict[str, Any]]:
+    """The choices an `end` event closes: several when n > 1, else the one the event itself describes."""
+    return end.get("choices") or [{**end, "index": 0}]
+
+
 def _finish_reason(event: dict[str, Any]) -> str:
     reason = event.get("finish_reason") or "stop"
     return "stop" if reason == "cancelled" else reason
@@ -84,8 +89,8 @@ async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> Http
             "created": created,
             "model": body.model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "message": event["message"], "logprobs": None,
-                         "finish_reason": _finish_reason(event)}],
+            "choices": [{"index": c["index"], "message": c["message"], "logprobs": None,
+                         "finish_reason": _finish_reason(c)} for c in _choices(event)],
             "usage": event["usage"],
         })
 
@@ -94,18 +99,18 @@ async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> Http
     head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
             "system_fingerprint": None}
     usage_field = {"usage": None} if include_usage else {}
-    role_sent = False
+    role_sent: set[int] = set()
 
     def chunk(event: dict[str, Any]) -> dict[str, Any]:
-        nonlocal role_sent
         if event["type"] == "end":
-            choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(event)}
-        else:
-            delta = event["delta"]
-            if not role_sent:
-                delta = {"role": "assistant", **({"content": None} if "tool_calls" in delta else {}), **delta}
-                role_sent = True
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+            return {**head, "choices": [{"index": c["index"], "delta": {}, "logprobs": None,
+                                         "finish_reason": _finish_reason(c)} for c in _choices(event)], **usage_field}
+        index = event.get("index", 0)
+        delta = event["delta"]
+        if index not in role_sent:
+            delta = {"role": "assistant", **({"content": None} if "tool_calls" in delta else {}), **delta}
+            role_sent.add(index)
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
         return {**head, "choices": [choice], **usage_field}
 
     return StreamingHttpResponse(_stream(events, first, chunk, head if include_usage else None),
@@ -122,18 +127,18 @@ async def completions(request: HttpRequest, body: CompletionIn) -> HttpResponse:
             "system_fingerprint": None}
     if not body.stream:
         event = await _collect(call)
-        return JsonResponse({**head, "choices": [{"index": 0, "text": event["text"], "logprobs": None,
-                                                  "finish_reason": _finish_reason(event)}],
+        return JsonResponse({**head, "choices": [{"index": c["index"], "text": c["text"], "logprobs": None,
+                                                  "finish_reason": _finish_reason(c)} for c in _choices(event)],
                              "usage": event["usage"]})
     events, first = await first_event(call)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def chunk(event: dict[str, Any]) -> dict[str, Any]:
         if event["type"] == "end":
-            choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": _finish_reason(event)}
-        else:
-            choice = {"index": 0, "text": event["text"], "logprobs": None, "finish_reason": None}
-        return {**head, "choices": [choice]}
+            return {**head, "choices": [{"index": c["index"], "text": "", "logprobs": None,
+                                         "finish_reason": _finish_reason(c)} for c in _choices(event)]}
+        return {**head, "choices": [{"index": event.get("index", 0), "text": event["text"], "logprobs": None,
+                                     "finish_reason": None}]}
 
     return StreamingHttpResponse(_stream(events, first, chunk, head if include_usage else None),
                                  content_type="text/event-stream", headers=SSE_HEADERS)

@@ -8,6 +8,7 @@ from django.conf import settings
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 8
 # A JSON schema deeper than this (tools' parameters, response_format) is refused: turning a 200-deep
 # schema into a grammar held the model's process for 45 s, and no real tool nests that far.
 MAX_SCHEMA_DEPTH = 24
@@ -126,7 +127,8 @@ class SamplingIn(OpenAIIn):
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    n: Annotated[int, Field(ge=1, le=1)] = 1
+    # Several choices are made one after another by one process (node_agent.runtimes.llama_cpp_worker).
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     user: str | None = None
     # llama.cpp's own sampling extras, which the node reads: typed here, so a bad one is a 400, not a
     # failure inside the model's process.
@@ -161,8 +163,19 @@ class SamplingIn(OpenAIIn):
 MAX_MESSAGES = 4096
 
 
+def _no_logprobs(value: Any) -> Any:
+    # Not computed yet (llama-cpp-python needs logits for the whole window for them): refused, never
+    # answered with null as if it had been.
+    if value not in (None, False, 0):
+        raise ValueError("logprobs are not supported by this gateway yet")
+    return value
+
+
 class ChatCompletionIn(SamplingIn):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    _refuse_logprobs = field_validator("logprobs", "top_logprobs")(classmethod(lambda cls, v: _no_logprobs(v)))
     max_completion_tokens: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
@@ -181,6 +194,8 @@ class ChatCompletionIn(SamplingIn):
 class CompletionIn(SamplingIn):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
     echo: bool = False
+    logprobs: int | None = None
+    _refuse_logprobs = field_validator("logprobs")(classmethod(lambda cls, v: _no_logprobs(v)))
     suffix: str | None = None
     max_tokens: int | None = 16
 

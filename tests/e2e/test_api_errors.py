@@ -68,7 +68,9 @@ def test_malformed_json_is_400(gateway, node, api_key) -> None:
     ({"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**12}, "max_tokens"),
     ({"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -1},
      "max_completion_tokens"),
-    ({"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+    ({"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}], "n": 9}, "n"),
+    ({"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
+    ({"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
     ({"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, None),
     ({"messages": [{"role": "user", "content": "x"}]}, "model"),
 ])

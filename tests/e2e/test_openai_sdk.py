@@ -240,3 +240,31 @@ def test_many_requests_in_flight_share_one_link(client) -> None:
 
     with ThreadPoolExecutor(8) as pool:
         assert all(n >= 1 for n in pool.map(ask, range(16)))
+
+
+def test_n_choices_are_made_each_with_its_own_finish_and_the_usage_adds_up(client) -> None:
+    reply = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Name a colour."}],
+                                           max_tokens=4, n=3, seed=7, temperature=1.0)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert all(c.finish_reason in ("stop", "length") and c.message.role == "assistant" for c in reply.choices)
+    assert reply.usage.completion_tokens <= 12 and reply.usage.completion_tokens >= 3
+    stream = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=3, n=2, stream=True)
+    finished = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert set(finished) == {0, 1}
+    legacy = client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=3, n=2, echo=True)
+    assert [c.index for c in legacy.choices] == [0, 1]
+    assert all(c.text.startswith("Once upon a time") for c in legacy.choices)
+
+
+def test_logprobs_are_refused_rather_than_answered_with_null(client) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
+                                       logprobs=True, top_logprobs=2)
+    assert "logprobs" in exc.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=1, logprobs=2)
