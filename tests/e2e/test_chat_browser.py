@@ -22,6 +22,9 @@ pytestmark = pytest.mark.e2e
 PASSWORD = "a-long-chat-password-1"
 TIMEOUT_MS = 30_000
 REMOTE_MODEL = "smol-remote"
+# A model whose reply is long whatever it is asked: a simulated node making 4000 tokens at 20 a second, so
+# Stop always finds a reply still running (SmolLM2 asked to count to 1000 sometimes answered one sentence).
+LONG_MODEL = "sim-long"
 XSS = ('<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2"> '
        '<a href="javascript:window.__xss = 3">link</a> <svg onload="window.__xss = 4"></svg>')
 # A reply as a model might write it, stored as it came: Markdown, code, a thinking block, and every kind of
@@ -106,10 +109,15 @@ def _tokens(model_path, text: str) -> int:  # type: ignore[no-untyped-def]
 
 
 def test_a_user_chats_with_settings_stop_regenerate_models_rename_search_and_delete(  # type: ignore[no-untyped-def]
-        gateway, node, browser, api_key, model_path) -> None:
+        gateway, node, browser, api_key, model_path, tmp_path) -> None:
+    from tests.processes import SimulatedNodes
+
     _user(gateway, "chatter")
     node.wait_for_model(MODEL_ID)
     remove_remote = _remote_upstream(gateway, api_key)
+    long_talker = SimulatedNodes(gateway=gateway, log_dir=tmp_path, model=LONG_MODEL, tokens=4000, token_rate=20,
+                                 prefix="long-talker")
+    long_talker.start()
     csp_violations: list[str] = []
     context, page = _signed_in(browser, gateway, "chatter", csp_violations, width=1280)
     last_reply = "document.querySelector('#messages li.assistant:last-child .content')?.textContent.length"
@@ -122,7 +130,7 @@ def test_a_user_chats_with_settings_stop_regenerate_models_rename_search_and_del
     try:
         response = page.goto(gateway.url + "/")  # the chat is the gateway's front page
         assert "script-src 'self'" in response.headers["content-security-policy"]
-        for model in (MODEL_ID, REMOTE_MODEL):
+        for model in (MODEL_ID, REMOTE_MODEL, LONG_MODEL):
             page.wait_for_function(f"() => [...document.querySelectorAll('#model option')].some(o => o.value === {model!r})")
         page.select_option("#model", MODEL_ID)
 
@@ -170,6 +178,7 @@ def test_a_user_chats_with_settings_stop_regenerate_models_rename_search_and_del
         page.click("#context-view")
 
         # A long reply: tokens arrive one after another; Stop ends it and the partial reply stays, marked.
+        page.select_option("#model", LONG_MODEL)
         page.fill("#input", "Count from 1 to 1000, one number per line.")
         page.keyboard.press("Enter")
         page.locator("#stop:not([hidden])").wait_for()
@@ -185,7 +194,8 @@ def test_a_user_chats_with_settings_stop_regenerate_models_rename_search_and_del
         page.reload()
         page.locator("#messages li.assistant.stopped .mark", has_text="Stopped").wait_for()  # kept on the server
 
-        # Regenerate replaces the last reply (a pirate counting at temperature 0 goes on and on: stopped again).
+        # Regenerate replaces the last reply, here with SmolLM2's (stopped if it is still running).
+        page.select_option("#model", MODEL_ID)
         stopped = page.inner_text("#messages li.assistant:last-child .content")
         page.click("#regenerate")
         stop_after_some_text()
@@ -245,6 +255,7 @@ def test_a_user_chats_with_settings_stop_regenerate_models_rename_search_and_del
     finally:
         context.close()
         remove_remote()
+        long_talker.stop()
 
 
 def test_a_models_reply_renders_markdown_code_and_thinking_and_nothing_in_it_runs(  # type: ignore[no-untyped-def]
