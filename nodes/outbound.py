@@ -289,7 +289,7 @@ class LinkDialer:
             except Exception as exc:  # noqa: BLE001 - any failure of a link means: dial again
                 log.warning("link to %s:%d lost: %s: %s", target.host, target.port, type(exc).__name__, exc)
             failures = 1 if time.monotonic() - started > BACKOFF_MAX_S else failures + 1
-            await asyncio.sleep(random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** failures)))
+            await asyncio.sleep(random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** failures)))  # nosec B311 # jitter for reconnection backoff, not for security
 
 
 _dialer: LinkDialer | None = None

@@ -51,7 +51,7 @@ def node_link_open(*, node_id: str, name: str, version: str, address: str, chann
         uid = uuid.UUID(node_id)
     except ValueError:
         raise NodeRefused("node_id is not a UUID") from None
-    new_secret = ""
+    new_secret = ""  # nosec B105 # not a password: a token type, a prefix or an empty default
     with transaction.atomic():
         node, created = Node.objects.select_for_update().get_or_create(
             node_id=uid, defaults={"name": name[:100] or str(uid)[:8], "approved": settings.OPTIMAGPT_NODE_AUTO_APPROVE}

@@ -212,7 +212,7 @@ SIMPLE_JWT = {
     "ALGORITHM": "HS256",
     "ACCESS_TOKEN_LIFETIME": timedelta(seconds=env_int("JWT_ACCESS_TOKEN_LIFETIME_S", 3600)),
     "REFRESH_TOKEN_LIFETIME": timedelta(seconds=env_int("JWT_REFRESH_TOKEN_LIFETIME_S", 14 * 24 * 3600)),
-    "CHECK_REVOKE_TOKEN": True,
+    "CHECK_REVOKE_TOKEN": True,  # nosec B105 # not a password: a token type, a prefix or an empty default
     "CHECK_USER_IS_ACTIVE": True,
     "UPDATE_LAST_LOGIN": True,
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
+import subprocess  # nosec B404 # our own interpreter with argument lists, never a shell
 import sys
 import time
 from pathlib import Path
@@ -55,9 +55,9 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
-        children: list[subprocess.Popen[bytes]] = [subprocess.Popen(
+        children: list[subprocess.Popen[bytes]] = [subprocess.Popen(  # nosec B603 # argv of our own interpreter and modules, no shell, no user input
             [sys.executable, "-m", "optimagpt.server", "-b", host, "-p", str(port)])]
-        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # nosec B104 # compares the bind address the admin chose; it binds nothing
         state_dir = Path(settings.DATA_DIR) / "local-node"
         agent_argv = [sys.executable, "-m", "node_agent", "--gateway-url", url, "--models-dir", models_dir,
                       "--name", "Local Node", "--state-dir", str(state_dir),
@@ -66,12 +66,12 @@ class Command(BaseCommand):
             # Our own node, on this machine: approved before it first links (others wait for an admin).
             node_preregister(node_id=load_node_id(state_dir), name="Local Node")
         try:
-            self._wait(lambda: _port_open(host if host not in ("0.0.0.0", "::") else "127.0.0.1", port),
+            self._wait(lambda: _port_open(host if host not in ("0.0.0.0", "::") else "127.0.0.1", port),  # nosec B104 # compares the bind address the admin chose; it binds nothing
                        children, "the gateway to listen")
             self.stdout.write(f"Gateway:       {url}/   (OpenAI API at {url}/v1, admin at {url}/admin/)")
             if not no_local_node:
                 # The default model starts by itself; other files appear offline until an admin starts them.
-                children.append(subprocess.Popen(agent_argv))
+                children.append(subprocess.Popen(agent_argv))  # nosec B603 # argv of our own interpreter and modules, no shell, no user input
                 self._wait(lambda: Executor.objects.filter(state=Executor.State.ONLINE,
                                                            node__connected=True).exists(),
                            children, "the local node's first model")
@@ -108,7 +108,7 @@ class Command(BaseCommand):
                                       f"starting it again in {backoff:.0f} s.")
                     backoff = min(backoff * 2, AGENT_BACKOFF_MAX_S)
                 elif now >= restart_at:
-                    children[1] = subprocess.Popen(agent_argv)
+                    children[1] = subprocess.Popen(agent_argv)  # nosec B603 # argv of our own interpreter and modules, no shell, no user input
                     started, restart_at = now, None
             time.sleep(0.25)
 
