@@ -9,14 +9,24 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 NODE_ACCESS_KEY = "e2e-node-access-key"
 START_TIMEOUT_S = 60.0
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
+    """Poll `predicate` until it returns something true, and return that; fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}"
+        time.sleep(interval_s)
+    return value
 
 
 def free_port() -> int:

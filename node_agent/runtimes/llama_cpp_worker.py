@@ -325,13 +325,9 @@ class Worker:
             params["stop"] = params["stop"] + extra
         params["grammar"] = grammar
 
-        seed = params.get("seed")
         choices: list[dict[str, Any]] = []
         completion_tokens = 0
-        for index in range(self._choices(body)):
-            self._choice = index
-            if index and seed is not None:
-                params["seed"] = seed + index  # n choices from one seed must still differ
+        for index in self._each_choice(body, params):
             pieces = self._generate(rid, prompt, params)
             if stream:
                 pieces = self._coalesced(pieces)
@@ -350,11 +346,18 @@ class Worker:
                 break
         self._end(rid, choices, _usage(len(prompt), completion_tokens), "message")
 
-    def _choices(self, body: dict[str, Any]) -> int:
+    def _each_choice(self, body: dict[str, Any], params: dict[str, Any]) -> Iterator[int]:
+        """The indexes of the `n` choices asked for, one after another; with a seed, choice i uses seed + i
+        (n choices from one seed must still differ)."""
         n = body.get("n") or 1
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CHOICES:
             raise RequestError(f"n must be an integer from 1 to {MAX_CHOICES}")
-        return n
+        seed = params.get("seed")
+        for index in range(n):
+            self._choice = index
+            if index and seed is not None:
+                params["seed"] = seed + index
+            yield index
 
     def _delta(self, rid: str, fields: dict[str, Any]) -> None:
         """A piece of choice `self._choice`'s reply; the index is said only when there are several choices."""
@@ -452,13 +455,9 @@ class Worker:
         prompt = self.llm.tokenize(str(prompt_in).encode(), add_bos=True, special=False)
         params = self._sampling(body, len(prompt))
         params["grammar"] = _response_format_grammar(body.get("response_format"))
-        seed = params.get("seed")
         choices: list[dict[str, Any]] = []
         completion_tokens = 0
-        for index in range(self._choices(body)):
-            self._choice = index
-            if index and seed is not None:
-                params["seed"] = seed + index
+        for index in self._each_choice(body, params):
             text = []
             if body.get("echo"):
                 text.append(str(prompt_in))

@@ -11,16 +11,9 @@ import httpx
 import pytest
 
 from tests.conftest import MODEL_ID
-from tests.processes import Gateway, NodeAgent, free_port
+from tests.processes import Gateway, NodeAgent, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def _wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def _node_field(gateway: Gateway, node_id: str, field: str) -> str:
@@ -39,10 +32,10 @@ def test_a_new_node_waits_for_approval_and_an_impostor_cannot_take_its_link(mode
         real.start()
         key = gateway.create_api_key("identity")
         headers = {"Authorization": f"Bearer {key}"}
-        _wait_for(lambda: (tmp_path / "real" / "node_secret").exists(), 60, "the node to get its secret")
+        wait_for(lambda: (tmp_path / "real" / "node_secret").exists(), 60, "the node to get its secret")
         node_id = (tmp_path / "real" / "node_id").read_text().strip()
         assert (tmp_path / "real" / "node_secret").stat().st_mode & 0o077 == 0
-        _wait_for(lambda: _node_field(gateway, node_id, "connected") == "True", 30, "the link")
+        wait_for(lambda: _node_field(gateway, node_id, "connected") == "True", 30, "the link")
         time.sleep(3)  # long enough for the model to be online, were the node routed anything
         assert _node_field(gateway, node_id, "approved") == "False"
         models = httpx.get(gateway.url + "/v1/models", headers=headers, timeout=10).json()["data"]
@@ -61,7 +54,7 @@ def test_a_new_node_waits_for_approval_and_an_impostor_cannot_take_its_link(mode
         impostor = NodeAgent(gateway=gateway, models_dir=models_dir, state_dir=tmp_path / "impostor",
                              name="impostor", enable=())
         impostor.start()
-        _wait_for(lambda: "identity proof" in impostor.log(), 30, "the impostor to be refused")
+        wait_for(lambda: "identity proof" in impostor.log(), 30, "the impostor to be refused")
         assert _node_field(gateway, node_id, "name") == "real-node"
         assert _node_field(gateway, node_id, "last_error") == "", "nothing unauthenticated writes the node's row"
         reply = httpx.post(gateway.url + "/v1/chat/completions", headers=headers, timeout=60, json={
