@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
@@ -25,6 +26,8 @@ from django.db.models.signals import m2m_changed, post_delete, post_save
 from django.dispatch import receiver
 
 from accounts.models import ApiKey, User
+from nodes.consumers import link_held_here
+from nodes.models import Node
 
 from . import stats as gateway_stats
 from .auth import Principal
@@ -36,6 +39,7 @@ log = logging.getLogger("optimagpt.gateway")
 
 SEND_TIMEOUT_S = 5.0
 CANCEL_SEND_TIMEOUT_S = 5.0
+LINK_CHECK_S = 2.0
 
 
 REVOKED = {"message": "The API key was revoked.", "type": "invalid_request_error", "code": "api_key_revoked",
@@ -169,6 +173,10 @@ class Call:
     async def _cancel(self) -> None:
         raise NotImplementedError
 
+    async def _target_linked(self) -> bool:
+        """Whether what serves the request can still answer it (asked while waiting for its first event)."""
+        return True
+
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """Events up to and including `end`; an `error` event is raised as ApiError, and then the owner
         closes the call (RoutedRequest may first mark it as an attempt that failed over)."""
@@ -177,13 +185,25 @@ class Call:
         close = True
         try:
             while True:
-                remaining = min(timeout, self._deadline - loop.time())
-                try:
-                    event = await self._receive(max(remaining, 0.001))
-                except asyncio.TimeoutError:
-                    if loop.time() >= self._deadline:
-                        raise UpstreamTimeout("The request ran past its deadline.", code="deadline_exceeded") from None
-                    raise UpstreamTimeout("The node did not answer in time.") from None
+                wait_until = loop.time() + min(timeout, self._deadline - loop.time())
+                while True:
+                    # Before the first event, look every LINK_CHECK_S whether the link is still there: a
+                    # request sent as its link closed reached no one, and would wait for its whole timeout.
+                    step = wait_until - loop.time()
+                    if self._first_event_after is None:
+                        step = min(step, LINK_CHECK_S)
+                    try:
+                        event = await self._receive(max(step, 0.001))
+                        break
+                    except asyncio.TimeoutError:
+                        if loop.time() >= self._deadline:
+                            raise UpstreamTimeout("The request ran past its deadline.",
+                                                  code="deadline_exceeded") from None
+                        if loop.time() >= wait_until:
+                            raise UpstreamTimeout("The node did not answer in time.") from None
+                        if not await self._target_linked():
+                            raise UpstreamError("The node disconnected.", status=502,
+                                                code="node_disconnected") from None
                 if self._first_event_after is None:
                     self._first_event_after = time.monotonic() - self._since
                 kind = event.get("type")
@@ -230,6 +250,12 @@ class InferenceCall(Call):
         async with asyncio.timeout(timeout_s):  # cheaper than wait_for: no task per event
             message = await get_channel_layer().receive(self.reply_channel)
         return json.loads(message["raw"])
+
+    async def _target_linked(self) -> bool:
+        if link_held_here(self.target.channel_name):
+            return True
+        return await database_sync_to_async(Node.objects.filter(
+            pk=self.target.node_pk, connected=True, channel_name=self.target.channel_name).exists)()
 
     async def _cancel(self) -> None:
         await _drop_channel(self.reply_channel)

@@ -46,6 +46,16 @@ CONSOLE_GROUP = "node-console"
 CHANNEL_SEND_TIMEOUT_S = 5.0
 SILENCE_LIMIT = 2.75  # heartbeat intervals without a word from the node before its link is given up
 
+# The channels of the authenticated links this process holds. A request routed to a link that closed
+# a moment before it was sent would wait for nothing until its timeout; its waiter asks here.
+_live_links: set[str] = set()
+
+
+def link_held_here(channel_name: str) -> bool:
+    """Whether this process holds the link behind `channel_name`, up and authenticated. False says nothing
+    of links other gateway processes hold: the node's row says whether those are up."""
+    return channel_name in _live_links
+
 
 class NodeLinkConsumer(AsyncWebsocketConsumer):
     node_pk: int | None = None
@@ -92,6 +102,7 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         for rid, reply in in_flight.items():
             await self._forward(rid, reply, _disconnected(rid))
         node_pk, self.node_pk = self.node_pk, None
+        _live_links.discard(self.channel_name)
         if node_pk is not None:
             await database_sync_to_async(services.node_link_closed)(
                 node_pk=node_pk, channel_name=self.channel_name, reason=reason)
@@ -229,6 +240,7 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         if opened.replaced:
             await self.channel_layer.send(opened.replaced, {"type": "node.replaced"})
         self.node_pk = opened.node.pk
+        _live_links.add(self.channel_name)
         await self._to_console({"kind": "link", "connected": True})
         welcome: dict[str, Any] = {"type": "welcome",
                                    "proof": gateway_proof(key, self.gateway_nonce, node_nonce, node_id),
@@ -317,6 +329,7 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
     async def node_replaced(self, event: dict[str, Any]) -> None:
         log.info("node %s linked again elsewhere; closing this older link", self.node_pk)
         self.node_pk = None  # the newer link owns the node row now
+        _live_links.discard(self.channel_name)
         await self.close(CLOSE_REPLACED)
 
 

@@ -124,3 +124,28 @@ async def test_a_change_during_a_load_is_not_hidden_by_that_load(monkeypatch: py
     monkeypatch.setattr(router, "_ready_executors", changed_meanwhile)
     assert (await executor_select(model="m")).channel_name == "chan-moving"
     assert "m" not in router._ready
+
+
+async def test_a_request_sent_as_its_link_closed_fails_over_within_seconds_not_at_its_timeout() -> None:
+    """The soak found it: routed to a link that closed the moment before, a request reached no consumer and
+    waited its whole first-event timeout (120 s). Its waiter now sees the link gone and fails it over."""
+    import asyncio
+    import time
+
+    node = await _node("closing")
+    await Executor.objects.acreate(node=node, key="m.gguf", model_id="m", state="online")
+    _, raw = await _create_key()
+
+    async def ask() -> object:
+        return await AsyncClient().post("/v1/chat/completions", {"model": "m", "messages": [
+            {"role": "user", "content": "hi"}]}, content_type="application/json",
+            headers={"Authorization": f"Bearer {raw}"})
+
+    started = time.monotonic()
+    request = asyncio.ensure_future(ask())
+    await asyncio.sleep(0.5)  # sent to "chan-closing", which no consumer reads
+    # As the link's close does, from another thread (the request's own sync thread is the one it waits on).
+    await asyncio.to_thread(lambda: Node.objects.filter(pk=node.pk).update(connected=False, channel_name=""))
+    response = await asyncio.wait_for(request, 15)
+    assert time.monotonic() - started < 6
+    assert response.status_code == 502 and response.json()["error"]["code"] == "node_disconnected"
