@@ -1,9 +1,13 @@
+from typing import Any
+
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.core.exceptions import PermissionDenied
+from django.db.models import QuerySet
+from django.http import HttpRequest
 
 from .models import ApiKey, Usage, User
-from .users import UserRuleBroken, ensure_another_admin, user_delete
+from .users import UserRuleBroken, ensure_another_admin, signed_in, user_delete
 
 
 class ProductPermissionAdmin(admin.ModelAdmin):
@@ -11,22 +15,22 @@ class ProductPermissionAdmin(admin.ModelAdmin):
 
     permission = ""
 
-    def _allowed(self, request) -> bool:  # type: ignore[no-untyped-def]
-        return request.user.is_active and request.user.has_perm(self.permission)
+    def _allowed(self, request: HttpRequest) -> bool:
+        return bool(request.user.is_active and request.user.has_perm(self.permission))
 
-    def has_module_permission(self, request):  # type: ignore[no-untyped-def]
+    def has_module_permission(self, request: HttpRequest) -> bool:
         return self._allowed(request)
 
-    def has_view_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return self._allowed(request)
 
-    def has_add_permission(self, request):  # type: ignore[no-untyped-def]
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return self._allowed(request)
 
-    def has_change_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return self._allowed(request)
 
-    def has_delete_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return self._allowed(request)
 
 
@@ -36,11 +40,11 @@ class UserAdmin(ProductPermissionAdmin, DjangoUserAdmin):
     list_display = ("username", "first_name", "last_name", "user_type", "is_active", "last_login")
     list_filter = ("user_type", "is_active")
     fieldsets = (
-        *DjangoUserAdmin.fieldsets,
+        *(DjangoUserAdmin.fieldsets or ()),
         ("OptimaGPT", {"fields": ("user_type",)}),
     )
 
-    def save_model(self, request, obj, form, change):  # type: ignore[no-untyped-def]
+    def save_model(self, request: HttpRequest, obj: User, form: Any, change: bool) -> None:
         if change and ("user_type" in form.changed_data or "is_active" in form.changed_data):
             stored = User.objects.get(pk=obj.pk)
             if stored.user_type == User.Type.ADMIN and stored.is_active and (
@@ -51,13 +55,13 @@ class UserAdmin(ProductPermissionAdmin, DjangoUserAdmin):
                     raise PermissionDenied(str(exc)) from None
         super().save_model(request, obj, form, change)
 
-    def delete_model(self, request, obj):  # type: ignore[no-untyped-def]
+    def delete_model(self, request: HttpRequest, obj: User) -> None:
         try:
-            user_delete(actor=request.user, user=obj)
+            user_delete(actor=signed_in(request), user=obj)
         except UserRuleBroken as exc:
             raise PermissionDenied(str(exc)) from None
 
-    def delete_queryset(self, request, queryset):  # type: ignore[no-untyped-def]
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
         for user in queryset:
             self.delete_model(request, user)
 
@@ -71,7 +75,7 @@ class ApiKeyAdmin(ProductPermissionAdmin):
     fields = ("name", "owner", "prefix", "created_at", "last_used_at", "expires_at", "allowed_models",
               "requests_per_minute", "tokens_per_minute", "token_budget", "budget_period")
 
-    def save_model(self, request, obj, form, change):  # type: ignore[no-untyped-def]
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
         if change:
             super().save_model(request, obj, form, change)
             return
@@ -90,8 +94,8 @@ class UsageAdmin(ProductPermissionAdmin):
     list_filter = ("day",)
     search_fields = ("api_key__name", "user__username")
 
-    def has_add_permission(self, request):  # type: ignore[no-untyped-def]
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_change_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False

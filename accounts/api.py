@@ -9,8 +9,8 @@ from django.http import HttpRequest, JsonResponse
 from ninja import Router
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.errors import AuthenticationFailed, RateLimited
 from optimagpt.addresses import client_address
+from optimagpt.errors import AuthenticationFailed, RateLimited
 
 from .ratelimit import login_retry_after
 from .tokens import TokenRefused, token_logout, token_pair_for_login, token_refresh

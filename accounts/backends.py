@@ -11,7 +11,6 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from django.contrib.auth.backends import ModelBackend
-from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.signals import user_login_failed
 from django.core.exceptions import PermissionDenied
 from django.dispatch import receiver
@@ -19,12 +18,13 @@ from django.http import HttpRequest
 
 from optimagpt.addresses import client_address
 
+from .models import User
 from .ratelimit import login_failed, login_retry_after
 
 
 class ThrottledModelBackend(ModelBackend):
-    def authenticate(self, request: HttpRequest | None, username: str | None = None, password: str | None = None,
-                     **kwargs: Any) -> AbstractBaseUser | None:
+    def authenticate(self, request: HttpRequest | None, username: str | None = None,
+                     password: str | None = None, **kwargs: Any) -> User | None:
         if request is not None and username is not None:
             if async_to_sync(login_retry_after)(address=client_address(request), username=username):
                 raise PermissionDenied("too many failed logins")  # authenticate() asks no further backend

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from django import forms
 from django.contrib.auth.password_validation import password_validators_help_text_html, validate_password
@@ -23,8 +24,8 @@ class UserCreateForm(forms.Form):
             raise ValidationError("A user with that username exists already.")
         return username
 
-    def clean(self) -> dict:
-        data = super().clean()
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
         if data.get("password") and data.get("username"):
             try:
                 validate_password(data["password"], User(username=data["username"],

@@ -3,10 +3,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from datetime import datetime
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
 from django.db import models
+
+if TYPE_CHECKING:
+    from django_stubs_ext import StrPromise
 
 KEY_PREFIX = "sk-optima-"
 # Shown in lists so people can tell keys apart; far too short to guess the rest from.
@@ -24,8 +29,9 @@ def default_scopes() -> list[str]:
     return [SCOPE_INFERENCE]
 
 
-# The product's permissions (REFERENCE.md section 1), as Django permissions on the User model.
-PERMISSIONS = [
+# The product's permissions, as Django permissions on the User model
+# (README.md, "People, permissions and keys", lists them).
+PERMISSIONS: list[tuple[str, str | StrPromise]] = [
     ("chat", "Chat"),
     ("access_gateway", "Access Gateway"),
     ("manage_nodes", "Node Management"),
@@ -50,10 +56,6 @@ class User(AbstractUser):
     class Meta(AbstractUser.Meta):
         permissions = PERMISSIONS
         swappable = "AUTH_USER_MODEL"
-
-    @property
-    def is_admin_type(self) -> bool:
-        return self.user_type == self.Type.ADMIN
 
 
 def api_key_digest(raw_key: str) -> str:
@@ -106,7 +108,7 @@ class ApiKey(models.Model):
                                    name="apikey_budget_period_valid"),
         ]
 
-    def is_expired(self, now) -> bool:  # type: ignore[no-untyped-def]
+    def is_expired(self, now: datetime) -> bool:
         return self.expires_at is not None and self.expires_at <= now
 
     def allows_model(self, model: str) -> bool:
@@ -119,7 +121,7 @@ class ApiKey(models.Model):
         return f"{self.name} ({self.prefix}…)"
 
     @classmethod
-    def create_with_raw_key(cls, *, name: str, owner: models.Model | None = None,
+    def create_with_raw_key(cls, *, name: str, owner: User | None = None,
                             scopes: list[str] | None = None) -> tuple[ApiKey, str]:
         """Make a key; the raw key is returned here and never again."""
         raw = KEY_PREFIX + secrets.token_urlsafe(32)

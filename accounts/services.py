@@ -9,7 +9,6 @@ processes notice within the cache lifetime.
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 from channels.db import database_sync_to_async
@@ -18,17 +17,15 @@ from django.db.models.signals import m2m_changed, post_delete, post_save
 from django.dispatch import receiver
 from django.utils import timezone
 
-from optimagpt.coalesce import Coalesced
+from optimagpt.cache import ExpiringCache
 
 from .models import ApiKey, User, api_key_digest
 
 # Writing last_used_at on every request would put a database write on the hot path.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
-# digest -> (valid until, key, whether its owner may use the API)
-_cache: dict[str, tuple[float, ApiKey, bool]] = {}
-_loads: Coalesced[tuple[ApiKey, bool] | None] = Coalesced()  # concurrent misses for one key share one query
-_generation = 0  # bumped when keys or users change: a load that began before is not cached
+# digest -> (key, whether its owner may use the API)
+_cache: ExpiringCache[str, tuple[ApiKey, bool] | None] = ExpiringCache(lambda: settings.OPTIMAGPT_API_KEY_CACHE_S)
 
 
 def _load(raw_key: str) -> tuple[ApiKey, bool] | None:
@@ -40,29 +37,16 @@ def _load(raw_key: str) -> tuple[ApiKey, bool] | None:
     return key, owner_ok
 
 
-async def _load_and_cache(raw_key: str, digest: str) -> tuple[ApiKey, bool] | None:
-    generation = _generation
-    loaded = await database_sync_to_async(_load)(raw_key)
-    if loaded is None:
-        _cache.pop(digest, None)
-    elif generation == _generation:
-        _cache[digest] = (time.monotonic() + settings.OPTIMAGPT_API_KEY_CACHE_S, *loaded)
-    return loaded
-
-
 async def api_key_authenticate(*, raw_key: str) -> tuple[ApiKey, bool] | None:
     """The ApiKey that `raw_key` is and whether its owner may use the API; None for no key."""
     digest = api_key_digest(raw_key)
-    cached = _cache.get(digest)
-    if cached is not None and cached[0] > time.monotonic():
-        key, owner_ok = cached[1], cached[2]
-    else:
-        # database_sync_to_async, not the async ORM: it also tidies the thread's
-        # connections, which the API's lean handler leaves to the queries themselves.
-        loaded = await _loads.load(digest, lambda: _load_and_cache(raw_key, digest))
-        if loaded is None:
-            return None
-        key, owner_ok = loaded
+    # database_sync_to_async, not the async ORM: it also tidies the thread's
+    # connections, which the API's lean handler leaves to the queries themselves.
+    loaded = await _cache.get_or_load(digest, lambda: database_sync_to_async(_load)(raw_key),
+                                      keep=lambda found: found is not None)
+    if loaded is None:
+        return None
+    key, owner_ok = loaded
     now = timezone.now()
     if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
         key.last_used_at = now
@@ -70,22 +54,13 @@ async def api_key_authenticate(*, raw_key: str) -> tuple[ApiKey, bool] | None:
     return key, owner_ok
 
 
-def _changed() -> None:
-    global _generation
-    _generation += 1
-    _loads.clear()
-
-
 def forget_key(digest: str) -> None:
-    _changed()
-    _cache.pop(digest, None)
+    _cache.forget(digest)
 
 
 def forget_keys_of_user(user_id: int | None) -> None:
     """Drop the keys owned by `user_id` (by anyone, when None: we cannot tell whose)."""
-    _changed()
-    for digest in [d for d, (_, key, _) in _cache.items() if user_id is None or key.owner_id == user_id]:
-        _cache.pop(digest, None)
+    _cache.forget_where(lambda digest, found: user_id is None or (found is not None and found[0].owner_id == user_id))
 
 
 @receiver(post_save, sender=ApiKey)

@@ -8,7 +8,6 @@ active user, and the hash_password claim, which a password change invalidates.
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import dataclass
 
 from channels.db import database_sync_to_async
@@ -22,6 +21,8 @@ from rest_framework_simplejwt.settings import api_settings
 from rest_framework_simplejwt.token_blacklist.models import OutstandingToken
 from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
 from rest_framework_simplejwt.utils import get_md5_hash_password
+
+from optimagpt.cache import ExpiringCache
 
 from .models import User
 
@@ -71,7 +72,7 @@ def _current_user(token: RefreshToken | AccessToken) -> User:
 
 def token_refresh(*, refresh_token: str) -> TokenPair:
     try:
-        refresh = RefreshToken(refresh_token)
+        refresh = RefreshToken(refresh_token)  # type: ignore[arg-type] # simplejwt annotates Token; it takes text
     except TokenError as exc:
         raise TokenRefused(f"Invalid refresh token: {exc}") from None
     _current_user(refresh)
@@ -81,7 +82,7 @@ def token_refresh(*, refresh_token: str) -> TokenPair:
 def token_logout(*, refresh_token: str) -> None:
     """Blacklist a refresh token; it can never make access tokens again."""
     try:
-        RefreshToken(refresh_token).blacklist()
+        RefreshToken(refresh_token).blacklist()  # type: ignore[arg-type] # simplejwt annotates Token; it takes text
     except TokenError as exc:
         raise TokenRefused(f"Invalid refresh token: {exc}") from None
 
@@ -89,7 +90,7 @@ def token_logout(*, refresh_token: str) -> None:
 # Verified access tokens' users, by user id: a database round trip per API call
 # would cost a thread hop. Saving a user (password change, deactivation,
 # permission change through the user's save) drops the entry at once.
-_users: dict[int, tuple[float, User, bool]] = {}
+_users: ExpiringCache[int, tuple[User, bool]] = ExpiringCache(lambda: settings.OPTIMAGPT_API_KEY_CACHE_S)
 
 
 def _load_user(token: AccessToken) -> tuple[User, bool]:
@@ -104,16 +105,15 @@ async def access_token_user(raw: str) -> tuple[User, bool]:
     the database is asked only when the user is not cached.
     """
     try:
-        token = AccessToken(raw)
+        token = AccessToken(raw)  # type: ignore[arg-type] # simplejwt annotates Token; it takes text
     except TokenError as exc:
         raise TokenRefused(f"Invalid token: {exc}") from None
-    user_id = token.get(api_settings.USER_ID_CLAIM)
-    cached = _users.get(user_id)
-    if cached is not None and cached[0] > time.monotonic():
-        user, allowed = cached[1], cached[2]
-    else:
-        user, allowed = await database_sync_to_async(_load_user)(token)
-        _users[user.pk] = (time.monotonic() + settings.OPTIMAGPT_API_KEY_CACHE_S, user, allowed)
+    try:
+        # simplejwt writes the id as text; the cache is keyed by the pk, as the signals that forget it name it.
+        user_id = int(token.get(api_settings.USER_ID_CLAIM))
+    except (TypeError, ValueError):
+        raise TokenRefused("The token names no user.") from None
+    user, allowed = await _users.get_or_load(user_id, lambda: database_sync_to_async(_load_user)(token))
     if token.get(api_settings.REVOKE_TOKEN_CLAIM) != get_md5_hash_password(user.password):
         raise TokenRefused("The token was revoked by a password change.")
     return user, allowed
@@ -124,7 +124,7 @@ def forget_user(user_id: int | None) -> None:
     if user_id is None:
         _users.clear()
     else:
-        _users.pop(user_id, None)
+        _users.forget(user_id)
 
 
 @receiver(post_save, sender=User)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.contrib.auth.models import Permission
 from django.contrib.auth.password_validation import validate_password
 from django.db import transaction
+from django.http import HttpRequest
 
 from .models import PERMISSIONS, User
 
@@ -61,3 +62,10 @@ def user_delete(*, actor: User, user: User) -> None:
     with transaction.atomic():
         ensure_another_admin(user)
         user.delete()
+
+
+def signed_in(request: HttpRequest) -> User:
+    """The user of a request that login_required (or the admin site) let through."""
+    user = request.user
+    assert isinstance(user, User), "only signed-in users get here"
+    return user

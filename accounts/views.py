@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from asgiref.sync import async_to_sync
 from django.contrib import messages
@@ -19,7 +19,7 @@ from optimagpt.addresses import client_address
 from .forms import ApiKeyCreateForm, UserCreateForm
 from .models import ApiKey, User
 from .ratelimit import login_retry_after
-from .users import UserRuleBroken, user_create, user_delete, user_set_type
+from .users import UserRuleBroken, signed_in, user_create, user_delete, user_set_type
 
 
 def login_view(request: HttpRequest) -> HttpResponse:
@@ -75,7 +75,7 @@ def users_view(request: HttpRequest) -> HttpResponse:
 def user_delete_view(request: HttpRequest, pk: int) -> HttpResponse:
     person = get_object_or_404(User, pk=pk)
     try:
-        user_delete(actor=request.user, user=person)  # type: ignore[arg-type]
+        user_delete(actor=signed_in(request), user=person)
         messages.success(request, f"User {person.username} deleted.")
     except UserRuleBroken as exc:
         messages.error(request, str(exc))
@@ -100,7 +100,7 @@ def user_type_view(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 def _keys_with_usage() -> list[ApiKey]:
-    today = datetime.now(timezone.utc).date()
+    today = datetime.now(UTC).date()
     tokens = F("usage__prompt_tokens") + F("usage__completion_tokens")
     return list(ApiKey.objects.select_related("owner").annotate(
         tokens_today=Sum(tokens, filter=Q(usage__day=today)),

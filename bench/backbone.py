@@ -63,7 +63,7 @@ class Result(dict):
 
 
 # -- the paths: each offers the same four measurements ----------------------------------
-class Path_:
+class BenchPath:
     """One way to reach the model. Subclasses implement one request of each kind."""
 
     name = ""
@@ -91,7 +91,7 @@ class Path_:
         pass
 
 
-class InProcess(Path_):
+class InProcess(BenchPath):
     name = "in-process"
     long_body = {**LONG, "logit_bias": {EOS_TOKEN: -100}}  # llama_cpp wants token ids as ints
 
@@ -119,7 +119,7 @@ class InProcess(Path_):
 
 
 
-class Http(Path_):
+class Http(BenchPath):
     """An OpenAI-compatible HTTP server: llama-cpp-python's own, or our gateway."""
 
     def __init__(self, name: str, base: str, headers: dict[str, str], model: str) -> None:
@@ -172,7 +172,7 @@ class Http(Path_):
         self.client.close()
 
 
-class Worker(Path_):
+class Worker(BenchPath):
     """Our inference process, spoken to over its pipe exactly as the node agent does."""
 
     name = "worker (pipe)"
@@ -187,7 +187,8 @@ class Worker(Path_):
 
     def _send(self, body: dict[str, Any], stream: bool) -> str:
         rid = str(next(self.ids))
-        self.proc.stdin.write(pipe_frame(json.dumps({"op": "chat", "id": rid, "stream": stream, "body": body}).encode()))
+        request = {"op": "chat", "id": rid, "stream": stream, "body": body}
+        self.proc.stdin.write(pipe_frame(json.dumps(request).encode()))
         self.proc.stdin.flush()
         return rid
 
@@ -229,7 +230,7 @@ class Worker(Path_):
         self.proc.wait(30)
 
 
-def run_interleaved(paths: list[Path_], n_latency: int, n_long: int) -> dict[str, Result]:
+def run_interleaved(paths: list[BenchPath], n_latency: int, n_long: int) -> dict[str, Result]:
     """Take every figure round-robin across paths, so drift in the machine's speed hits all alike."""
     samples: dict[str, dict[str, list[float]]] = {
         p.name: {"lat": [], "ttft": [], "tps": [], "ratio": [], "rps": []} for p in paths}
@@ -338,9 +339,9 @@ def main() -> None:
     print(f"model {model.name}, {args.threads} threads, {os.cpu_count()} cores, stream interval "
           f"{args.stream_interval_ms:g} ms; {n} latency samples, "
           f"{n_long} long replies per path, taken round-robin across the paths", flush=True)
-    with llama_server(model, args.threads) as server_url, gateway_and_node(model, args.threads,
-                                                                                 args.stream_interval_ms) as (gw_url, key):
-        paths: list[Path_] = [
+    with llama_server(model, args.threads) as server_url, \
+            gateway_and_node(model, args.threads, args.stream_interval_ms) as (gw_url, key):
+        paths: list[BenchPath] = [
             InProcess(model, args.threads),
             Http("llama-cpp-python server", server_url, {}, "smollm2"),
             Worker(model, args.threads, args.stream_interval_ms),
@@ -361,8 +362,8 @@ def main() -> None:
                      f"{r['ttft']:.2f}", f"{r['tps_min']:.1f}", f"{r['tps_med']:.1f}", f"{r['tps_max']:.1f}",
                      f"{100 * r['tps_ratio']:.0f}%",
                      f"{r['rps']:.0f}" if "rps" in r else "-"))
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     print(line(header))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:

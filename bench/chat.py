@@ -119,7 +119,8 @@ def main() -> None:
             one = {"model": model, "max_tokens": 1, "temperature": 0,
                    "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]}
             for _ in range(args.rounds):
-                figures["context"].append(ms(timed(lambda: client.get(f"/optima/v1/conversations/{conversation}/context"))))
+                context_url = f"/optima/v1/conversations/{conversation}/context"
+                figures["context"].append(ms(timed(lambda url=context_url: client.get(url))))
                 figures["one"].append(ms(timed(lambda: client.post("/v1/chat/completions", json=one,
                                                                    headers={"Authorization": f"Bearer {key}"}))))
             # Counting while the node generates a long reply for someone else.
@@ -130,7 +131,8 @@ def main() -> None:
             busy.start()
             time.sleep(1.0)
             for _ in range(args.rounds):
-                figures["busy"].append(ms(timed(lambda: client.get(f"/optima/v1/conversations/{conversation}/context"))))
+                context_url = f"/optima/v1/conversations/{conversation}/context"
+                figures["busy"].append(ms(timed(lambda url=context_url: client.get(url))))
             busy.join(600)
     finally:
         agent.stop()
@@ -143,7 +145,8 @@ def main() -> None:
               f"/v1/chat/completions: {statistics.median(figures['openai']):.1f} median"))
     print(row("OpenAI API, same messages (baseline)", figures["openai"]))
     if figures["title"]:
-        print(row("title written by the model (done -> title)", figures["title"], f"{len(figures['title'])} of {args.rounds} titled"))
+        print(row("title written by the model (done -> title)", figures["title"],
+                  f"{len(figures['title'])} of {args.rounds} titled"))
     print(row("context counts (node tokenizer)", figures["context"],
               f"1-token chat: {statistics.median(figures['one']):.1f} median"))
     print(row("1-token chat (baseline)", figures["one"]))

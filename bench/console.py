@@ -21,7 +21,6 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
@@ -29,7 +28,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from node_agent.protocol import PROTOCOL_VERSION, new_nonce, node_proof  # noqa: E402
+from node_agent.protocol import new_nonce, node_proof  # noqa: E402
 from tests.processes import NODE_ACCESS_KEY, Gateway, free_port  # noqa: E402
 
 
@@ -42,7 +41,8 @@ async def sim_node(url: str, origin: str, index: int, stop: asyncio.Event) -> No
         hello = json.loads(await ws.recv())
         nonce = new_nonce()
         await ws.send(json.dumps({"type": "auth", "node_id": node_id, "name": f"sim-{index:03d}", "version": "sim",
-                                  "nonce": nonce, "proof": node_proof(NODE_ACCESS_KEY, hello["nonce"], nonce, node_id)}))
+                                  "nonce": nonce,
+                                  "proof": node_proof(NODE_ACCESS_KEY, hello["nonce"], nonce, node_id)}))
         assert json.loads(await ws.recv())["type"] == "welcome"
         await ws.send(json.dumps({"type": "register", "hardware": {"cpu": "sim", "cpu_count": 8, "ram_total": 32 << 30,
                                                                    "gpus": []},
@@ -67,7 +67,7 @@ async def sim_node(url: str, origin: str, index: int, stop: asyncio.Event) -> No
             tick += 1
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         reader.cancel()
 
@@ -83,7 +83,7 @@ async def console_events(url: str, cookie: str, seconds: float) -> int:
             try:
                 await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic()))
                 count += 1
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
     return count
 

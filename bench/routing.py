@@ -47,7 +47,8 @@ async def application(scope, receive, send):
         return
     while (await receive()).get("more_body"):
         pass
-    body = b'{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"t0 "}}]}'
+    body = (b'{"id":"x","object":"chat.completion",'
+            b'"choices":[{"index":0,"message":{"role":"assistant","content":"t0 "}}]}')
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
@@ -163,9 +164,10 @@ def node_loss(root: Path, rounds: int) -> dict[str, list[float]]:
                 with httpx.Client(timeout=120) as client:
                     answer: dict[str, float] = {}
 
-                    def ask() -> None:
+                    def ask(client: httpx.Client = client, answer: dict[str, float] = answer) -> None:
                         client.post(gateway.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                                    json={"model": "sim", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]})
+                                    json={"model": "sim", "max_tokens": 1,
+                                          "messages": [{"role": "user", "content": "x"}]})
                         answer["at"] = time.monotonic()
 
                     import threading
@@ -274,7 +276,8 @@ def main() -> None:
         print("\nNode loss (heartbeat interval 2 s), seconds, median of rounds (min-max)\n")
         print("| event | detected | request failed over and answered |")
         print("|---|---|---|")
-        for how, label in (("kill", "node process killed (SIGKILL)"), ("stop", "node process stopped (SIGSTOP, half-open)")):
+        for how, label in (("kill", "node process killed (SIGKILL)"),
+                           ("stop", "node process stopped (SIGSTOP, half-open)")):
             d, f = loss[f"{how}_detect"], loss[f"{how}_failover"]
             print(f"| {label} | {statistics.median(d):.2f} ({min(d):.2f}-{max(d):.2f}) | "
                   f"{statistics.median(f):.2f} ({min(f):.2f}-{max(f):.2f}) |")

@@ -22,7 +22,6 @@ import os
 import random
 import shutil
 import signal
-import statistics
 import sys
 import tempfile
 import threading
@@ -196,8 +195,8 @@ def main() -> None:
                 victim.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
                 victim.proc.wait()  # type: ignore[union-attr]
                 kills += 1
-                print(f"[{time.monotonic() - soak.started:7.0f} s] killed {victim.argv[victim.argv.index('--name') + 1]}",
-                      flush=True)
+                name = victim.argv[victim.argv.index("--name") + 1]
+                print(f"[{time.monotonic() - soak.started:7.0f} s] killed {name}", flush=True)
                 time.sleep(10)
                 victim.start()
                 next_kill += args.kill_every
@@ -223,7 +222,7 @@ def main() -> None:
     sampled = sorted(i for i, w in soak.windows.items() if w.rss_mb)  # the last window may be the clients' drain
     first, last = soak.windows[sampled[0]], soak.windows[sampled[-1]]
     hours = max((sampled[-1] - sampled[0]) * args.report_every / 3600, 1e-9)
-    print(f"\nTotal: " + ", ".join(f"{k} {total[k]}" for k in kinds))
+    print("\nTotal: " + ", ".join(f"{k} {total[k]}" for k in kinds))
     print(f"Gateway RSS {first.rss_mb:.1f} -> {last.rss_mb:.1f} MB ({(last.rss_mb - first.rss_mb) / hours:+.1f} MB/h), "
           f"open files {first.open_files} -> {last.open_files} ({(last.open_files - first.open_files) / hours:+.1f}/h)")
     if soak.lost_samples:

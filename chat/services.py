@@ -8,7 +8,7 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from datetime import timedelta
 from typing import Any
 
@@ -17,10 +17,10 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from gateway.auth import Principal
-from gateway.errors import ApiError, InvalidRequest
-from gateway.services import RoutedRequest, first_event, inference_start
-from gateway.sse import sse
+from gateway.dispatch import RoutedRequest, first_event, inference_start
+from gateway.principal import Principal
+from node_agent.protocol import OP_CHAT, OP_TOKENIZE
+from optimagpt.errors import ApiError, InvalidRequest
 
 from .models import Conversation, Message
 
@@ -107,12 +107,12 @@ def turn_abandon(conversation: Conversation) -> None:
 
 
 async def reply_start(*, principal: Principal, conversation: Conversation, content: str, model_id: str,
-                      regenerate: bool) -> tuple[RoutedRequest, AsyncIterator[dict[str, Any]], dict[str, Any]]:
+                      regenerate: bool) -> tuple[RoutedRequest, AsyncGenerator[dict[str, Any], None], dict[str, Any]]:
     """Save the turn and start the reply; errors before the reply's first event raise ApiError."""
     messages = await turn_begin(conversation, content=content, model_id=model_id, regenerate=regenerate)
     body = {"model": model_id, "messages": messages, "stream": True, "temperature": conversation.temperature}
     try:
-        call = await inference_start(principal=principal, model=model_id, op="chat", body_json=json.dumps(body),
+        call = await inference_start(principal=principal, model=model_id, op=OP_CHAT, body_json=json.dumps(body),
                                      stream=True)
         events, first = await first_event(call)
     except BaseException:
@@ -121,10 +121,12 @@ async def reply_start(*, principal: Principal, conversation: Conversation, conte
     return call, events, first
 
 
-async def reply_stream(conversation: Conversation, model_id: str, call: RoutedRequest,
-                       events: AsyncIterator[dict[str, Any]], first: dict[str, Any]) -> AsyncIterator[bytes]:
-    """The reply as server-sent events: `{"type": "delta", "content": ...}` per piece of text, then one
-    `{"type": "done", "message": ...}` or `{"type": "error", "error": ..., "message": ...}`.
+async def reply_events(conversation: Conversation, model_id: str, call: RoutedRequest,
+                       events: AsyncGenerator[dict[str, Any], None],
+                       first: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+    """The reply as events, which chat/api.py sends as server-sent events: `{"type": "delta", "content": ...}`
+    per piece of text, then one `{"type": "done", "message": ...}` or `{"type": "error", "error": ...,
+    "message": ...}`.
 
     After the first complete reply the model titles the conversation: `{"type": "title", "title": ...}`.
     A client that closes the stream stops the generation on the node; the text so far is saved as stopped.
@@ -141,7 +143,7 @@ async def reply_stream(conversation: Conversation, model_id: str, call: RoutedRe
             text = (event.get("delta") or {}).get("content")
             if text:
                 parts.append(text)
-                yield sse({"type": "delta", "content": text})
+                yield {"type": "delta", "content": text}
             event = await anext(events, None)
         else:
             status, error = Message.Status.ERROR, "The reply ended before it was complete."
@@ -150,19 +152,19 @@ async def reply_stream(conversation: Conversation, model_id: str, call: RoutedRe
     finally:
         async def wrap_up() -> Message:
             await call.close()  # first: a reply nobody reads must stop on the node
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
             return await turn_end(conversation, text="".join(parts), model_id=model_id, status=status, error=error)
 
         # Done even when the client has gone and this generator is being cancelled (again): shielded.
         message = await asyncio.shield(asyncio.ensure_future(wrap_up()))
     if status == Message.Status.COMPLETE:
-        yield sse({"type": "done", "message": message_out(message)})
+        yield {"type": "done", "message": message_out(message)}
         title = await title_write(call.principal, conversation, model_id)
         if title:
-            yield sse({"type": "title", "title": title})
+            yield {"type": "title", "title": title}
     else:
         failure = failure or {"message": error, "type": "server_error", "param": None, "code": "incomplete_reply"}
-        yield sse({"type": "error", "error": failure, "message": message_out(message)})
+        yield {"type": "error", "error": failure, "message": message_out(message)}
 
 
 def title_clean(text: str) -> str:
@@ -193,7 +195,7 @@ def _title_save(conversation: Conversation, title: str) -> bool:
                 .update(title=title, title_source=Conversation.TitleSource.MODEL))
 
 
-async def _complete(principal: Principal, model_id: str, body: dict[str, Any], op: str = "chat") -> dict[str, Any]:
+async def _complete(principal: Principal, model_id: str, body: dict[str, Any], op: str = OP_CHAT) -> dict[str, Any]:
     """One unstreamed request over the routed path; its `end` event."""
     call = await inference_start(principal=principal, model=model_id, op=op, body_json=json.dumps(body),
                                  stream=False)
@@ -233,7 +235,7 @@ async def context_usage(principal: Principal, conversation: Conversation, model_
     """How much of `model_id`'s context window the conversation's next request takes, part by part, counted by
     the model's own tokenizer on a node (a remote upstream's counts are estimates)."""
     messages = await _context_messages(conversation)
-    end = await _complete(principal, model_id, {"model": model_id, "messages": messages}, op="tokenize")
+    end = await _complete(principal, model_id, {"model": model_id, "messages": messages}, op=OP_TOKENIZE)
     counts = end.get("counts")
     if not isinstance(counts, dict):
         raise ApiError("The node did not count the tokens.")

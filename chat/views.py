@@ -4,6 +4,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
 from accounts.tokens import access_token_for_session
+from accounts.users import signed_in
 from nodes.models import Executor, Node
 
 
@@ -31,4 +32,4 @@ def _chat_page(request: HttpRequest) -> HttpResponse:
 @permission_required("accounts.chat", raise_exception=True)
 def chat_token_view(request: HttpRequest) -> HttpResponse:
     """A short-lived access token for the chat page's API calls (POST with the CSRF token of the session)."""
-    return JsonResponse(access_token_for_session(request.user))
+    return JsonResponse(access_token_for_session(signed_in(request)))

@@ -1,7 +1,7 @@
 """The OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models.
 
 Endpoints are thin: validate the body, hand it to a node through
-gateway.services, and shape the node's events into OpenAI's objects.
+gateway/dispatch.py, and shape the node's events into OpenAI's objects.
 """
 
 from __future__ import annotations
@@ -10,19 +10,22 @@ import base64
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
 from ninja import Router
 
+from node_agent.protocol import OP_CHAT, OP_COMPLETION, OP_EMBEDDING
 from nodes.models import Executor
+from optimagpt.errors import ApiError, ModelNotFound
 
 from .auth import ApiKeyAuth
-from .errors import ApiError, ModelNotFound
+from .dispatch import RoutedRequest, first_event, inference_start
+from .principal import AuthedRequest
 from .schemas import ChatCompletionIn, CompletionIn, EmbeddingIn
-from .services import RoutedRequest, first_event, inference_start
 from .sse import SSE_HEADERS, sse
 
 router = Router(auth=ApiKeyAuth(), tags=["OpenAI"])
@@ -36,14 +39,14 @@ async def _collect(call: RoutedRequest) -> dict[str, Any]:
     """The `end` event of a request that is not streamed; the request is cancelled if we leave early."""
     try:
         event: dict[str, Any] = {}
-        async for event in call.events():
+        async for event in call.events():  # noqa: B007 - the last event, `end`, is the answer
             pass
         return event
     finally:
         await call.close()
 
 
-async def _stream(events: AsyncIterator[dict[str, Any]], first: dict[str, Any], chunk: Any,
+async def _stream(events: AsyncGenerator[dict[str, Any], None], first: dict[str, Any], chunk: Any,
                   usage_head: dict[str, Any] | None) -> AsyncIterator[bytes]:
     """SSE as OpenAI sends it; a failure after the first byte becomes an error event and no [DONE].
 
@@ -62,7 +65,7 @@ async def _stream(events: AsyncIterator[dict[str, Any]], first: dict[str, Any], 
     except ApiError as exc:
         yield sse(exc.body())
     finally:
-        await events.aclose()  # type: ignore[attr-defined]
+        await events.aclose()
 
 
 def _choices(end: dict[str, Any]) -> list[dict[str, Any]]:
@@ -77,8 +80,9 @@ def _finish_reason(event: dict[str, Any]) -> str:
 
 # -- chat ---------------------------------------------------------------------
 @router.post("/chat/completions", summary="Create a chat completion")
-async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> HttpResponse:
-    call = await inference_start(principal=request.auth, model=body.model, op="chat", body_json=_node_body(request), stream=body.stream)
+async def chat_completions(request: AuthedRequest, body: ChatCompletionIn) -> HttpResponseBase:
+    call = await inference_start(principal=request.auth, model=body.model, op=OP_CHAT, body_json=_node_body(request),
+                                 stream=body.stream)
     completion_id = "chatcmpl-" + uuid.uuid4().hex
     created = int(time.time())
     if not body.stream:
@@ -119,8 +123,9 @@ async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> Http
 
 # -- legacy completions -------------------------------------------------------
 @router.post("/completions", summary="Create a completion (legacy)")
-async def completions(request: HttpRequest, body: CompletionIn) -> HttpResponse:
-    call = await inference_start(principal=request.auth, model=body.model, op="completion", body_json=_node_body(request), stream=body.stream)
+async def completions(request: AuthedRequest, body: CompletionIn) -> HttpResponseBase:
+    call = await inference_start(principal=request.auth, model=body.model, op=OP_COMPLETION,
+                                 body_json=_node_body(request), stream=body.stream)
     completion_id = "cmpl-" + uuid.uuid4().hex
     created = int(time.time())
     head = {"id": completion_id, "object": "text_completion", "created": created, "model": body.model,
@@ -146,8 +151,9 @@ async def completions(request: HttpRequest, body: CompletionIn) -> HttpResponse:
 
 # -- embeddings ---------------------------------------------------------------
 @router.post("/embeddings", summary="Create embeddings")
-async def embeddings(request: HttpRequest, body: EmbeddingIn) -> HttpResponse:
-    call = await inference_start(principal=request.auth, model=body.model, op="embedding", body_json=_node_body(request), stream=False)
+async def embeddings(request: AuthedRequest, body: EmbeddingIn) -> HttpResponse:
+    call = await inference_start(principal=request.auth, model=body.model, op=OP_EMBEDDING,
+                                 body_json=_node_body(request), stream=False)
     event = await _collect(call)
     vectors = event["embeddings"]
     if body.dimensions is not None and body.dimensions != len(vectors[0]):
@@ -182,14 +188,14 @@ def _served_models() -> dict[str, int]:
 
 
 @router.get("/models", summary="List the models that can be served now")
-async def list_models(request: HttpRequest) -> HttpResponse:
+async def list_models(request: AuthedRequest) -> HttpResponse:
     served = await _served_models()
     return JsonResponse({"object": "list", "data": [_model_object(m, c) for m, c in sorted(served.items())
                                                     if request.auth.allows_model(m)]})
 
 
 @router.get("/models/{path:model_id}", summary="Retrieve a model")
-async def retrieve_model(request: HttpRequest, model_id: str) -> HttpResponse:
+async def retrieve_model(request: AuthedRequest, model_id: str) -> HttpResponse:
     served = await _served_models()
     if model_id not in served or not request.auth.allows_model(model_id):
         raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")

@@ -7,5 +7,5 @@ class GatewayConfig(AppConfig):
 
     def ready(self) -> None:
         # Register the system checks, the revocation receiver and the broadcast of changes.
-        from . import checks, invalidation, services  # noqa: F401
+        from . import checks, invalidation, revocation  # noqa: F401
         from .routing import router  # noqa: F401 - connects the route cache to node changes

@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from channels.db import database_sync_to_async
 from django.http import HttpRequest
 from django.utils import timezone
 from ninja.security.base import AuthBase
 
-from accounts.models import KEY_PREFIX, SCOPE_CONVERSATIONS, SCOPE_INFERENCE, SCOPE_MANAGEMENT, ApiKey, User
+from accounts.models import KEY_PREFIX, SCOPE_CONVERSATIONS, SCOPE_INFERENCE, SCOPE_MANAGEMENT, User
 from accounts.services import api_key_authenticate
 from accounts.tokens import TokenRefused, access_token_user
+from optimagpt.errors import AuthenticationFailed, PermissionDenied
 
-from .errors import AuthenticationFailed, PermissionDenied
-from .invalidation import invalidation_listener_start
-
-
-@dataclass(frozen=True)
-class Principal:
-    """The caller of one request: a key (acting for its owner, if it has one) or a user with a JWT."""
-
-    user_id: int | None
-    api_key: ApiKey | None = None
-
-    def allows_model(self, model: str) -> bool:
-        """A key's model limit, which holds on every endpoint that names or lists models."""
-        return self.api_key is None or self.api_key.allows_model(model)
+from .principal import Principal
 
 
 def raw_key_from_headers(request: HttpRequest) -> str | None:
@@ -49,7 +35,6 @@ class ApiKeyAuth(AuthBase):
     scopes: tuple[str, ...] = (SCOPE_INFERENCE,)
 
     async def __call__(self, request: HttpRequest) -> Principal:
-        invalidation_listener_start()
         raw = raw_key_from_headers(request)
         if raw is None:
             raise AuthenticationFailed(
@@ -96,7 +81,7 @@ class ChatAuth(ApiKeyAuth):
     Gateway) or with Access Gateway, or an API key as on the rest of the API."""
 
     jwt_refusal = "You may not use OptimaChat: you lack the Chat permission."
-    scopes = (SCOPE_CONVERSATIONS,)
+    scopes: tuple[str, ...] = (SCOPE_CONVERSATIONS,)
 
     async def jwt_allows(self, user: User, gateway_ok: bool) -> bool:
         return gateway_ok or await database_sync_to_async(user.has_perm)("accounts.chat")

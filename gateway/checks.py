@@ -42,7 +42,7 @@ def check_node_access_key(app_configs: Any, **kwargs: Any) -> list[checks.CheckM
 
 @checks.register(checks.Tags.compatibility)
 def check_channel_layer(app_configs: Any, **kwargs: Any) -> list[checks.CheckMessage]:
-    backend = settings.CHANNEL_LAYERS["default"]["BACKEND"]
+    backend = str(settings.CHANNEL_LAYERS["default"]["BACKEND"])
     if backend.endswith("InMemoryChannelLayer") and settings.DATABASES["default"]["ENGINE"].endswith("postgresql"):
         return [checks.Warning(
             "PostgreSQL is configured but the channel layer is in-memory.",

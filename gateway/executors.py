@@ -17,6 +17,7 @@ from node_agent.executors import ExecutorSettings, SettingsError
 from nodes.models import Executor
 from nodes.services import executor_reported
 from nodes.signals import executors_changed
+from optimagpt.errors import Conflict, InvalidRequest
 
 from .connectors.remote import (
     UpstreamAddressRefused,
@@ -25,8 +26,7 @@ from .connectors.remote import (
     same_origin,
     upstream_for,
 )
-from .errors import Conflict, InvalidRequest
-from .services import node_configure
+from .dispatch import node_configure
 
 REMOTE_FIELDS = frozenset({"enabled", "model_id", "description", "base_url", "upstream_model", "api_key",
                            "embedding"})

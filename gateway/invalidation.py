@@ -1,7 +1,7 @@
 """Telling every gateway process that a key or a user changed, over the channel layer.
 
 Each process caches verified keys and users (accounts.services, accounts.tokens)
-and tracks the requests it has in flight per key (gateway.services). A change
+and tracks the requests it has in flight per key (gateway/revocation.py). A change
 saved through one process reaches that process's caches through Django signals
 at once; this module carries it to the others: the signal receivers below send
 to a group that every gateway process listens to. In the embedded default there
@@ -11,6 +11,7 @@ is one process, and the broadcast only repeats what the signals already did.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -24,14 +25,15 @@ from accounts import services as key_cache
 from accounts import tokens as user_cache
 from accounts.models import ApiKey, User
 
+from .revocation import revoke_calls_of_key, revoke_calls_of_owner
+
 log = logging.getLogger("optimagpt.invalidation")
 
 GROUP = "optimagpt.invalidation"
 # Group membership expires on the Redis layer (a day by default); joining again renews it.
 REJOIN_S = 3600.0
 SEND_TIMEOUT_S = 5.0
-
-_listener: asyncio.Task[None] | None = None
+STOP_CHECK_S = 1.0  # how often the listener looks whether the process is stopping
 
 
 def _shared() -> bool:
@@ -77,8 +79,6 @@ def _permissions_changed(sender: object, instance: object, **kwargs: Any) -> Non
 
 
 def _apply(message: dict[str, Any]) -> None:
-    from .services import revoke_calls_of_key, revoke_calls_of_owner
-
     if "digest" in message:
         key_cache.forget_key(message["digest"])
         if message.get("deleted"):
@@ -90,27 +90,31 @@ def _apply(message: dict[str, Any]) -> None:
             revoke_calls_of_owner(message["user_id"])  # deactivated or deleted: their keys end at once
 
 
-async def _listen() -> None:
+async def invalidation_listen_forever(stop: asyncio.Event) -> None:
+    """Apply the changes other gateway processes announce until `stop` is set (started by optimagpt/server.py).
+
+    In the embedded default (one process, in-memory layer) there is nobody to hear from: it returns at once.
+    """
+    if not _shared():
+        return
     layer = get_channel_layer()
     channel = await layer.new_channel("invalidation.")
-    while True:
+    joined_at = -REJOIN_S
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
         try:
-            await layer.group_add(GROUP, channel)
-            message = await asyncio.wait_for(layer.receive(channel), REJOIN_S)
-        except asyncio.TimeoutError:
+            if loop.time() - joined_at >= REJOIN_S:
+                await asyncio.wait_for(layer.group_add(GROUP, channel), SEND_TIMEOUT_S)
+                joined_at = loop.time()
+            message = await asyncio.wait_for(layer.receive(channel), STOP_CHECK_S)
+        except TimeoutError:
             continue
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # noqa: BLE001 - Redis away for a moment: try again shortly
             log.warning("invalidation listener: %s", type(exc).__name__)
-            await asyncio.sleep(1.0)
+            joined_at = -REJOIN_S
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
             continue
         _apply(message)
-
-
-def invalidation_listener_start() -> None:
-    """Start this process's listener once, from the event loop (the first API request does it)."""
-    global _listener
-    loop = asyncio.get_running_loop()
-    if (_listener is None or _listener.done() or _listener.get_loop() is not loop) and _shared():
-        _listener = loop.create_task(_listen(), name="invalidation listener")
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(layer.group_discard(GROUP, channel), SEND_TIMEOUT_S)

@@ -9,7 +9,7 @@ is refused.
 from __future__ import annotations
 
 import calendar
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -17,10 +17,10 @@ from channels.db import database_sync_to_async
 from accounts.models import ApiKey
 from accounts.ratelimit import Counter, MemoryCounter, counter
 from accounts.usage import usage_tokens_since
+from optimagpt.errors import PermissionDenied, RateLimited
 
-from .auth import Principal
+from .principal import Principal
 from .usage import usage_add
-from .errors import PermissionDenied, RateLimited
 
 MINUTE_S = 60
 
@@ -45,11 +45,11 @@ async def _load_budget_spent(key: ApiKey, name: str, counts: Counter) -> None:
     if name in _budgets_loaded or not isinstance(counts, MemoryCounter):
         return
     _budgets_loaded.add(name)
-    now = datetime.now(timezone.utc).date()
+    now = datetime.now(UTC).date()
     since = now.replace(day=1) if key.budget_period == "month" else now
     spent = await database_sync_to_async(usage_tokens_since)(api_key_id=key.pk, since=since)
     if spent:
-        await counts.add(name, spent, _budget_window(key, datetime.now(timezone.utc))[1] + MINUTE_S)
+        await counts.add(name, spent, _budget_window(key, datetime.now(UTC))[1] + MINUTE_S)
 
 
 async def principal_admit(*, principal: Principal, model: str) -> None:
@@ -72,7 +72,7 @@ async def principal_admit(*, principal: Principal, model: str) -> None:
             raise RateLimited(f"Rate limit reached: {key.tokens_per_minute} tokens per minute.",
                               retry_after=await counts.ttl(name))
     if key.token_budget:
-        name, seconds_left = _budget_window(key, datetime.now(timezone.utc))
+        name, seconds_left = _budget_window(key, datetime.now(UTC))
         await _load_budget_spent(key, name, counts)
         if await counts.get(name) >= key.token_budget:
             raise RateLimited(f"Token budget reached: {key.token_budget} tokens per {key.budget_period}.",
@@ -90,5 +90,5 @@ async def principal_record(*, principal: Principal, usage: dict[str, Any]) -> No
     if key.tokens_per_minute:
         await counts.add(f"tpm:{key.pk}", tokens, MINUTE_S)
     if key.token_budget:
-        name, seconds_left = _budget_window(key, datetime.now(timezone.utc))
+        name, seconds_left = _budget_window(key, datetime.now(UTC))
         await counts.add(name, tokens, seconds_left + MINUTE_S)

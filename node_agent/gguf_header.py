@@ -88,15 +88,21 @@ def _unpack(f: BinaryIO, fmt: str) -> object:
     return struct.unpack(fmt, _read(f, struct.calcsize(fmt)))[0]
 
 
+def _unpack_count(f: BinaryIO, fmt: str) -> int:
+    """An unsigned integer field ("<I", "<Q"): a length, a count, a type code."""
+    value: int = struct.unpack(fmt, _read(f, struct.calcsize(fmt)))[0]
+    return value
+
+
 def _read_string(f: BinaryIO) -> str:
-    length = _unpack(f, "<Q")
+    length = _unpack_count(f, "<Q")
     if length > MAX_STRING_BYTES:
         raise InvalidGGUF(f"string of {length} bytes in header")
     return _read(f, length).decode("utf-8", errors="replace")
 
 
 def _skip_string(f: BinaryIO) -> None:
-    length = _unpack(f, "<Q")
+    length = _unpack_count(f, "<Q")
     if length > MAX_STRING_BYTES:
         raise InvalidGGUF(f"string of {length} bytes in header")
     f.seek(length, 1)
@@ -108,8 +114,8 @@ def _read_value(f: BinaryIO, vtype: GGUFValueType, key: str) -> object:
     if vtype in _SCALARS:
         return _unpack(f, _SCALARS[vtype])
     if vtype == GGUFValueType.ARRAY:
-        item_type = _value_type(_unpack(f, "<I"))
-        count = _unpack(f, "<Q")
+        item_type = _value_type(_unpack_count(f, "<I"))
+        count = _unpack_count(f, "<Q")
         if count > MAX_ARRAY_ITEMS:
             raise InvalidGGUF(f"array of {count} items in header")
         if key in _KEEP_ARRAYS:
@@ -126,7 +132,7 @@ def _read_value(f: BinaryIO, vtype: GGUFValueType, key: str) -> object:
     raise InvalidGGUF(f"unknown value type {vtype}")
 
 
-def _value_type(code: object) -> GGUFValueType:
+def _value_type(code: int) -> GGUFValueType:
     try:
         return GGUFValueType(code)
     except ValueError as exc:
@@ -134,9 +140,11 @@ def _value_type(code: object) -> GGUFValueType:
 
 
 def _quantization_name(file_type: object) -> str:
+    if not isinstance(file_type, int):
+        return "unknown"
     try:
-        return LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        return LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+    except ValueError:
         return "unknown"
 
 
@@ -153,22 +161,22 @@ def read_gguf_header(path: Path) -> GGUFInfo:
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise InvalidGGUF("not a GGUF file (bad magic)")
-        version = _unpack(f, "<I")
+        version = _unpack_count(f, "<I")
         if version not in (2, 3):
             raise InvalidGGUF(f"unsupported GGUF version {version}")
-        tensor_count = _unpack(f, "<Q")
-        kv_count = _unpack(f, "<Q")
+        tensor_count = _unpack_count(f, "<Q")
+        kv_count = _unpack_count(f, "<Q")
         if tensor_count > MAX_TENSORS or kv_count > MAX_TENSORS:
             raise InvalidGGUF("absurd tensor or key count")
         metadata: dict[str, object] = {}
         for _ in range(kv_count):
             key = _read_string(f)
-            metadata[key] = _read_value(f, _value_type(_unpack(f, "<I")), key)
+            metadata[key] = _read_value(f, _value_type(_unpack_count(f, "<I")), key)
         parameters = 0
         data_bytes = 0  # end of the last tensor, from the start of the data section
         for _ in range(tensor_count):
             _skip_string(f)
-            n_dims = _unpack(f, "<I")
+            n_dims = _unpack_count(f, "<I")
             if n_dims > 8:
                 raise InvalidGGUF("tensor with more than 8 dimensions")
             dims = struct.unpack(f"<{n_dims}Q", _read(f, 8 * n_dims))

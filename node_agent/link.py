@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import ssl
 import time
 import uuid
@@ -28,24 +27,22 @@ from .protocol import (
     CLOSE_REPLACED,
     HANDSHAKE_TIMEOUT_S,
     MAX_MESSAGE_BYTES,
+    OP_CONFIGURE,
     PROTOCOL_VERSION,
+    auth_message,
     error_event,
-    gateway_proof,
-    identity_proof,
     new_nonce,
-    node_proof,
     open_node_secret,
-    proof_matches,
+    redial_delay,
     split_message,
+    watch_silence,
+    welcome_proven,
 )
 from .settings import AgentSettings
 
 log = logging.getLogger("node_agent.link")
 
 LOG_REPORT_INTERVAL_S = 1.0
-SILENCE_LIMIT = 2.75  # heartbeat intervals without a word from the gateway before the link is dropped
-BACKOFF_BASE_S = 0.5
-BACKOFF_MAX_S = 30.0
 
 
 class Socket(Protocol):
@@ -134,22 +131,13 @@ class NodeSession:
         key = self.settings.access_key
         store = NodeSecret(self.settings.state_dir)
         secret = await asyncio.to_thread(store.load)
-        auth = {
-            "type": "auth",
-            "node_id": self.node_id,
-            "name": self.settings.name,
-            "version": __version__,
-            "nonce": node_nonce,
-            "proof": node_proof(key, gateway_nonce, node_nonce, self.node_id),
-        }
-        if secret:
-            auth["identity"] = identity_proof(secret, gateway_nonce, node_nonce, self.node_id)
+        auth = auth_message(key=key, hello=hello, node_id=self.node_id, node_nonce=node_nonce,
+                            name=self.settings.name, version=__version__, node_secret=secret)
         await self._send(auth)
         reply = await asyncio.wait_for(self._recv(), HANDSHAKE_TIMEOUT_S)
         if reply.get("type") == "refused":
             raise HandshakeRefused(f"gateway refused the link: {reply.get('reason', 'no reason given')}")
-        expected = gateway_proof(key, gateway_nonce, node_nonce, self.node_id)
-        if reply.get("type") != "welcome" or not proof_matches(expected, reply.get("proof")):
+        if not welcome_proven(reply, key=key, auth=auth, hello=hello):
             await self.socket.close(CLOSE_AUTH_FAILED, "gateway failed to prove the access key")
             raise HandshakeRefused("the gateway could not prove it holds the access key")
         self.heartbeat_interval_s = float(reply.get("heartbeat_interval_s") or self.heartbeat_interval_s)
@@ -236,7 +224,7 @@ class NodeSession:
 
     async def _start_request(self, raw: str, message: dict[str, Any]) -> None:
         rid = str(message.get("id"))
-        if message.get("op") == "configure":
+        if message.get("op") == OP_CONFIGURE:
             # Applying may restart processes for seconds: not on the loop that reads the link.
             task = asyncio.create_task(self._configure(rid, message))
             self._control_tasks.add(task)
@@ -289,7 +277,7 @@ class NodeSession:
             reply: dict[str, Any] = {"type": "end", "id": rid, "executor": described}
         except SettingsError as exc:
             reply = error_event(rid, str(exc), code="invalid_settings", status=400)
-        except Exception as exc:  # noqa: BLE001 - the gateway must get an answer, whatever went wrong
+        except Exception as exc:
             log.exception("configuring %s failed", message.get("executor"))
             reply = error_event(rid, f"the node failed to apply the settings: {type(exc).__name__}",
                                 code="node_error", status=500)
@@ -299,18 +287,12 @@ class NodeSession:
     async def _heartbeat(self) -> None:
         """Ping every interval; drop the link when the gateway has been silent for 2.75 intervals (checked four
         times an interval, so within three)."""
-        interval = self.heartbeat_interval_s
-        pinged = time.monotonic()
-        while True:
-            await asyncio.sleep(interval / 4)
-            now = time.monotonic()
-            if now - self._last_heard > SILENCE_LIMIT * interval:
-                log.warning("gateway silent for %.1f s; dropping the link", now - self._last_heard)
-                await self.socket.close(CLOSE_HEARTBEAT_LOST, "heartbeat lost")
-                return
-            if now - pinged >= interval:
-                pinged = now
-                await self._send({"type": "ping", "t": time.time()})
+        async def lost(silent_s: float) -> None:
+            log.warning("gateway silent for %.1f s; dropping the link", silent_s)
+            await self.socket.close(CLOSE_HEARTBEAT_LOST, "heartbeat lost")
+
+        await watch_silence(interval_s=self.heartbeat_interval_s, last_heard=lambda: self._last_heard,
+                            ping=lambda: self._send({"type": "ping", "t": time.time()}), lost=lost)
 
     async def _report_executors(self) -> None:
         while True:
@@ -358,6 +340,7 @@ class Dialer(_Link):
 
     async def run_forever(self) -> None:
         from websockets.asyncio.client import connect
+        from websockets.typing import Origin
 
         failures = 0
         while True:
@@ -365,7 +348,7 @@ class Dialer(_Link):
             try:
                 # The gateway checks Origin against its allowed hosts, as for any WebSocket.
                 async with connect(self.settings.link_url, ssl=self._ssl(), open_timeout=10,
-                                   origin=self.settings.origin,
+                                   origin=Origin(self.settings.origin),
                                    ping_interval=None, max_size=MAX_MESSAGE_BYTES,
                                    close_timeout=5) as socket:
                     self.session = NodeSession(socket, settings=self.settings, node_id=self.node_id,
@@ -380,8 +363,7 @@ class Dialer(_Link):
             finally:
                 self.session = None
             # A link that stayed up a while was healthy; start the backoff over.
-            failures = 1 if time.monotonic() - started > BACKOFF_MAX_S else failures + 1
-            delay = random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** failures))  # nosec B311 # jitter for reconnection backoff, not for security
+            failures, delay = redial_delay(failures, time.monotonic() - started)
             log.info("dialing again in %.1f s", delay)
             await asyncio.sleep(delay)
 
@@ -410,7 +392,8 @@ class Listener(_Link):
             await asyncio.Future()  # until cancelled
 
     async def _connection(self, socket: Any) -> None:
-        peer = "%s:%s" % tuple(socket.remote_address[:2])
+        host, port = socket.remote_address[:2]
+        peer = f"{host}:{port}"
         session = NodeSession(socket, settings=self.settings, node_id=self.node_id, manager=self.manager,
                               gpus=self.gpus, peer=peer)
         try:

@@ -37,10 +37,16 @@ forged by any byte of it. Only the gateway mints request ids; they are hex.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
+import logging
+import random
+import re
 import secrets
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 PROTOCOL_VERSION = 1
@@ -49,6 +55,32 @@ CLOSE_PROTOCOL_ERROR = 4400
 CLOSE_HEARTBEAT_LOST = 4408
 CLOSE_REPLACED = 4409  # the same node connected again; the older link gives way
 HANDSHAKE_TIMEOUT_S = 10.0
+
+# What a request asks of an executor ("op"): the first three run on an inference process, "tokenize"
+# counts a conversation's tokens, "configure" changes the executor's settings on the node.
+OP_CHAT = "chat"
+OP_COMPLETION = "completion"
+OP_EMBEDDING = "embedding"
+OP_TOKENIZE = "tokenize"
+OP_CONFIGURE = "configure"
+OP_CANCEL = "cancel"  # on the agent -> worker pipe only: stop generating request `id`
+INFERENCE_OPS = (OP_CHAT, OP_COMPLETION, OP_EMBEDDING)
+
+# Heartbeat intervals without a word from the other side before a link is given up (checked four times an
+# interval, so a half-open socket is let go within three).
+SILENCE_LIMIT = 2.75
+# Dialing again after a lost link: a random wait up to BACKOFF_BASE_S * 2**failures, at most BACKOFF_MAX_S.
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+# A public model id, as clients name it in "model": a node's alias for a file, a remote upstream's id.
+MODEL_ID_MAX_LENGTH = 200
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
+MODEL_ID_RE = re.compile(MODEL_ID_PATTERN)
+
+
+def valid_model_id(text: str) -> bool:
+    return len(text) <= MODEL_ID_MAX_LENGTH and MODEL_ID_RE.fullmatch(text) is not None
 
 # The largest WebSocket message either side accepts: a request body at the gateway's limit and the
 # request's own fields fit. Longer node messages are split into parts of LINK_FRAME_BYTES characters:
@@ -65,6 +97,84 @@ def error_event(rid: str, message: str, *, code: str | None, status: int,
     return {"type": "error", "id": rid, "error": {
         "message": message, "type": kind or ("invalid_request_error" if status < 500 else "server_error"),
         "code": code, "status": status}}
+
+
+def redial_delay(failures: int, link_lasted_s: float) -> tuple[int, float]:
+    """After a link ended: the failure count to keep and the seconds to wait before dialing again.
+
+    A link that stayed up longer than BACKOFF_MAX_S was healthy, so the backoff starts over.
+    """
+    failures = 1 if link_lasted_s > BACKOFF_MAX_S else failures + 1
+    return failures, random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** failures))  # nosec B311 # jitter
+
+
+async def watch_silence(*, interval_s: float, last_heard: Callable[[], float], ping: Callable[[], Awaitable[None]],
+                        lost: Callable[[float], Awaitable[None]], running: Callable[[], bool] = lambda: True) -> None:
+    """The heartbeat of either end of a link: ping every interval, and call `lost(silent_s)` (then return) once
+    the other side has said nothing for SILENCE_LIMIT intervals. Returns too when `running()` turns false."""
+    pinged = 0.0
+    while running():
+        now = time.monotonic()
+        silent = now - last_heard()
+        if silent > SILENCE_LIMIT * interval_s:
+            await lost(silent)
+            return
+        if now - pinged >= interval_s:
+            pinged = now
+            try:
+                await ping()
+            except Exception as exc:  # noqa: BLE001 - a link closing meanwhile: the silence check ends it
+                logging.getLogger("optimagpt.link").debug("ping not sent: %s", type(exc).__name__)
+        await asyncio.sleep(interval_s / 4)
+
+
+# -- the handshake, the gateway's side (the node link consumer, and the probe of New Node) -------------
+def hello_message(gateway_nonce: str) -> dict[str, Any]:
+    return {"type": "hello", "protocol": PROTOCOL_VERSION, "nonce": gateway_nonce}
+
+
+def auth_refusal(auth: dict[str, Any], *, key: str, gateway_nonce: str) -> str | None:
+    """Why the gateway refuses a node's `auth` answer to its hello, or None when the node proved the key."""
+    if auth.get("type") != "auth":
+        return "expected auth"
+    if not key:
+        return "the gateway has no node access key configured"
+    node_nonce = str(auth.get("nonce", ""))
+    if len(node_nonce) < 32:
+        return "nonce too short"
+    if not proof_matches(node_proof(key, gateway_nonce, node_nonce, str(auth.get("node_id", ""))), auth.get("proof")):
+        return "access key mismatch"
+    return None
+
+
+def welcome_message(*, key: str, gateway_nonce: str, auth: dict[str, Any], heartbeat_interval_s: float,
+                    new_secret: str | None = None) -> dict[str, Any]:
+    """The gateway's proof, once the node's `auth` passed; with the node's identity secret on its first link."""
+    node_nonce, node_id = str(auth["nonce"]), str(auth["node_id"])
+    welcome: dict[str, Any] = {"type": "welcome", "proof": gateway_proof(key, gateway_nonce, node_nonce, node_id),
+                               "heartbeat_interval_s": heartbeat_interval_s}
+    if new_secret:
+        welcome["node_secret"] = seal_node_secret(new_secret, key, gateway_nonce, node_nonce, node_id)
+    return welcome
+
+
+# -- the handshake, the node's side (dialing, or listening) -----------------------------------------
+def auth_message(*, key: str, hello: dict[str, Any], node_id: str, node_nonce: str, name: str, version: str,
+                 node_secret: str = "") -> dict[str, Any]:
+    """The node's answer to the gateway's hello: its proof of the access key, and of its identity once it has
+    a secret of its own."""
+    gateway_nonce = str(hello.get("nonce", ""))
+    auth = {"type": "auth", "node_id": node_id, "name": name, "version": version, "nonce": node_nonce,
+            "proof": node_proof(key, gateway_nonce, node_nonce, node_id)}
+    if node_secret:
+        auth["identity"] = identity_proof(node_secret, gateway_nonce, node_nonce, node_id)
+    return auth
+
+
+def welcome_proven(welcome: dict[str, Any], *, key: str, auth: dict[str, Any], hello: dict[str, Any]) -> bool:
+    """Whether the gateway's welcome proves that it holds the access key too."""
+    expected = gateway_proof(key, str(hello.get("nonce", "")), auth["nonce"], auth["node_id"])
+    return welcome.get("type") == "welcome" and proof_matches(expected, welcome.get("proof"))
 
 
 def pipe_frame(payload: bytes) -> bytes:
@@ -117,7 +227,7 @@ def seal_node_secret(secret: str, key: str, gateway_nonce: str, node_nonce: str,
     pad = _secret_pad(key, gateway_nonce, node_nonce, node_id)
     if len(raw) != len(pad):
         raise ValueError("a node secret is 32 bytes")
-    return bytes(a ^ b for a, b in zip(raw, pad)).hex()
+    return bytes(a ^ b for a, b in zip(raw, pad, strict=True)).hex()
 
 
 def open_node_secret(sealed: str, key: str, gateway_nonce: str, node_nonce: str, node_id: str) -> str:

@@ -10,8 +10,8 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 LINK_PATH = "/ws/node/"
-# Streamed tokens made within this many ms travel as one chunk (see bench/README.md: with 0, the
-# wake-ups of agent, gateway and client on every token cost about a tenth of tokens/s on 2 cores).
+# Streamed tokens made within this many ms travel as one chunk: a wake-up per token costs tokens/s
+# (bench/README.md, "Measurements behind the code").
 DEFAULT_STREAM_INTERVAL_MS = 50.0
 
 
@@ -102,7 +102,7 @@ def parse_settings(argv: list[str] | None = None) -> AgentSettings:
     parser.add_argument("--n-gpu-layers", type=int, default=None,
                         help="layers to offload to the GPU; default all when an NVIDIA GPU is found, else 0")
     parser.add_argument("--stream-interval-ms", type=float,
-                        default=float(_env("OPTIMAGPT_NODE_STREAM_INTERVAL_MS", str(DEFAULT_STREAM_INTERVAL_MS))),
+                        default=float(_env("OPTIMAGPT_NODE_STREAM_INTERVAL_MS") or DEFAULT_STREAM_INTERVAL_MS),
                         help="join tokens made within this many ms into one streamed chunk; 0 sends each token "
                              "alone (env OPTIMAGPT_NODE_STREAM_INTERVAL_MS)")
     parser.add_argument("--hang-timeout", type=float,

@@ -25,7 +25,7 @@ import re
 import signal
 import tempfile
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +33,12 @@ from typing import Any
 from .executors import SettingsError
 from .hardware import Gpus
 from .link import Dialer
+from .protocol import OP_CHAT, OP_EMBEDDING, OP_TOKENIZE
 from .settings import AgentSettings
 
 log = logging.getLogger("node_agent.simulator")
 
-EventSink = Callable[[str, dict[str, Any]], Awaitable[None]]
+EventSink = Callable[[str, dict[str, Any]], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True)
@@ -94,13 +95,13 @@ class SimProcess:
             async with self._slots:
                 if b.delay_s:
                     await asyncio.sleep(b.delay_s)
-                if op == "embedding":
+                if op == OP_EMBEDDING:
                     inputs = body.get("input")
                     count = len(inputs) if isinstance(inputs, list) and not isinstance(inputs[0], int) else 1
                     await self._emit(sink, {"type": "end", "id": rid, "embeddings": [[0.5, 0.25, 0.125]] * count,
                                             "usage": {"prompt_tokens": count, "total_tokens": count}})
                     return
-                if op == "tokenize":  # no tokenizer here: a token per word, and a window of 4096
+                if op == OP_TOKENIZE:  # no tokenizer here: a token per word, and a window of 4096
                     counts = {"system": 0, "tools": 0, "user": 0, "assistant": 0, "template": 0}
                     for message in body.get("messages") or []:
                         role = message.get("role")
@@ -111,7 +112,7 @@ class SimProcess:
                     return
                 for piece in pieces:
                     if stream:
-                        delta = {"delta": {"content": piece}} if op == "chat" else {"text": piece}
+                        delta = {"delta": {"content": piece}} if op == OP_CHAT else {"text": piece}
                         await self._emit(sink, {"type": "delta", "id": rid, **delta})
                     if b.token_rate:
                         await asyncio.sleep(1 / b.token_rate)
@@ -119,7 +120,7 @@ class SimProcess:
                 usage = {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": tokens + 1}
                 finish = "stop" if b.reply and tokens == len(b.pieces(None)) else "length"
                 end: dict[str, Any] = {"type": "end", "id": rid, "finish_reason": finish, "usage": usage}
-                if op == "chat":
+                if op == OP_CHAT:
                     end["message"] = {"role": "assistant", "content": "" if stream else text}
                 else:
                     end["text"] = "" if stream else text

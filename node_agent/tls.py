@@ -37,7 +37,7 @@ def ensure_certificate(state_dir: Path) -> tuple[Path, Path]:
                                      x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                                      x509.IPAddress(ipaddress.ip_address("::1"))]
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"OptimaGPT node {host}")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)

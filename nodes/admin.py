@@ -1,4 +1,7 @@
+from typing import Any
+
 from django.contrib import admin
+from django.http import HttpRequest
 
 from accounts.admin import ProductPermissionAdmin
 
@@ -33,8 +36,8 @@ class ExecutorAdmin(ProductPermissionAdmin):
     exclude = ("upstream_key_encrypted",)
     readonly_fields = [f.name for f in Executor._meta.fields if f.name != "upstream_key_encrypted"]
 
-    def has_add_permission(self, request):  # type: ignore[no-untyped-def]
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_change_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False

@@ -20,7 +20,8 @@ CLOSE_FORBIDDEN = 4403
 
 @database_sync_to_async
 def _may_watch(user: Any) -> bool:
-    return bool(user is not None and user.is_authenticated and user.is_active and user.has_perm("accounts.manage_nodes"))
+    return bool(user is not None and user.is_authenticated and user.is_active
+                and user.has_perm("accounts.manage_nodes"))
 
 
 class ConsoleConsumer(AsyncJsonWebsocketConsumer):

@@ -8,7 +8,6 @@ each request's reply channel. The wire protocol is in node_agent/protocol.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -26,15 +25,14 @@ from node_agent.protocol import (
     CLOSE_REPLACED,
     HANDSHAKE_TIMEOUT_S,
     MAX_MESSAGE_BYTES,
-    PROTOCOL_VERSION,
+    auth_refusal,
     error_event,
-    gateway_proof,
+    hello_message,
     identity_proof,
     new_nonce,
-    node_proof,
-    proof_matches,
-    seal_node_secret,
     split_message,
+    watch_silence,
+    welcome_message,
 )
 
 from . import services
@@ -44,7 +42,6 @@ log = logging.getLogger("optimagpt.nodes.link")
 _REQUEST_EVENTS = frozenset({"delta", "end", "error"})
 CONSOLE_GROUP = "node-console"
 CHANNEL_SEND_TIMEOUT_S = 5.0
-SILENCE_LIMIT = 2.75  # heartbeat intervals without a word from the node before its link is given up
 
 # The channels of the authenticated links this process holds. A request routed to a link that closed
 # a moment before it was sent would wait for nothing until its timeout; its waiter asks here.
@@ -65,7 +62,8 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
 
         Channels hops to a thread to close stale database connections before every
         message; on this link that is every request and every streamed chunk, and
-        it cost a third of the gateway's CPU per request. Our few queries run
+        it was a large share of the gateway's CPU per request (bench/README.md,
+        "Measurements behind the code"). Our few queries run
         through database_sync_to_async, which does that clean-up itself.
         """
         handler = getattr(self, get_handler_name(message), None)
@@ -84,7 +82,7 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         self.closing = False
         self.authenticated = asyncio.Event()
         await self.accept()
-        await self._send({"type": "hello", "protocol": PROTOCOL_VERSION, "nonce": self.gateway_nonce})
+        await self._send(hello_message(self.gateway_nonce))
         self.watchdog = asyncio.create_task(self._watchdog())
 
     async def disconnect(self, code: int) -> None:
@@ -208,21 +206,12 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
 
     async def _authenticate(self, message: dict[str, Any]) -> None:
         node_id = str(message.get("node_id", ""))
-        if message.get("type") != "auth":
-            await self._refuse("expected auth", node_id)
-            return
         key = settings.OPTIMAGPT_NODE_ACCESS_KEY
-        if not key:
-            await self._refuse("the gateway has no node access key configured", node_id)
+        refusal = auth_refusal(message, key=key, gateway_nonce=self.gateway_nonce)
+        if refusal is not None:
+            await self._refuse(refusal, node_id)
             return
-        node_nonce = str(message.get("nonce", ""))
-        if len(node_nonce) < 32:
-            await self._refuse("nonce too short", node_id)
-            return
-        expected = node_proof(key, self.gateway_nonce, node_nonce, node_id)
-        if not proof_matches(expected, message.get("proof")):
-            await self._refuse("access key mismatch", node_id)
-            return
+        node_nonce = str(message["nonce"])
         # A link the gateway dialed must reach the node verified at that address, not another one.
         dialed = self.scope.get("optimagpt_expected_node_id")
         if dialed and dialed != node_id:
@@ -242,12 +231,8 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         self.node_pk = opened.node.pk
         _live_links.add(self.channel_name)
         await self._to_console({"kind": "link", "connected": True})
-        welcome: dict[str, Any] = {"type": "welcome",
-                                   "proof": gateway_proof(key, self.gateway_nonce, node_nonce, node_id),
-                                   "heartbeat_interval_s": self.heartbeat_interval_s}
-        if opened.new_secret:
-            welcome["node_secret"] = seal_node_secret(opened.new_secret, key, self.gateway_nonce, node_nonce, node_id)
-        await self._send(welcome)
+        await self._send(welcome_message(key=key, gateway_nonce=self.gateway_nonce, auth=message,
+                                         heartbeat_interval_s=self.heartbeat_interval_s, new_secret=opened.new_secret))
         self.authenticated.set()  # after the welcome: the watchdog's first ping must not come before it
 
     async def _mark_seen(self) -> None:
@@ -275,24 +260,18 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         """
         try:
             await asyncio.wait_for(self.authenticated.wait(), HANDSHAKE_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self._refuse("handshake timed out")
             return
-        interval = self.heartbeat_interval_s
-        pinged = 0.0
-        while not self.closing:
-            now = time.monotonic()
-            if now - self.last_heard > SILENCE_LIMIT * interval:
-                log.warning("node %s silent for %.1f s; closing its link", self.node_pk, now - self.last_heard)
-                # A half-open socket never answers the close handshake: act now, not after its timeout.
-                await self._lost("heartbeat lost")
-                await self.close(CLOSE_HEARTBEAT_LOST)
-                return
-            if now - pinged >= interval:
-                pinged = now
-                with contextlib.suppress(Exception):
-                    await self._send({"type": "ping", "t": time.time()})
-            await asyncio.sleep(interval / 4)
+        async def lost(silent_s: float) -> None:
+            log.warning("node %s silent for %.1f s; closing its link", self.node_pk, silent_s)
+            # A half-open socket never answers the close handshake: act now, not after its timeout.
+            await self._lost("heartbeat lost")
+            await self.close(CLOSE_HEARTBEAT_LOST)
+
+        await watch_silence(interval_s=self.heartbeat_interval_s, last_heard=lambda: self.last_heard,
+                            ping=lambda: self._send({"type": "ping", "t": time.time()}), lost=lost,
+                            running=lambda: not self.closing)
 
     # -- from the gateway's request handlers (channel layer) ----------------
     async def node_request(self, event: dict[str, Any]) -> None:

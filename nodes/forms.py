@@ -6,6 +6,7 @@ from typing import Any
 
 from django import forms
 
+from node_agent.protocol import MODEL_ID_MAX_LENGTH, MODEL_ID_PATTERN
 from nodes.models import Executor
 
 _EMBEDDING_CHOICES = [("", "by folder"), ("true", "embeddings only"), ("false", "chat")]
@@ -51,7 +52,7 @@ class ExecutorSettingsForm(forms.Form):
 
 class RemoteUpstreamForm(forms.Form):
     name = forms.CharField(max_length=200)
-    model_id = forms.RegexField(regex=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", max_length=200, label="Public model id")
+    model_id = forms.RegexField(regex=MODEL_ID_PATTERN, max_length=MODEL_ID_MAX_LENGTH, label="Public model id")
     base_url = forms.URLField(max_length=500, label="Base URL", assume_scheme="https",
                               help_text="e.g. https://api.example.com/v1")
     upstream_model = forms.CharField(required=False, max_length=200, label="Upstream model",

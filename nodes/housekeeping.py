@@ -21,7 +21,7 @@ async def prune_forever(stop: asyncio.Event) -> None:
             pruned = await database_sync_to_async(lambda: node_history_prune.apply().get())()
             if any(pruned.values()):
                 log.info("pruned node history: %s", pruned)
-        except Exception:  # noqa: BLE001 - the database away for a moment: try at the next interval
+        except Exception:
             log.exception("pruning node history failed")
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), settings.OPTIMAGPT_PRUNE_INTERVAL_S)

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import models
@@ -54,40 +54,8 @@ class Node(models.Model):
     def __str__(self) -> str:
         return self.name
 
-    def status(self) -> str:
-        """The Nodes page's colour: grey deactivated; red activated but not linked (or silent, or a model
-        gave up after crashing); amber linked but a model is starting or stopping, or requests are queued
-        (more in flight than processes serving); green linked and healthy.
-
-        Uses the executors prefetched or queried: call on nodes from `with_executors()`.
-        """
-        if not self.activated or not self.approved:
-            return "grey"
-        if not self.connected or self.last_seen is None or self.last_seen < self.live_cutoff():
-            return "red"
-        # A file that is not a valid model is a note on its executor, not the node erroring.
-        states = {e.state for e in self.executors.all() if e.valid}
-        if Executor.State.FAILED in states:
-            return "red"
-        if states & {Executor.State.STARTING, Executor.State.STOPPING}:
-            return "amber"
-        if self.requests_queued():
-            return "amber"
-        return "green"
-
-    def requests_queued(self) -> bool:
-        """Requests wait for this node: more in flight on it (from every gateway process) than it has processes,
-        or requests for one of its models queued in this gateway process."""
-        from gateway.routing.router import load, queued
-
-        executors = list(self.executors.all())
-        slots = sum(e.replicas_online for e in executors if e.state == Executor.State.ONLINE)
-        if sum(load(e.pk) for e in executors) > max(slots, 1):
-            return True
-        return any(queued(e.model_id) for e in executors)
-
     @staticmethod
-    def live_cutoff():  # type: ignore[no-untyped-def]
+    def live_cutoff() -> datetime:
         """A node not heard from since this moment (3 heartbeats) is treated as gone."""
         return timezone.now() - timedelta(seconds=3 * settings.OPTIMAGPT_HEARTBEAT_INTERVAL_S)
 

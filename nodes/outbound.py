@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import socket
 import ssl
 import time
@@ -30,11 +29,12 @@ from django.conf import settings
 from node_agent.protocol import (
     CLOSE_AUTH_FAILED,
     HANDSHAKE_TIMEOUT_S,
-    PROTOCOL_VERSION,
-    gateway_proof,
+    MAX_MESSAGE_BYTES,
+    auth_refusal,
+    hello_message,
     new_nonce,
-    node_proof,
-    proof_matches,
+    redial_delay,
+    welcome_message,
 )
 from node_agent.settings import LINK_PATH
 from node_agent.tls import fingerprint_of_der, pinning_client_context
@@ -48,9 +48,6 @@ OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 LEASE_S = 15.0
 TICK_S = 2.0
 CONNECT_TIMEOUT_S = 10.0
-BACKOFF_BASE_S = 0.5
-BACKOFF_MAX_S = 30.0
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 AUTO_CONNECT_EVERY_S = 10.0
 
 
@@ -95,7 +92,7 @@ async def _open(host: str, port: int) -> Any:
                           "right?") from None
     except socket.gaierror:
         raise ProbeFailed(f"the address {host!r} cannot be resolved") from None
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         raise ProbeFailed(f"no answer from {where} within {CONNECT_TIMEOUT_S:.0f} s: a firewall, or a wrong "
                           "address") from None
     except OSError as exc:
@@ -103,7 +100,7 @@ async def _open(host: str, port: int) -> Any:
     try:
         return await connect(_url(host, port), ssl=pinning_client_context(), open_timeout=CONNECT_TIMEOUT_S,
                              ping_interval=None, max_size=MAX_MESSAGE_BYTES, close_timeout=5)
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         raise ProbeFailed(f"TLS failed: {where} accepts connections but did not answer the TLS handshake: is it "
                           "an OptimaGPT node in listen mode, or another service on that port?") from None
     except ssl.SSLError as exc:
@@ -130,18 +127,18 @@ async def node_probe(*, host: str, port: int, expected_fingerprint: str = "") ->
             raise ProbeFailed("the node's certificate is not the one pinned when it was verified: another "
                               "machine, or the node's state folder was reset")
         gateway_nonce = new_nonce()
-        await ws.send(json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION, "nonce": gateway_nonce}))
+        await ws.send(json.dumps(hello_message(gateway_nonce)))
         auth = await _receive(ws)
         node_id = str(auth.get("node_id", ""))
-        node_nonce = str(auth.get("nonce", ""))
-        if auth.get("type") != "auth" or len(node_nonce) < 32:
+        refusal = auth_refusal(auth, key=key, gateway_nonce=gateway_nonce)
+        if refusal in ("expected auth", "nonce too short"):
             raise ProbeFailed("the other side does not speak the node protocol: is it an OptimaGPT node?")
-        if not proof_matches(node_proof(key, gateway_nonce, node_nonce, node_id), auth.get("proof")):
-            await ws.send(json.dumps({"type": "refused", "reason": "access key mismatch"}))
+        if refusal is not None:
+            await ws.send(json.dumps({"type": "refused", "reason": refusal}))
             await ws.close(CLOSE_AUTH_FAILED)
             raise ProbeFailed("access key mismatch: the node and the gateway have different node access keys")
-        await ws.send(json.dumps({"type": "welcome", "proof": gateway_proof(key, gateway_nonce, node_nonce, node_id),
-                                  "heartbeat_interval_s": settings.OPTIMAGPT_HEARTBEAT_INTERVAL_S}))
+        await ws.send(json.dumps(welcome_message(key=key, gateway_nonce=gateway_nonce, auth=auth,
+                                                 heartbeat_interval_s=settings.OPTIMAGPT_HEARTBEAT_INTERVAL_S)))
         try:
             register = await _receive(ws)
         except ProbeFailed:
@@ -166,7 +163,7 @@ async def _receive(ws: Any) -> dict[str, Any]:
         if code == CLOSE_AUTH_FAILED:
             raise ProbeFailed("access key mismatch: the node refused this gateway's proof") from None
         raise ProbeFailed(f"the node closed the link during the handshake (code {code})") from None
-    except (asyncio.TimeoutError, ValueError):
+    except (TimeoutError, ValueError):
         raise ProbeFailed("the other side does not speak the node protocol: is it an OptimaGPT node?") from None
     if not isinstance(message, dict):
         raise ProbeFailed("the other side does not speak the node protocol: is it an OptimaGPT node?")
@@ -204,9 +201,10 @@ async def run_consumer_over(ws: Any, *, node_id: str, address: str) -> None:
             await ws.close(event.get("code") or 1000)
 
     host, _, port = address.rpartition(":")
-    scope = {"type": "websocket", "path": LINK_PATH, "raw_path": LINK_PATH.encode(), "query_string": b"",
-             "headers": [], "subprotocols": [], "client": (host, int(port or 0)), "server": None,
-             "url_route": {"args": (), "kwargs": {}}, "optimagpt_expected_node_id": node_id}
+    scope: dict[str, Any] = {
+        "type": "websocket", "path": LINK_PATH, "raw_path": LINK_PATH.encode(), "query_string": b"",
+        "headers": [], "subprotocols": [], "client": (host, int(port or 0)), "server": None,
+        "url_route": {"args": (), "kwargs": {}}, "optimagpt_expected_node_id": node_id}
     reader = asyncio.create_task(pump())
     try:
         await NodeLinkConsumer.as_asgi()(scope, inbox.get, send)
@@ -230,7 +228,7 @@ class LinkDialer:
         while not self._stopping.is_set():
             try:
                 await self._tick()
-            except Exception:  # noqa: BLE001 - the database away for a moment: try again next tick
+            except Exception:
                 log.exception("node dialer tick failed")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), TICK_S)
@@ -253,7 +251,8 @@ class LinkDialer:
             task = self._links.get(target.pk)
             if task is None or task.done():
                 self._links[target.pk] = asyncio.create_task(self._keep_linked(target), name=f"dial {target.host}")
-        if settings.OPTIMAGPT_AUTO_CONNECT_ADDRESS and time.monotonic() - self._last_auto_connect > AUTO_CONNECT_EVERY_S:
+        due = time.monotonic() - self._last_auto_connect > AUTO_CONNECT_EVERY_S
+        if settings.OPTIMAGPT_AUTO_CONNECT_ADDRESS and due:
             self._last_auto_connect = time.monotonic()
             await self._auto_connect()
 
@@ -288,8 +287,8 @@ class LinkDialer:
                 await database_sync_to_async(services.node_dial_failed)(node_pk=target.pk, reason=str(exc))
             except Exception as exc:  # noqa: BLE001 - any failure of a link means: dial again
                 log.warning("link to %s:%d lost: %s: %s", target.host, target.port, type(exc).__name__, exc)
-            failures = 1 if time.monotonic() - started > BACKOFF_MAX_S else failures + 1
-            await asyncio.sleep(random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** failures)))  # nosec B311 # jitter for reconnection backoff, not for security
+            failures, delay = redial_delay(failures, time.monotonic() - started)
+            await asyncio.sleep(delay)
 
 
 _dialer: LinkDialer | None = None

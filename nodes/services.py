@@ -6,8 +6,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from datetime import timezone as dt_timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -255,7 +254,8 @@ def nodes_exist() -> bool:
     return Node.objects.exists()
 
 
-def node_add_dialed(*, name: str, host: str, port: int, node_id: str, fingerprint: str, version: str = "") -> Node | None:
+def node_add_dialed(*, name: str, host: str, port: int, node_id: str, fingerprint: str,
+                    version: str = "") -> Node | None:
     """Register a verified listening node for the gateway to dial; None if that node is registered already."""
     try:
         with transaction.atomic():
@@ -307,7 +307,7 @@ def node_logs_record(*, node_pk: int, records: Any) -> list[NodeLog]:
             continue
         level = str(record.get("level", "INFO")).upper()
         try:
-            at = datetime.fromtimestamp(float(record["t"]), tz=dt_timezone.utc)
+            at = datetime.fromtimestamp(float(record["t"]), tz=UTC)
         except (KeyError, TypeError, ValueError, OverflowError, OSError):
             at = now
         lines.append(NodeLog(node_id=node_pk, at=min(at, now), level=level if level in LOG_LEVELS else "INFO",

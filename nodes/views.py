@@ -17,16 +17,18 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from gateway.errors import ApiError
 from gateway.executors import executor_configure, executor_delete, executor_remote_create
-from gateway.optima import executor_out
+from gateway.optima_api import executor_out
+from gateway.routing import load, router
 from gateway.stats import stats_summary
+from optimagpt.errors import ApiError
 
 from .forms import ExecutorSettingsForm, NewNodeForm, RemoteUpstreamForm, RemoteUpstreamUpdateForm
 from .models import Executor, Node
 from .names import node_name_suggestion
 from .outbound import ProbeFailed, node_probe
 from .services import node_add_dialed, node_approve, node_delete, node_set_activated
+from .status import Demand, node_status
 
 PERMISSION = "accounts.manage_executors"
 
@@ -60,6 +62,7 @@ def executors_view(request: HttpRequest) -> HttpResponse:
 @permission_required(PERMISSION, raise_exception=True)
 def executor_view(request: HttpRequest, pk: int) -> HttpResponse:
     executor = get_object_or_404(Executor.objects.select_related("node"), pk=pk)
+    form: RemoteUpstreamUpdateForm | ExecutorSettingsForm
     if executor.is_remote:
         form = RemoteUpstreamUpdateForm(request.POST or None, initial={
             f: getattr(executor, f) for f in ("model_id", "base_url", "upstream_model", "description", "embedding",
@@ -126,8 +129,9 @@ def nodes_view(request: HttpRequest) -> HttpResponse:
     if request.GET.get("format") == "json":
         return JsonResponse({"data": [_node_state(node) for node in nodes]})
     summary = stats_summary()
+    demand = _demand()
     return render(request, "nodes/nodes.html", {
-        "section": "nodes", "nodes": nodes, "stats": summary,
+        "section": "nodes", "rows": [(node, node_status(node, demand)) for node in nodes], "stats": summary,
         "delayed_threshold_s": settings.OPTIMAGPT_DELAYED_REQUEST_S,
         "uptime": timedelta(seconds=int(summary.uptime_s)) if summary.uptime_s is not None else None})
 
@@ -196,12 +200,17 @@ def node_delete_view(request: HttpRequest, pk: int) -> HttpResponse:
     return redirect("nodes")
 
 
-HISTORY_POINTS = 600  # metrics samples a node page starts with (10 minutes at one a second)
+HISTORY_POINTS = 600  # metrics samples a node page starts with (20 minutes at the default one every 2 s)
 HISTORY_LINES = 300
 
 
+def _demand() -> Demand:
+    return Demand(in_flight=load.in_flight, queued=router.queued)
+
+
 def _node_state(node: Node) -> dict[str, object]:
-    return {"id": node.pk, "status": node.status(), "connected": node.connected, "activated": node.activated,
+    return {"id": node.pk, "status": node_status(node, _demand()), "connected": node.connected,
+            "activated": node.activated,
             "approved": node.approved,
             "last_error": node.last_error,
             "executors": [{"id": e.pk, "model_id": e.model_id, "state": e.state, "enabled": e.enabled,
@@ -218,7 +227,8 @@ def node_view(request: HttpRequest, pk: int) -> HttpResponse:
     lines = [line.as_line() for line in reversed(node.log_lines.order_by("-at", "-pk")[:HISTORY_LINES])]
     hardware = node.hardware or {}
     return render(request, "nodes/node.html", {
-        "section": "nodes", "node": node, "hardware": hardware, "gpus": hardware.get("gpus") or [],
+        "section": "nodes", "node": node, "status": node_status(node, _demand()), "hardware": hardware,
+        "gpus": hardware.get("gpus") or [],
         "vram_total": sum(int(g.get("vram_total") or 0) for g in hardware.get("gpus") or []),
         "history": {"points": points, "lines": lines, "state": _node_state(node)},
     })

@@ -11,10 +11,11 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from accounts.api import router as auth_router
-from chat.api import preferences_router, router as conversations_router
+from chat.api import preferences_router
+from chat.api import router as conversations_router
 from gateway.api import router as openai_router
-from gateway.errors import ApiError
-from gateway.optima import router as optima_router
+from gateway.optima_api import router as optima_router
+from optimagpt.errors import ApiError, error_body
 
 log = logging.getLogger("optimagpt.api")
 
@@ -29,7 +30,7 @@ api.add_router("/api/auth", auth_router)
 
 def error_response(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None) -> JsonResponse:
-    return JsonResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status=status)
+    return JsonResponse(error_body(message, type=type, param=param, code=code), status=status)
 
 
 @api.exception_handler(ApiError)

@@ -25,6 +25,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "optimagpt.settings")
 django_asgi_app = get_asgi_application()
 
 from gateway.checks import check_secret_key  # noqa: E402
+from optimagpt.errors import error_body  # noqa: E402
 
 for _error in check_secret_key(None):
     raise ImproperlyConfigured(f"{_error.msg} {_error.hint}")
@@ -36,10 +37,9 @@ API_PREFIXES = ("/v1/", "/optima/v1/")
 class ApiHandler(ASGIHandler):
     """Django for the OpenAI API paths, without the parts that cost thread hops.
 
-    Measured per request on this machine: settings.MIDDLEWARE costs about 4 ms
-    (each sync-style middleware is a thread hop in an async request), and the
-    request_started signal and response.close() cost 0.4 ms more, each being a
-    hop to a sync thread. The API needs none of the middleware: it authenticates
+    settings.MIDDLEWARE costs a thread hop per sync-style middleware in an async
+    request, and the request_started signal and response.close() a hop each
+    (bench/README.md, "Measurements behind the code"). The API needs none of the middleware: it authenticates
     by key (no session, so no CSRF), sets no cookies and answers JSON. The
     signals' receivers only tidy database connections, and this event-loop
     thread holds none: the API's queries run through channels'
@@ -52,12 +52,12 @@ class ApiHandler(ASGIHandler):
         await self.handle(scope, receive, send)
 
     def load_middleware(self, is_async: bool = False) -> None:
-        self._view_middleware = []
-        self._template_response_middleware = []
-        self._exception_middleware = []
-        self._middleware_chain = convert_exception_to_response(
-            self._get_response_async if is_async else self._get_response
-        )
+        self._view_middleware: list[Any] = []
+        self._template_response_middleware: list[Any] = []
+        self._exception_middleware: list[Any] = []
+        # BaseHandler's own private handlers, which django-stubs does not declare.
+        chain = self._get_response_async if is_async else self._get_response  # type: ignore[attr-defined]
+        self._middleware_chain = convert_exception_to_response(chain)
 
     async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """ASGIHandler.handle (Django 5.2) with the request signals sent inline instead of in a thread."""
@@ -75,6 +75,7 @@ class ApiHandler(ASGIHandler):
                 request, error_response = None, _json_error(400, "The Host header is not one this gateway serves.",
                                                             "invalid_host")
         if request is None:
+            assert error_response is not None, "create_request gives a request or an error response"
             body_file.close()
             await self.send_response(error_response, send)
             error_response.close()
@@ -130,8 +131,7 @@ class SplitByPath:
 
 
 def _json_error(status: int, message: str, code: str) -> HttpResponse:
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
-    return HttpResponse(json.dumps(body), status=status, content_type="application/json")
+    return HttpResponse(json.dumps(error_body(message, code=code)), status=status, content_type="application/json")
 
 
 class BodySizeLimit:
@@ -176,8 +176,7 @@ class BodySizeLimit:
             await self._refuse(send, 413, f"The request body is larger than {self.limit} bytes.", "request_too_large")
 
     async def _refuse(self, send: Any, status: int, message: str, code: str) -> None:
-        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                     "code": code}}).encode()
+        body = json.dumps(error_body(message, code=code)).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})

@@ -2,8 +2,8 @@
 
 The gateway caches what every API request needs (the API key, the executors that can serve a model).
 When such an entry is missing or has just expired, every request arriving before the first load
-finishes would otherwise run the same query: 400 requests at once ran 400 queries, one after another
-on the single database thread, and the last waited seconds (measured with 200 simulated nodes).
+finishes would otherwise run the same query, one after another on the single database thread
+(bench/README.md, "Measurements behind the code").
 """
 
 from __future__ import annotations

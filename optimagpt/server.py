@@ -23,8 +23,8 @@ APPLICATION = "optimagpt.asgi:application"
 def _media_type(line: bytes) -> bytes:
     """The media type of a Content-Type header, lower case; text/plain when it has none.
 
-    Twisted parses every POST's Content-Type with the email package (a tenth of
-    the gateway's CPU per API request, measured), only to learn whether to parse
+    Twisted parses every POST's Content-Type with the email package, a costly step
+    (bench/README.md, "Measurements behind the code"), only to learn whether to parse
     a form body, which daphne never asks it for. This returns the same answer
     for every well-formed header.
     """
@@ -39,17 +39,16 @@ def _speed_up_twisted() -> None:
     if hasattr(http, "_parseContentType"):
         http._parseContentType = _media_type
 
-    # Twisted leaves Nagle's algorithm on. A stream's small writes then wait for
-    # the client's delayed ACK (up to 40 ms on Linux) whenever one is in flight:
-    # the last chunks of every streamed reply arrived late, which cost 3 to 4% of
-    # tokens/s over a 128-token reply. uvicorn and asyncio servers turn it off too.
+    # Twisted leaves Nagle's algorithm on: a stream's small writes then wait for the
+    # client's delayed ACK, and streamed replies arrive late. uvicorn and asyncio servers
+    # turn it off too (bench/README.md, "Measurements behind the code").
     accept = tcp.Server.__init__
 
-    def accept_without_nagle(self: tcp.Server, *args: object, **kwargs: object) -> None:
+    def accept_without_nagle(self: tcp.Server, *args: Any, **kwargs: Any) -> None:
         accept(self, *args, **kwargs)
         self.setTcpNoDelay(True)
 
-    tcp.Server.__init__ = accept_without_nagle
+    tcp.Server.__init__ = accept_without_nagle  # type: ignore[method-assign] # a patch of Twisted's class
 
     # Twisted listens with a backlog of 50 connections waiting to be accepted. A burst of a few hundred
     # clients overflowed it (the kernel's ListenOverflows counter): their handshakes were retried after
@@ -58,11 +57,11 @@ def _speed_up_twisted() -> None:
     listen = tcp.Port.__init__
     backlog = int(os.environ.get("OPTIMAGPT_LISTEN_BACKLOG") or 1024)
 
-    def listen_with_backlog(self: tcp.Port, port: int, factory: object, backlog_asked: int = 50,
-                            interface: str = "", reactor: object = None) -> None:
+    def listen_with_backlog(self: tcp.Port, port: int, factory: Any, backlog_asked: int = 50,
+                            interface: str = "", reactor: Any = None) -> None:
         listen(self, port, factory, max(backlog_asked, backlog), interface, reactor)
 
-    tcp.Port.__init__ = listen_with_backlog
+    tcp.Port.__init__ = listen_with_backlog  # type: ignore[method-assign,assignment] # a patch of Twisted's class
 
     _time_out_slow_requests(http)
 
@@ -76,12 +75,15 @@ def _time_out_slow_requests(http: Any) -> None:
     must run here. WebSocket handshakes have no body and pass as soon as their headers are in.
     """
     from django.conf import settings
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed_reactor
+
+    reactor: Any = installed_reactor  # the asyncio reactor; Twisted types the module attribute as an interface
 
     timeout_s = settings.OPTIMAGPT_BODY_TIMEOUT_S
-    body = json.dumps({"error": {"message": f"The request did not arrive within {timeout_s:g} s.",
-                                 "type": "invalid_request_error", "param": None,
-                                 "code": "request_timeout"}}).encode()
+    from optimagpt.errors import error_body
+
+    body = json.dumps(error_body(f"The request did not arrive within {timeout_s:g} s.",
+                                 code="request_timeout")).encode()
     answer = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
               b"Content-Length: %d\r\n\r\n" % len(body)) + body
     line_received = http.HTTPChannel.lineReceived
@@ -120,17 +122,21 @@ def _time_out_slow_requests(http: Any) -> None:
 
 def _start_background_work() -> None:
     """Once daphne's reactor runs: dial the nodes that listen, publish this process's request counts (and,
-    with Redis, its in-flight counts per executor for the other processes' routers), prune
-    old node history; on shutdown, hang up, give the leases back and stop those loops."""
+    with Redis, its in-flight counts per executor for the other processes' routers, and listen for key and
+    user changes made in the others), prune old node history; on shutdown, hang up, give the leases back and
+    stop those loops."""
     import asyncio
 
     import daphne.server  # noqa: F401 - installs the asyncio reactor, which must come before any other import of it
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed_reactor
+
+    reactor: Any = installed_reactor  # the asyncio reactor; Twisted types the module attribute as an interface
     from twisted.internet.defer import Deferred
 
     def start() -> None:
         from django.conf import settings
 
+        from gateway.invalidation import invalidation_listen_forever
         from gateway.routing.shared import share_forever
         from gateway.stats import publish_forever
         from nodes.housekeeping import prune_forever
@@ -139,7 +145,8 @@ def _start_background_work() -> None:
         dialer = dialer_start()
         stopping = asyncio.Event()
         loops = [asyncio.ensure_future(publish_forever(owner=OWNER, stop=stopping)),
-                 asyncio.ensure_future(share_forever(owner=OWNER, stop=stopping))]
+                 asyncio.ensure_future(share_forever(owner=OWNER, stop=stopping)),
+                 asyncio.ensure_future(invalidation_listen_forever(stopping))]
         # With a Celery worker, its beat runs the pruning (CELERY_BEAT_SCHEDULE); without one, this process does.
         if not settings.CELERY_WORKER:
             loops.append(asyncio.ensure_future(prune_forever(stopping)))
@@ -206,14 +213,14 @@ def main(argv: list[str]) -> None:
         CommandLineInterface().run([*defaults, *argv, APPLICATION])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:  # noqa: BLE001 - report, then still skip the crashing shutdown
+    except BaseException:
         logging.getLogger("optimagpt.server").exception("daphne failed")
         code = 1
     try:
         from gateway.usage import usage_flush_sync
 
         usage_flush_sync()
-    except Exception:  # noqa: BLE001 - a failed final write must not hide daphne's exit code
+    except Exception:
         logging.getLogger("optimagpt.server").exception("could not write the last usage")
     logging.shutdown()
     sys.stdout.flush()

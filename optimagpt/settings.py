@@ -16,8 +16,8 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from .files import restrict_to_owner
 from .env import env_bool, env_float, env_int, env_list, env_secret, env_str
+from .files import restrict_to_owner
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env_str("OPTIMAGPT_DATA_DIR", str(BASE_DIR / "var")))
@@ -109,9 +109,8 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             # The pub/sub layer, not channels_redis.core: in the core layer every reply
-            # channel of a process shares one blocking read, and with two waiting at once
-            # (a node link and a request on the same gateway) a message for one waited
-            # until the other got one (measured: 3 s, until the next event came along).
+            # channel of a process shares one blocking read, so a message for one waiter
+            # waited for the other's (bench/README.md, "Measurements behind the code").
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
             "CONFIG": {"hosts": [REDIS_URL]},
         }
@@ -191,7 +190,7 @@ OPTIMAGPT_ROUTE_CACHE_S = env_float("OPTIMAGPT_ROUTE_CACHE_S", 1.0)
 DATA_UPLOAD_MAX_MEMORY_SIZE = OPTIMAGPT_MAX_BODY_BYTES
 # Routing (gateway/routing/router.py): least_busy (the smallest share of its slots in use) or round_robin.
 OPTIMAGPT_ROUTING = env_str("OPTIMAGPT_ROUTING", "least_busy")
-if OPTIMAGPT_ROUTING not in ("least_busy", "round_robin"):
+if OPTIMAGPT_ROUTING not in ("least_busy", "round_robin"):  # gateway/routing/router.py's STRATEGIES
     raise ImproperlyConfigured(f"OPTIMAGPT_ROUTING must be least_busy or round_robin, not {OPTIMAGPT_ROUTING!r}")
 # Requests sent at once to each process of an executor: one generating, the next one ready on the node.
 OPTIMAGPT_REQUESTS_PER_SLOT = env_int("OPTIMAGPT_REQUESTS_PER_SLOT", 2)

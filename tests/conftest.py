@@ -10,11 +10,15 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from node_agent.default_model import ensure_default_model
 from tests.processes import Gateway, NodeAgent, free_port
+
+if TYPE_CHECKING:
+    from accounts.models import User
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_ID = "smollm2-135m-instruct-q4_1"
@@ -112,7 +116,8 @@ def browser():  # type: ignore[no-untyped-def]
     chromium = shutil.which("chromium")
     if chromium is None:
         if os.environ.get("CI") == "true":
-            pytest.fail("chromium is not installed, and CI must run the browser tests (./optimagpt.sh test installs it)")
+            pytest.fail("chromium is not installed, and CI must run the browser tests "
+                        "(./optimagpt.sh test installs it)")
         pytest.skip("chromium is not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
@@ -123,3 +128,29 @@ def browser():  # type: ignore[no-untyped-def]
             yield instance
         finally:
             instance.close()
+
+
+# -- people, for the in-process tests (tests/factories.py makes them) ------------------------------
+@pytest.fixture
+def admin(db: None) -> User:
+    from tests.factories import user_make  # Django is set up by now, not yet when this file is read
+
+    return user_make("ada", admin=True)
+
+
+@pytest.fixture
+def member(db: None) -> User:
+    """A User: OptimaChat only."""
+    from tests.factories import user_make
+
+    return user_make("bob")
+
+
+@pytest.fixture
+def outsider(db: None) -> User:
+    """Someone with an account but not one permission."""
+    from tests.factories import user_make
+
+    user = user_make("eve")
+    user.user_permissions.clear()
+    return user

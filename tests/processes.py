@@ -104,6 +104,10 @@ class Gateway(Process):
             raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stderr}")
         return result.stdout
 
+    def nodes_query(self, expression: str) -> str:
+        """What `expression` (over the Node model, e.g. `Node.objects.count()`) prints in the gateway's database."""
+        return self.manage("shell", "--no-imports", "-c", f"from nodes.models import Node; print({expression})").strip()
+
     def start(self, migrate: bool = True) -> None:
         if migrate:
             self.manage("migrate", "--verbosity", "0")

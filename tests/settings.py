@@ -7,4 +7,4 @@ os.environ.setdefault("OPTIMAGPT_NODE_ACCESS_KEY", "tests-node-access-key")  # 2
 os.environ.pop("DATABASE_URL", None)
 os.environ.pop("REDIS_URL", None)
 
-from optimagpt.settings import *  # noqa: E402,F403
+from optimagpt.settings import *  # noqa: F403

@@ -23,18 +23,19 @@ import httpx
 from channels.db import database_sync_to_async
 from django.dispatch import receiver
 
+from node_agent.protocol import OP_CHAT, OP_COMPLETION, OP_EMBEDDING, OP_TOKENIZE, error_event
 from nodes.models import Executor
 from nodes.secrets import SecretUnreadable
 from nodes.signals import executors_changed
+from optimagpt.errors import UpstreamError
 
-from ..auth import Principal
-from ..errors import UpstreamError
+from ..calls import Call
+from ..principal import Principal
 from ..routing.router import Target
-from ..services import Call
 
 log = logging.getLogger("optimagpt.gateway.remote")
 
-PATHS = {"chat": "/chat/completions", "completion": "/completions", "embedding": "/embeddings"}
+PATHS = {OP_CHAT: "/chat/completions", OP_COMPLETION: "/completions", OP_EMBEDDING: "/embeddings"}
 CONNECT_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 10.0
 
@@ -88,7 +89,7 @@ async def _upstream(pk: int) -> Upstream:
 
 def _error(message: str, *, status: int = 502, code: str = "upstream_error",
            kind: str = "server_error") -> dict[str, Any]:
-    return {"type": "error", "error": {"message": message, "type": kind, "code": code, "status": status}}
+    return error_event("", message, code=code, status=status, kind=kind)
 
 
 def _upstream_message(response_body: bytes) -> str:
@@ -122,11 +123,11 @@ class RemoteCall(Call):
             await self._task
 
     async def _pump(self, upstream: Upstream, op: str, body: dict[str, Any], stream: bool) -> None:
-        if op == "tokenize":  # OpenAI's API has no tokenizer: estimated, and said to be
+        if op == OP_TOKENIZE:  # OpenAI's API has no tokenizer: estimated, and said to be
             self._queue.put_nowait(_estimated_counts(self.request_id, body))
             return
         body = {**body, "model": upstream.model}
-        if op == "embedding":
+        if op == OP_EMBEDDING:
             body["encoding_format"] = "float"
         if stream:
             body["stream_options"] = {"include_usage": True}  # usage is what budgets and accounting count
@@ -192,7 +193,7 @@ async def _stream_events(response: httpx.Response, op: str) -> AsyncIterator[dic
             return
         usage = chunk.get("usage") or usage
         for choice in chunk.get("choices") or ():
-            if op == "chat":
+            if op == OP_CHAT:
                 delta = {k: v for k, v in (choice.get("delta") or {}).items() if k != "role" and v is not None}
                 if delta:
                     yield {"type": "delta", "delta": delta}
@@ -204,12 +205,12 @@ async def _stream_events(response: httpx.Response, op: str) -> AsyncIterator[dic
 
 def _whole_event(payload: dict[str, Any], op: str) -> dict[str, Any]:
     usage = _usage(payload.get("usage"))
-    if op == "embedding":
+    if op == OP_EMBEDDING:
         data = sorted(payload["data"], key=lambda d: d.get("index", 0))
         return {"type": "end", "finish_reason": "stop", "usage": usage, "embeddings": [d["embedding"] for d in data]}
     choice = payload["choices"][0]
     event = {"type": "end", "finish_reason": choice.get("finish_reason") or "stop", "usage": usage}
-    if op == "chat":
+    if op == OP_CHAT:
         event["message"] = choice["message"]
     else:
         event["text"] = choice["text"]
@@ -257,7 +258,7 @@ async def remote_address_check(base_url: str) -> None:
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(host, port), PROBE_TIMEOUT_S)
-    except (OSError, ValueError, asyncio.TimeoutError):
+    except (TimeoutError, OSError, ValueError):
         return  # an unknown name cannot reach anything; the probe will say it is unreachable
     for info in infos:
         address = ipaddress.ip_address(str(info[4][0]).split("%")[0])

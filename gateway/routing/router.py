@@ -29,8 +29,7 @@ import asyncio
 import contextlib
 import itertools
 import math
-import time
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -39,16 +38,15 @@ from django.conf import settings
 from django.dispatch import receiver
 
 from nodes.models import Executor
-from optimagpt.coalesce import Coalesced
 from nodes.signals import executors_changed
+from optimagpt.cache import ExpiringCache
+from optimagpt.errors import ApiError, ModelNotFound, NoCapacity, QueueFull
 
-from ..errors import ApiError, ModelNotFound, NoCapacity, QueueFull
-from . import shared
+from . import load
 
 STRATEGIES = ("least_busy", "round_robin")
 GRANT_TICK_S = 0.05  # how often waiting requests look again for slots freed in other gateway processes
 
-_in_flight: Counter[int] = Counter()  # executor pk -> requests this process has on it
 _last_pick: dict[int, int] = {}
 _ticket = itertools.count()
 
@@ -62,12 +60,9 @@ class Row(NamedTuple):
     slots: int  # processes that can take requests
 
 
-# model id -> (valid until, routable executors). A database query costs a thread hop
-# per request; changes made by this process's node links clear the cache at once,
-# other processes' within OPTIMAGPT_ROUTE_CACHE_S.
-_ready: dict[str, tuple[float, list[Row]]] = {}
-_ready_loads: Coalesced[list[Row]] = Coalesced()
-_ready_generation = 0  # bumped when the executors change: a load that began before must not be cached
+# model id -> its routable executors. A database query costs a thread hop per request; changes
+# made by this process's node links clear the cache at once, other processes' within OPTIMAGPT_ROUTE_CACHE_S.
+_routable_cache: ExpiringCache[str, list[Row]] = ExpiringCache(lambda: settings.OPTIMAGPT_ROUTE_CACHE_S)
 
 
 @dataclass(frozen=True)
@@ -84,8 +79,8 @@ class Target:
 
 
 def strategy() -> str:
-    name = settings.OPTIMAGPT_ROUTING
-    return name if name in STRATEGIES else "least_busy"
+    """OPTIMAGPT_ROUTING, which settings.py has already checked is one of STRATEGIES."""
+    return str(settings.OPTIMAGPT_ROUTING)
 
 
 def capacity(row: Row) -> float:
@@ -94,26 +89,13 @@ def capacity(row: Row) -> float:
     return max(row.slots, 1) * settings.OPTIMAGPT_REQUESTS_PER_SLOT
 
 
-def load(executor_pk: int) -> int:
-    return _in_flight[executor_pk] + shared.others_in_flight(executor_pk)
+async def routable_rows(model: str) -> list[Row]:
+    """The executors that can take a request for `model` now (cached; a model with none is asked again)."""
+    return await _routable_cache.get_or_load(model, lambda: database_sync_to_async(_routable_rows_query)(model),
+                                             keep=bool)
 
 
-async def _rows(model: str) -> list[Row]:
-    cached = _ready.get(model)
-    if cached is not None and cached[0] > time.monotonic():
-        return cached[1]
-    return await _ready_loads.load(model, lambda: _ready_load(model))
-
-
-async def _ready_load(model: str) -> list[Row]:
-    generation = _ready_generation
-    rows = await database_sync_to_async(_ready_executors)(model)
-    if rows and generation == _ready_generation:
-        _ready[model] = (time.monotonic() + settings.OPTIMAGPT_ROUTE_CACHE_S, rows)
-    return rows
-
-
-def _ready_executors(model: str) -> list[Row]:
+def _routable_rows_query(model: str) -> list[Row]:
     rows = Executor.objects.routable(model=model).values_list(
         "pk", "key", "node__channel_name", "state", "node_id", "replicas", "replicas_online")
     out = []
@@ -131,7 +113,7 @@ async def executor_select(*, model: str, exclude_nodes: frozenset[int] = frozens
     (or none but on `exclude_nodes`: nodes a failed attempt lost). Executors in `avoid_executors`
     (one that failed an attempt) are taken only when the model has no other.
     """
-    rows = await _rows(model)
+    rows = await routable_rows(model)
     if not rows:
         if await database_sync_to_async(Executor.objects.filter(model_id=model).exists)():
             raise NoCapacity(f"No node can serve the model '{model}' right now.", param="model")
@@ -144,13 +126,12 @@ async def executor_select(*, model: str, exclude_nodes: frozenset[int] = frozens
         rows = [r for r in rows if r.pk not in avoid_executors] or rows
     if not all(r.online for r in rows) and any(r.online for r in rows):
         rows = [r for r in rows if r.online]
-    per_slot = settings.OPTIMAGPT_REQUESTS_PER_SLOT
     best: tuple[Any, ...] | None = None
     row = None
     round_robin = strategy() == "round_robin"
     for r in rows:
-        in_use = load(r.pk)
-        slots = max(r.slots, 1) * per_slot if r.channel else math.inf
+        in_use = load.in_flight(r.pk)
+        slots = capacity(r)
         if in_use >= slots:
             continue
         rank = (_last_pick.get(r.pk, -1),) if round_robin else (in_use / slots, _last_pick.get(r.pk, -1))
@@ -164,15 +145,11 @@ async def executor_select(*, model: str, exclude_nodes: frozenset[int] = frozens
 
 
 def acquire(target: Target) -> None:
-    _in_flight[target.executor_pk] += 1
-    shared.changed()
+    load.add(target.executor_pk)
 
 
 def release(target: Target, *, held_s: float | None = None) -> None:
-    _in_flight[target.executor_pk] -= 1
-    if _in_flight[target.executor_pk] <= 0:
-        del _in_flight[target.executor_pk]
-    shared.changed()
+    load.remove(target.executor_pk)
     queue = _queues.get(target.model)
     if queue is not None:
         if held_s is not None:
@@ -240,7 +217,7 @@ def queued(model: str | None = None) -> int:
 
 
 async def _total_capacity(model: str) -> float:
-    return sum(capacity(r) for r in await _rows(model)) or 1
+    return sum(capacity(r) for r in await routable_rows(model)) or 1
 
 
 async def route(*, model: str, key: str, deadline: float, exclude_nodes: frozenset[int] = frozenset(),
@@ -270,8 +247,8 @@ async def route(*, model: str, key: str, deadline: float, exclude_nodes: frozens
     wait_s = min(settings.OPTIMAGPT_QUEUE_MAX_WAIT_S, deadline - loop.time())
     future = waiter.future
     try:
-        await asyncio.wait({future} if abandon is None else {future, abandon}, timeout=max(wait_s, 0.0),
-                           return_when=asyncio.FIRST_COMPLETED)
+        waits: set[asyncio.Future[Any]] = {future} if abandon is None else {future, abandon}
+        await asyncio.wait(waits, timeout=max(wait_s, 0.0), return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:  # the client left while it waited
         if future.done() and not future.cancelled() and future.exception() is None:
             release(future.result())  # granted at that very moment: give the slot back
@@ -316,7 +293,4 @@ async def _grant(queue: ModelQueue) -> None:
 
 @receiver(executors_changed)
 def _forget_routes(sender: Any, **kwargs: Any) -> None:
-    global _ready_generation
-    _ready_generation += 1
-    _ready.clear()  # (waiting requests look again within GRANT_TICK_S)
-    _ready_loads.clear()
+    _routable_cache.clear()  # (waiting requests look again within GRANT_TICK_S)

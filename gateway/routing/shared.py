@@ -19,6 +19,8 @@ from collections import Counter
 
 from django.conf import settings
 
+from . import load
+
 log = logging.getLogger("optimagpt.gateway.routing")
 
 PREFIX = "optimagpt:inflight:"
@@ -26,26 +28,11 @@ EXPIRE_S = 5
 REFRESH_S = 1.0
 REDIS_TIMEOUT_S = 2.0
 
-_others: Counter[int] = Counter()
-_dirty = asyncio.Event()
-
-
-def others_in_flight(executor_pk: int) -> int:
-    return _others[executor_pk]
-
-
-def changed() -> None:
-    """This process's counts changed (called on the event loop)."""
-    _dirty.set()
-
-
 async def share_forever(*, owner: str, stop: asyncio.Event) -> None:
     """Publish this process's counts and read the others' until `stop` is set."""
     if not settings.REDIS_URL:
         return
     import redis.asyncio as redis
-
-    from .router import _in_flight
 
     client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=REDIS_TIMEOUT_S,
                                   socket_connect_timeout=REDIS_TIMEOUT_S)
@@ -56,9 +43,9 @@ async def share_forever(*, owner: str, stop: asyncio.Event) -> None:
     try:
         while not stop.is_set():
             try:
-                if _dirty.is_set() or time.monotonic() - written_at >= REFRESH_S:
-                    _dirty.clear()
-                    counts = {str(pk): n for pk, n in _in_flight.items() if n > 0}
+                if load.changed.is_set() or time.monotonic() - written_at >= REFRESH_S:
+                    load.changed.clear()
+                    counts = {str(pk): n for pk, n in load.mine.items() if n > 0}
                     async with client.pipeline(transaction=True) as pipe:
                         pipe.delete(mine)
                         if counts:
@@ -71,10 +58,11 @@ async def share_forever(*, owner: str, stop: asyncio.Event) -> None:
                     name = name.decode()
                     if name == mine:
                         continue
-                    for pk, n in (await client.hgetall(name)).items():
+                    counts_of_other: dict[bytes, bytes] = await client.hgetall(name)  # type: ignore[misc] # redis types sync and async clients alike
+                    for pk, n in counts_of_other.items():
                         others[int(pk)] += int(n)
-                _others.clear()
-                _others.update(others)
+                load.others.clear()
+                load.others.update(others)
                 if failing:
                     log.info("sharing in-flight counts through Redis again")
                     failing = False
@@ -82,7 +70,7 @@ async def share_forever(*, owner: str, stop: asyncio.Event) -> None:
                 if not failing:
                     log.warning("could not share in-flight counts through Redis: %s", type(exc).__name__)
                     failing = True
-                _others.clear()
+                load.others.clear()
                 await asyncio.sleep(REFRESH_S)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)

@@ -17,16 +17,16 @@ import re
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from ..protocol import error_event, pipe_frame
+from ..protocol import OP_CANCEL, error_event, pipe_frame
 
 log = logging.getLogger("node_agent.runtime")
 
 # An event line from the worker, forwarded as is; and its parsed form.
-EventSink = Callable[[str, dict[str, Any]], Awaitable[None]]
+EventSink = Callable[[str, dict[str, Any]], Coroutine[Any, Any, None]]
 
 MAX_CONSECUTIVE_CRASHES = 3
 # A process that served requests for this long before dying did not crash-loop;
@@ -132,7 +132,7 @@ class LlamaCppProcess:
                 proc.terminate()
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if proc is not None and proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
@@ -194,7 +194,7 @@ class LlamaCppProcess:
             assert proc.stdout is not None
             try:
                 ready = await asyncio.wait_for(proc.stdout.readline(), self.config.load_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 proc.kill()
                 return f"model did not load within {self.config.load_timeout_s:.0f} s"
             if not ready:
@@ -358,4 +358,4 @@ class LlamaCppProcess:
             return
         proc = self._proc
         if proc is not None and proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.write(pipe_frame(json.dumps({"op": "cancel", "id": rid}).encode()))
+            proc.stdin.write(pipe_frame(json.dumps({"op": OP_CANCEL, "id": rid}).encode()))

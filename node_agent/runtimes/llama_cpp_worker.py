@@ -3,9 +3,8 @@
 Run as `python -m node_agent.runtimes.llama_cpp_worker --model PATH ...` by the
 node agent, never by hand. It opens no port: requests arrive as JSON lines on
 stdin and events leave as JSON lines on stdout, so nothing but its parent can
-reach it. (We measured llama-cpp-python's own HTTP server at about 16 ms of
-framework work per request; this pipe costs well under a millisecond. See
-bench/README.md.)
+reach it, and it costs a fraction of an HTTP server's work per request
+(bench/README.md, backbone.py).
 
 Input frames (node_agent.protocol.pipe_frame: a length line, then that many bytes of JSON):
               {"op": "chat"|"completion"|"embedding", "id": ID, "stream": bool, "body": {...}}
@@ -14,7 +13,8 @@ Input frames (node_agent.protocol.pipe_frame: a length line, then that many byte
               The body is the client's JSON as sent (whitespace and newlines included): framed by
               length, no byte of it can begin a request of its own.
 Output lines: {"type": "ready", ...} once the model is loaded, then per request
-              {"type": "begin", "id": ID} when its computation starts (for the agent alone), zero or more {"type": "delta", "id": ID, ...}, then exactly one
+              {"type": "begin", "id": ID} when its computation starts (for the agent alone),
+              zero or more {"type": "delta", "id": ID, ...}, then exactly one
               {"type": "end", "id": ID, ...} or {"type": "error", "id": ID, "error": {...}}.
 
 The output lines are the node link's wire format: the agent forwards them to the
@@ -35,7 +35,15 @@ from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any, BinaryIO
 
-from node_agent.protocol import PIPE_FRAME_MAX_BYTES, error_event
+from node_agent.protocol import (
+    OP_CANCEL,
+    OP_CHAT,
+    OP_COMPLETION,
+    OP_EMBEDDING,
+    OP_TOKENIZE,
+    PIPE_FRAME_MAX_BYTES,
+    error_event,
+)
 
 # A request cancelled while queued or generating: the generating loop polls
 # this set between tokens, which is what bounds cancellation to one token.
@@ -165,13 +173,13 @@ class Worker:
                 self.out.send({"type": "end", "id": rid, "finish_reason": "cancelled"})
                 return
             op = request.get("op")
-            if self.args.embedding and op != "embedding":
+            if self.args.embedding and op != OP_EMBEDDING:
                 raise RequestError("this model serves embeddings only; use /v1/embeddings")
-            if op == "chat":
+            if op == OP_CHAT:
                 self.chat(rid, request["body"], bool(request.get("stream")))
-            elif op == "completion":
+            elif op == OP_COMPLETION:
                 self.completion(rid, request["body"], bool(request.get("stream")))
-            elif op == "embedding":
+            elif op == OP_EMBEDDING:
                 self.embedding(rid, request["body"])
             else:
                 raise RequestError(f"unknown operation {op!r}")
@@ -317,6 +325,7 @@ class Worker:
             grammar = _response_format_grammar(body.get("response_format"))
         if tools and not self.template_knows_tools:
             messages = _with_tool_instructions(messages, tools)
+        assert self.formatter is not None, "a chat model has a formatter"
         formatted = self.formatter(messages=messages, tools=tools, tool_choice=tool_choice if tools else None)
         prompt = self.llm.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True)
         params = self._sampling(body, len(prompt))
@@ -499,6 +508,7 @@ class Worker:
                 counts["tools"] += len(self.llm.tokenize(json.dumps(tools).encode(), add_bos=False, special=False))
             if tools and not self.template_knows_tools:
                 messages = _with_tool_instructions(messages, tools)
+            assert self.formatter is not None, "a chat model has a formatter"
             formatted = self.formatter(messages=messages, tools=tools, tool_choice="auto" if tools else None)
             prompt = self.llm.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True)
             # What the template adds around the messages (turn markers, the reply's opening) is the rest.
@@ -589,7 +599,8 @@ def _normalize_message(message: dict[str, Any]) -> dict[str, Any]:
     """Turn OpenAI message shapes the chat templates do not know into plain text turns."""
     content = message.get("content")
     if isinstance(content, list):
-        content = "".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
+        content = "".join(part["text"] for part in content
+                          if isinstance(part, dict) and isinstance(part.get("text"), str))
     if message.get("role") == "assistant" and message.get("tool_calls"):
         calls = []
         for call in message["tool_calls"] if isinstance(message["tool_calls"], list) else ():
@@ -685,7 +696,7 @@ def _grammar(schema_json: str) -> Any:
         # own converter excludes them, and so do we.
         gbnf = gbnf.replace('char ::= [^"\\\\]', 'char ::= [^"\\\\\\x7F\\x00-\\x1F]', 1)
         return llama_grammar.LlamaGrammar.from_string(gbnf, verbose=False)
-    except Exception as exc:  # noqa: BLE001 - the converter raises bare exceptions for schemas it cannot express
+    except Exception as exc:
         raise RequestError(f"cannot enforce this JSON schema: {exc}") from exc
 
 
@@ -737,10 +748,10 @@ def _read_requests(inbox: queue.Queue[dict[str, Any] | None], worker: Worker) ->
             continue
         if not isinstance(request, dict) or not isinstance(request.get("id"), str):
             continue
-        if request.get("op") == "cancel":
+        if request.get("op") == OP_CANCEL:
             with _cancelled_lock:
                 _cancelled.add(request["id"])
-        elif request.get("op") == "tokenize":
+        elif request.get("op") == OP_TOKENIZE:
             worker.tokenize(request["id"], request.get("body") or {})
         else:
             inbox.put(request)

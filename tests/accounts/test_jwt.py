@@ -13,7 +13,7 @@ from django.conf import settings
 from django.test import AsyncClient
 
 from accounts.models import User
-from tests.accounts.conftest import PASSWORD
+from tests.factories import PASSWORD
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

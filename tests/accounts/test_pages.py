@@ -7,7 +7,7 @@ from django.conf import settings
 from django.test import Client
 
 from accounts.models import ApiKey, User
-from tests.accounts.conftest import PASSWORD
+from tests.factories import PASSWORD
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -6,7 +6,7 @@ from django.core.management import call_command
 
 from accounts.models import PERMISSIONS, User
 from accounts.users import UserRuleBroken, user_create, user_delete, user_set_type
-from tests.accounts.conftest import PASSWORD
+from tests.factories import PASSWORD
 
 pytestmark = pytest.mark.django_db
 

@@ -8,10 +8,9 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.test import AsyncClient
 
-from accounts.models import ApiKey, User
-from accounts.users import user_create
+from accounts.models import User
 from chat.models import Conversation, Message
-from tests.accounts.conftest import PASSWORD
+from tests.factories import PASSWORD, akey_make, auser_make
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -19,7 +18,7 @@ BASE = "/optima/v1/conversations"
 
 
 async def _user(name: str) -> User:
-    return await sync_to_async(user_create)(username=name, password=PASSWORD, user_type=User.Type.USER)
+    return await auser_make(name)
 
 
 async def _token(name: str) -> dict[str, str]:
@@ -104,7 +103,7 @@ async def test_rename_and_delete() -> None:
 
 
 async def test_another_users_conversation_is_not_found_for_every_action_and_stays_untouched() -> None:
-    bob, eve = await _user("bob"), await _user("eve")
+    bob, _eve = await _user("bob"), await _user("eve")
     secret = await _conversation(bob, "bob's secret", "my password is hunter2")
     headers = await _token("eve")
     client = AsyncClient()
@@ -132,7 +131,7 @@ async def test_another_users_conversation_is_not_found_for_every_action_and_stay
 async def test_credentials_are_required_and_a_key_without_an_owner_has_no_conversations() -> None:
     response = await AsyncClient().get(BASE)
     assert response.status_code == 401 and "error" in response.json()
-    _, raw = await sync_to_async(ApiKey.create_with_raw_key)(name="service", scopes=["conversations"])
+    _, raw = await akey_make("service", scopes=["conversations"])
     response = await AsyncClient().get(BASE, headers={"Authorization": f"Bearer {raw}"})
     assert response.status_code == 403 and response.json()["error"]["code"] == "permission_denied"
 
@@ -165,7 +164,7 @@ async def test_a_new_conversation_is_the_callers_with_the_default_system_prompt_
 
 async def test_a_conversation_left_running_by_a_dead_gateway_is_not_busy_for_ever(settings) -> None:  # type: ignore[no-untyped-def]
     from chat.services import turn_begin
-    from gateway.errors import InvalidRequest
+    from optimagpt.errors import InvalidRequest
 
     bob = await _user("bob")
     conversation = await _conversation(bob, "stuck", "hi")

@@ -67,7 +67,8 @@ def _stored_reply(gateway, username: str) -> str:  # type: ignore[no-untyped-def
         f"c = Conversation.objects.create(user=User.objects.get(username={username!r}), title='Stored reply', "
         f"model_id={MODEL_ID!r}, turn_count=1)\n"
         "Message.objects.create(conversation=c, role='user', content='Show me everything.')\n"
-        f"Message.objects.create(conversation=c, role='assistant', content={json.dumps(REPLY)}, model_id={MODEL_ID!r})\n"
+        f"Message.objects.create(conversation=c, role='assistant', content={json.dumps(REPLY)}, "
+        f"model_id={MODEL_ID!r})\n"
         "print(c.pk)")).strip()
 
 
@@ -131,7 +132,8 @@ def test_a_user_chats_with_settings_stop_regenerate_models_rename_search_and_del
         response = page.goto(gateway.url + "/")  # the chat is the gateway's front page
         assert "script-src 'self'" in response.headers["content-security-policy"]
         for model in (MODEL_ID, REMOTE_MODEL, LONG_MODEL):
-            page.wait_for_function(f"() => [...document.querySelectorAll('#model option')].some(o => o.value === {model!r})")
+            page.wait_for_function(
+                f"() => [...document.querySelectorAll('#model option')].some(o => o.value === {model!r})")
         page.select_option("#model", MODEL_ID)
 
         # Enter sends; Shift+Enter makes a new line. The reply streams in, then the model titles the chat.
@@ -276,7 +278,8 @@ def test_a_models_reply_renders_markdown_code_and_thinking_and_nothing_in_it_run
         status = page.evaluate("""async (id) => {
             const token = (await (await fetch('/chat/token/', {method: 'POST', headers: {'X-CSRFToken':
                 document.getElementById('chat').dataset.csrf}})).json()).access_token;
-            return (await fetch('/optima/v1/conversations/' + id, {headers: {Authorization: 'Bearer ' + token}})).status;
+            const headers = {Authorization: 'Bearer ' + token};
+            return (await fetch('/optima/v1/conversations/' + id, {headers})).status;
         }""", others)
         assert status == 404
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import pytest
 
 from node_agent.default_model import CATALOG, ensure_model, sha256_file
 from tests.conftest import MODEL_ID
-from tests.processes import REPO, Gateway, NodeAgent, free_port
+from tests.processes import REPO, Gateway, NodeAgent, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -32,15 +32,6 @@ SMOL = CATALOG["smollm2"].filename
 # How the agent's debug log shows a request arriving over the link (the websockets library logs each frame).
 REQUEST_FRAME = "< TEXT '{\"type\":\"request\""
 
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(0.1)
 
 
 def link(src: Path, dst: Path) -> None:

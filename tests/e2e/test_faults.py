@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from tests.conftest import MODEL_ID
-from tests.processes import Gateway, NodeAgent, free_port
+from tests.processes import Gateway, NodeAgent, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -31,12 +31,6 @@ LONG = {"max_tokens": 400, "logit_bias": {"2": -100},  # no end of text: the rep
         "messages": [{"role": "user", "content": "Write a very long story."}]}
 SHORT = {"max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}
 
-
-def _wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @dataclass
@@ -125,7 +119,8 @@ def _live_nodes(gateway: Gateway, key: str) -> int:
 
 def _workers_of(agent: NodeAgent) -> list[psutil.Process]:
     assert agent.proc is not None
-    return [p for p in psutil.Process(agent.proc.pid).children(recursive=True) if "llama_cpp_worker" in " ".join(p.cmdline())]
+    return [p for p in psutil.Process(agent.proc.pid).children(recursive=True)
+            if "llama_cpp_worker" in " ".join(p.cmdline())]
 
 
 @contextmanager
@@ -144,7 +139,7 @@ def _stack(tmp_path: Path, models_dir: Path, nodes: int, **env: str) -> Iterator
         key = gateway.create_api_key("faults")
         for agent in agents:
             agent.wait_for_model(MODEL_ID)
-        _wait_for(lambda: _live_nodes(gateway, key) == nodes, 60, f"{nodes} nodes linked")
+        wait_for(lambda: _live_nodes(gateway, key) == nodes, 60, f"{nodes} nodes linked")
         yield gateway, agents, key
     finally:
         for agent in agents:
@@ -163,7 +158,7 @@ def _streams_and_queue(client: Client) -> tuple[list[Outcome], list[Outcome]]:
         streams.append(client.send(LONG, stream=True))
         time.sleep(0.3)  # routed one after the other: the least busy node takes turns
     shorts = [client.send(SHORT, stream=False) for _ in range(4)]
-    _wait_for(lambda: sum(s.tokens_seen for s in streams) >= 2, 60, "two streams to be generating")
+    wait_for(lambda: sum(s.tokens_seen for s in streams) >= 2, 60, "two streams to be generating")
     return streams, shorts
 
 
@@ -192,7 +187,7 @@ def test_kill_9_of_a_node_with_streams_and_queued_requests_loses_none(models_dir
         assert [s.status for s in shorts] == [200] * 4, [s.body or s.failure for s in shorts]
         assert all(s.body["usage"]["completion_tokens"] == 8 for s in shorts)
         # The dead agent's inference processes did not stay behind, generating for nobody.
-        _wait_for(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), 10,
+        wait_for(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), 10,
                   "the dead agent's workers to exit")
         assert time.monotonic() - killed_at < 180
 
@@ -207,7 +202,7 @@ def test_a_stopped_node_is_dropped_within_three_heartbeats_and_its_waiting_reque
         assert victim.proc is not None
         os.kill(victim.proc.pid, signal.SIGSTOP)  # the socket stays open; nothing answers on it
         stopped_at = time.monotonic()
-        _wait_for(lambda: any(s.error_event for s in streams), 10, "the stopped node's stream to end")
+        wait_for(lambda: any(s.error_event for s in streams), 10, "the stopped node's stream to end")
         detected_s = time.monotonic() - stopped_at
         assert detected_s <= 3 * 1 + 1.5, f"detected after {detected_s:.1f} s"
         client.join(180)
@@ -217,8 +212,8 @@ def test_a_stopped_node_is_dropped_within_three_heartbeats_and_its_waiting_reque
         assert "silent for" in gateway.log()
         # Woken up, the node finds its link gone and links again, with no second row.
         os.kill(victim.proc.pid, signal.SIGCONT)
-        _wait_for(lambda: _live_nodes(gateway, key) == 2, 60, "the node to link again")
-        nodes = gateway.manage("shell", "--no-imports", "-c", "from nodes.models import Node; print(Node.objects.count())")
+        wait_for(lambda: _live_nodes(gateway, key) == 2, 60, "the node to link again")
+        nodes = gateway.nodes_query("Node.objects.count()")
         assert nodes.strip() == "2"
 
 
@@ -228,7 +223,7 @@ def test_kill_9_of_an_inference_process_ends_its_stream_and_serves_the_waiting_r
     with _stack(tmp_path, models_dir, nodes=1) as (gateway, agents, key):
         client = Client(gateway.url, key)
         stream = client.send(LONG, stream=True)
-        _wait_for(lambda: stream.tokens_seen, 60, "the stream to be generating")
+        wait_for(lambda: stream.tokens_seen, 60, "the stream to be generating")
         shorts = [client.send(SHORT, stream=False) for _ in range(3)]  # one waits on the node, two at the gateway
         time.sleep(0.5)
         (worker,) = _workers_of(agents[0])
@@ -236,7 +231,7 @@ def test_kill_9_of_an_inference_process_ends_its_stream_and_serves_the_waiting_r
         client.join(120)
         assert stream.error_event is not None and stream.error_event["code"] == "executor_lost"
         assert [s.status for s in shorts] == [200] * 3, [s.body or s.failure for s in shorts]
-        _wait_for(lambda: len(_workers_of(agents[0])) == 1, 10, "one worker again")
+        wait_for(lambda: len(_workers_of(agents[0])) == 1, 10, "one worker again")
 
 
 def test_a_gateway_restart_fails_requests_in_flight_cleanly_and_the_node_returns_without_orphans(
@@ -247,7 +242,7 @@ def test_a_gateway_restart_fails_requests_in_flight_cleanly_and_the_node_returns
         workers_before = {w.pid for w in _workers_of(agent)}
         client = Client(gateway.url, key)
         stream = client.send(LONG, stream=True)
-        _wait_for(lambda: stream.tokens_seen, 60, "the stream to be generating")
+        wait_for(lambda: stream.tokens_seen, 60, "the stream to be generating")
         waiting = [client.send(LONG, stream=False) for _ in range(3)]  # one on the node, two in the queue
         time.sleep(0.5)
         stopped_at = time.monotonic()
@@ -259,10 +254,10 @@ def test_a_gateway_restart_fails_requests_in_flight_cleanly_and_the_node_returns
         for outcome in waiting:
             assert outcome.failure is not None or (outcome.status is not None and outcome.status >= 500), outcome
         gateway.start(migrate=False)
-        _wait_for(lambda: _live_nodes(gateway, key) == 1, 60, "the node to link again")
+        wait_for(lambda: _live_nodes(gateway, key) == 1, 60, "the node to link again")
         assert "cancelling them" in agent.log(), "the node dropped the replies nobody would read"
         assert {w.pid for w in _workers_of(agent)} == workers_before, "the same inference process, no other"
-        nodes = gateway.manage("shell", "--no-imports", "-c", "from nodes.models import Node; print(Node.objects.count())")
+        nodes = gateway.nodes_query("Node.objects.count()")
         assert nodes.strip() == "1", "no duplicate node row"
         # The process is free at once: nothing is still generating the old 400-token replies.
         started = time.monotonic()
@@ -292,7 +287,7 @@ def private_redis(tmp_path: Path) -> Iterator[tuple[str, Any, Any]]:
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         import redis
 
-        _wait_for(lambda: _pings(redis, port), 10, "redis-server to answer")
+        wait_for(lambda: _pings(redis, port), 10, "redis-server to answer")
 
     def stop() -> None:
         processes[-1].kill()
@@ -385,7 +380,7 @@ def test_two_hundred_simulated_nodes_share_four_hundred_requests_at_once(tmp_pat
     try:
         nodes.start(timeout_s=120)
         key = gateway.create_api_key("scale")
-        _wait_for(lambda: _live_nodes(gateway, key) == 200, 60, "200 nodes registered")
+        wait_for(lambda: _live_nodes(gateway, key) == 200, 60, "200 nodes registered")
 
         async def burst() -> list[int]:
             limits = httpx.Limits(max_connections=400)

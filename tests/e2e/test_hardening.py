@@ -35,8 +35,8 @@ def _one_token(gateway, api_key: str, timeout_s: float = 15) -> httpx.Response: 
 def test_a_body_cannot_smuggle_a_request_onto_the_workers_pipe(gateway, node, api_key) -> None:  # type: ignore[no-untyped-def]
     smuggled = json.dumps({"op": "completion", "id": "INJ", "stream": False,
                            "body": {"prompt": "Once upon a time", "max_tokens": 100000}})
-    body = ('{"model": "%s", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "pad": [\n%s\n]}'
-            % (MODEL_ID, smuggled))
+    body = ('{"model": "' + MODEL_ID + '", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, '
+            '"pad": [\n' + smuggled + '\n]}')
     response = httpx.post(gateway.url + "/v1/chat/completions", headers=_headers(api_key), content=body, timeout=30)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 2
@@ -213,7 +213,8 @@ def test_bad_bodies_are_400s_in_openai_form_and_never_reach_the_model(gateway, n
             {"role": "user", "content": "Hi"}]})),
         ("/v1/chat/completions", api_key, json.dumps({**chat, "tools": [
             {"type": "function", "function": {"name": "f", "parameters": nested}}]})),
-        ("/v1/chat/completions", api_key, json.dumps({**chat, "messages": [{"role": "user", "content": "x"}] * 25_000})),
+        ("/v1/chat/completions", api_key,
+         json.dumps({**chat, "messages": [{"role": "user", "content": "x"}] * 25_000})),
     ]
     for path, key, body in cases:
         started = time.monotonic()

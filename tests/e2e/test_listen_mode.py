@@ -14,17 +14,10 @@ import pytest
 
 from node_agent.tls import fingerprint_of_file
 from tests.conftest import MODEL_ID
-from tests.processes import REPO, Gateway, NodeAgent, free_port
+from tests.processes import REPO, Gateway, NodeAgent, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
-
-def wait_for(predicate, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(0.1)
-    return value
 
 
 def listening(gateway: Gateway, models_dir: Path, state_dir: Path, port: int, **kwargs) -> NodeAgent:  # type: ignore[no-untyped-def]
@@ -72,7 +65,7 @@ def test_a_verified_listening_node_is_dialed_pinned_and_dialed_again_after_resta
         gateway.start(migrate=False)
         agent.wait_for_model(MODEL_ID, timeout_s=60)
         assert chat(gateway, key).status_code == 200
-        count = gateway.manage("shell", "--no-imports", "-c", "from nodes.models import Node; print(Node.objects.count())")
+        count = gateway.nodes_query("Node.objects.count()")
         assert count.strip() == "1"
         again = add_node(gateway, port)
         assert again.returncode != 0 and "registered already" in again.stderr
@@ -98,7 +91,7 @@ def test_verification_names_the_cause_of_a_failure(models_dir: Path, tmp_path: P
             assert "another-key-entirely" not in wrong.log() + gateway.log() + mismatch.stderr
         finally:
             wrong.stop()
-        count = gateway.manage("shell", "--no-imports", "-c", "from nodes.models import Node; print(Node.objects.count())")
+        count = gateway.nodes_query("Node.objects.count()")
         assert count.strip() == "0", "nothing is registered by a failed verification"
     finally:
         gateway.stop()
@@ -112,7 +105,7 @@ def test_with_no_node_registered_the_gateway_adopts_the_local_listening_node(mod
     gateway.start()
     try:
         agent.wait_for_model(MODEL_ID, timeout_s=60)
-        name = gateway.manage("shell", "--no-imports", "-c", "from nodes.models import Node; print(Node.objects.get().name)")
+        name = gateway.nodes_query("Node.objects.get().name")
         assert name.strip() == "Local Node"
     finally:
         agent.stop()
@@ -139,7 +132,7 @@ def test_two_gateways_keep_exactly_one_link_to_a_listening_node(
         key = a.create_api_key("both")
         assert chat(a, key).status_code == 200 and chat(b, key).status_code == 200
         # The gateway holding the link stops: it gives its lease back and the other one dials.
-        owner = a.manage("shell", "--no-imports", "-c", "from nodes.models import Node; print(Node.objects.get().dial_owner)")
+        owner = a.nodes_query("Node.objects.get().dial_owner")
         holder_pid = int(owner.strip().split(":")[1])
         holder, other = (a, b) if a.proc is not None and a.proc.pid == holder_pid else (b, a)
         assert holder.proc is not None and holder.proc.pid == holder_pid
@@ -173,7 +166,7 @@ def test_the_new_node_wizard_verifies_then_finishes_and_deactivation_closes_the_
         nodes_page = browser.get("/manage/nodes/").text
         assert "gpu-box" in nodes_page and "dot-green" in nodes_page
 
-        pk = gateway.manage("shell", "--no-imports", "-c", "from nodes.models import Node; print(Node.objects.get().pk)")
+        pk = gateway.nodes_query("Node.objects.get().pk")
         browser.post(f"/manage/nodes/{pk.strip()}/activation/",
                      data={"activated": "false", "csrfmiddlewaretoken": browser.cookies["csrftoken"]})
         wait_for(lambda: "dot-grey" in browser.get("/manage/nodes/").text, 10, "grey")

@@ -17,8 +17,7 @@ pytestmark = pytest.mark.e2e
 
 
 def _node_field(gateway: Gateway, node_id: str, field: str) -> str:
-    return gateway.manage("shell", "--no-imports", "-c",
-                          f"from nodes.models import Node; print(Node.objects.get(node_id={node_id!r}).{field})").strip()
+    return gateway.nodes_query(f"Node.objects.get(node_id={node_id!r}).{field}")
 
 
 def test_a_new_node_waits_for_approval_and_an_impostor_cannot_take_its_link(models_dir: Path, tmp_path: Path) -> None:

@@ -10,16 +10,10 @@ import httpx
 import pytest
 
 from tests.conftest import MODEL_ID
-from tests.processes import Gateway, NodeAgent, free_port
+from tests.processes import Gateway, NodeAgent, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
-
-def _wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_a_node_with_the_wrong_access_key_is_refused_and_neither_side_crashes(
@@ -29,8 +23,8 @@ def test_a_node_with_the_wrong_access_key_is_refused_and_neither_side_crashes(
                          access_key="wrong-key-123")
     intruder.start()
     try:
-        _wait_for(lambda: "access key mismatch" in gateway.log(), 30, "the gateway to log the refusal")
-        _wait_for(lambda: "refused" in intruder.log(), 30, "the agent to log the refusal")
+        wait_for(lambda: "access key mismatch" in gateway.log(), 30, "the gateway to log the refusal")
+        wait_for(lambda: "refused" in intruder.log(), 30, "the agent to log the refusal")
         time.sleep(1)
         assert intruder.alive and gateway.alive
         assert "wrong-key-123" not in gateway.log()
@@ -38,8 +32,7 @@ def test_a_node_with_the_wrong_access_key_is_refused_and_neither_side_crashes(
         # The refused node is not registered and the real node serves on.
         headers = {"Authorization": f"Bearer {api_key}"}
         assert httpx.get(gateway.url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"] == MODEL_ID
-        assert "intruder" not in gateway.manage("shell", "--no-imports", "-c",
-                                                "from nodes.models import Node; print(list(Node.objects.values_list('name', flat=True)))")
+        assert "intruder" not in gateway.nodes_query("list(Node.objects.values_list('name', flat=True))")
     finally:
         assert intruder.stop() == 0
 
@@ -54,7 +47,7 @@ def test_the_node_reconnects_by_itself_after_the_gateway_restarts(models_dir: Pa
     try:
         agent.wait_for_model(MODEL_ID)
         assert gateway.stop() == 0, gateway.log()[-3000:]
-        _wait_for(lambda: "link to" in agent.log() and "lost" in agent.log(), 30, "the agent to notice")
+        wait_for(lambda: "link to" in agent.log() and "lost" in agent.log(), 30, "the agent to notice")
         gateway.start(migrate=False)
         agent.wait_for_model(MODEL_ID, timeout_s=45)
         key = gateway.create_api_key("after-restart")
@@ -62,7 +55,7 @@ def test_the_node_reconnects_by_itself_after_the_gateway_restarts(models_dir: Pa
                            json={"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}],
                                  "max_tokens": 2}, timeout=30)
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
-        nodes = gateway.manage("shell", "--no-imports", "-c", "from nodes.models import Node; print(Node.objects.count())")
+        nodes = gateway.nodes_query("Node.objects.count()")
         assert nodes.strip() == "1", "a reconnecting node must not make a second row"
     finally:
         assert agent.stop() == 0
@@ -114,7 +107,7 @@ def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
             .not_valid_after(now + datetime.timedelta(days=1))
@@ -145,7 +138,7 @@ def test_an_https_gateway_is_dialed_over_wss_and_its_certificate_is_checked(mode
     try:
         agent.wait_for_model(MODEL_ID)
         assert "wss://localhost" in agent.log()
-        _wait_for(lambda: "CERTIFICATE_VERIFY_FAILED" in stranger.log(), 30, "the agent to reject the certificate")
+        wait_for(lambda: "CERTIFICATE_VERIFY_FAILED" in stranger.log(), 30, "the agent to reject the certificate")
         assert stranger.alive
         key_raw = gateway.create_api_key("tls")
         with gateway.http() as client:

@@ -125,7 +125,8 @@ def test_a_remote_upstream_is_updated_and_deleted_through_the_api(
     assert stopped.json()["state"] == "offline"
     assert "refused-model" not in {m.id for m in client.models.list().data}
     assert _api(front_gw, admin_key, "DELETE", f"/optima/v1/executors/{refused['id']}").status_code == 204
-    assert refused["id"] not in {e["id"] for e in _api(front_gw, admin_key, "GET", "/optima/v1/executors").json()["data"]}
+    listed = _api(front_gw, admin_key, "GET", "/optima/v1/executors").json()["data"]
+    assert refused["id"] not in {e["id"] for e in listed}
 
 
 @pytest.mark.parametrize("host", ["169.254.169.254", "[::ffff:169.254.169.254]", "2852039166",
@@ -158,7 +159,7 @@ class _Recorder:
         seen = self.seen = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+            def do_GET(self) -> None:
                 seen.append(self.headers.get("Authorization"))
                 self.send_response(404)
                 self.end_headers()

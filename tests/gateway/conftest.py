@@ -1,7 +1,5 @@
 import pytest
 
-from tests.accounts.conftest import admin  # noqa: F401 - shared users
-
 from nodes.models import Node
 from nodes.signals import executors_changed
 

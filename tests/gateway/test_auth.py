@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import pytest
-from asgiref.sync import sync_to_async
 from django.test import AsyncClient
 
 from accounts.models import ApiKey, api_key_digest
+from tests.factories import akey_make
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 async def _key() -> tuple[ApiKey, str]:
-    return await sync_to_async(ApiKey.create_with_raw_key)(name="auth-test")
+    return await akey_make("auth-test")
 
 
 async def test_only_a_keyed_hash_of_the_key_is_stored() -> None:

@@ -5,24 +5,20 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from asgiref.sync import sync_to_async
 from django.test import AsyncClient
 from django.utils import timezone
 
 from accounts.models import ApiKey
-from gateway.auth import Principal
 from gateway.limits import principal_admit, principal_record
-from gateway.errors import RateLimited
+from gateway.principal import Principal
+from optimagpt.errors import RateLimited
+from tests.factories import akey_make
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 async def _key(**limits) -> tuple[ApiKey, str]:  # type: ignore[no-untyped-def]
-    key, raw = await sync_to_async(ApiKey.create_with_raw_key)(name="limits")
-    for field, value in limits.items():
-        setattr(key, field, value)
-    await key.asave()
-    return key, raw
+    return await akey_make("limits", **limits)
 
 
 async def _chat(raw: str, model: str = "m"):  # type: ignore[no-untyped-def]

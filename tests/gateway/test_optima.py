@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
-from asgiref.sync import sync_to_async
 from django.test import AsyncClient
-from django.utils import timezone
 
-from accounts.models import ApiKey
-from nodes.models import Executor, Node
+from nodes.models import Executor
+from tests.factories import akey_make, anode_make
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 async def _get(path: str) -> tuple[int, dict]:
-    _, raw = await sync_to_async(ApiKey.create_with_raw_key)(name="optima")
+    _, raw = await akey_make("optima")
     response = await AsyncClient().get(path, headers={"Authorization": f"Bearer {raw}"})
     return response.status_code, response.json()
 
 
-async def _node(name: str, *, connected: bool = True) -> Node:
-    return await Node.objects.acreate(node_id=uuid.uuid4(), name=name, connected=connected,
-                                      channel_name=f"chan-{name}", last_seen=timezone.now())
-
-
 async def test_capabilities_are_503_in_openai_form_while_nothing_can_serve() -> None:
-    node = await _node("starting")
+    node = await anode_make("starting")
     await Executor.objects.acreate(node=node, key="m.gguf", model_id="m", state="starting")
     status, body = await _get("/optima/v1/capabilities")
     assert status == 503
@@ -35,7 +26,7 @@ async def test_capabilities_are_503_in_openai_form_while_nothing_can_serve() -> 
 
 
 async def test_capabilities_say_what_can_be_served() -> None:
-    node = await _node("n")
+    node = await anode_make("n")
     await Executor.objects.acreate(node=node, key="e.gguf", model_id="e", state="online", embedding=True)
     status, body = await _get("/optima/v1/capabilities")
     assert status == 200
@@ -43,7 +34,7 @@ async def test_capabilities_say_what_can_be_served() -> None:
 
 
 async def test_models_are_one_entry_per_id_with_the_smallest_window_and_only_running_ones() -> None:
-    a, b, gone = await _node("a"), await _node("b"), await _node("gone", connected=False)
+    a, b, gone = await anode_make("a"), await anode_make("b"), await anode_make("gone", connected=False)
     await Executor.objects.acreate(node=a, key="m.gguf", model_id="m", name="M", state="online", n_ctx=4096,
                                    description="")
     await Executor.objects.acreate(node=b, key="m.gguf", model_id="m", name="M", state="online", n_ctx=2048,

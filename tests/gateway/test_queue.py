@@ -9,10 +9,11 @@ import pytest
 from django.test import AsyncClient
 from django.utils import timezone
 
-from gateway.errors import NoCapacity, QueueFull
-from gateway.routing import router, shared
+from gateway.routing import load, router, shared
 from gateway.routing.router import Target, acquire, executor_select, release, route
 from nodes.models import Executor, Node
+from optimagpt.errors import NoCapacity, QueueFull
+from tests.factories import akey_make
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -113,7 +114,7 @@ async def test_a_request_leaving_the_queue_as_its_slot_comes_gives_the_slot_back
     release(held.pop())
     await asyncio.gather(task, return_exceptions=True)
     await asyncio.sleep(0.1)
-    assert router.load(executor.pk) == len(held), "no slot is lost to a request that left"
+    assert load.in_flight(executor.pk) == len(held), "no slot is lost to a request that left"
     for target in held:
         release(target)
 
@@ -133,11 +134,9 @@ async def test_round_robin_takes_turns_whatever_the_load_and_least_busy_avoids_t
 
 
 async def test_a_full_queue_reaches_the_client_as_openai_error_with_retry_after(settings) -> None:
-    from asgiref.sync import sync_to_async
 
-    from accounts.models import ApiKey
 
-    _, api_key = await sync_to_async(ApiKey.create_with_raw_key)(name="queue")
+    _, api_key = await akey_make("queue")
     settings.OPTIMAGPT_QUEUE_MAX_LENGTH = 0
     await _executor("only")
     held = await _fill()
@@ -164,10 +163,10 @@ async def test_other_gateway_processes_counts_arrive_through_redis(settings, red
     loop = asyncio.create_task(shared.share_forever(owner="this-process", stop=stop))
     try:
         for _ in range(50):
-            if shared.others_in_flight(executor.pk) == 2:
+            if load.others[executor.pk] == 2:
                 break
             await asyncio.sleep(0.05)
-        assert shared.others_in_flight(executor.pk) == 2
+        assert load.others[executor.pk] == 2
         assert await executor_select(model="m") is None, "both slots are taken by the other process"
         target = Target(executor_pk=executor.pk, executor_key="m.gguf", channel_name="chan-shared",
                         node_pk=executor.node_id, model="m")
@@ -184,4 +183,4 @@ async def test_other_gateway_processes_counts_arrive_through_redis(settings, red
         await other.delete(shared.PREFIX + "other-process")
         assert not await other.exists(shared.PREFIX + "this-process"), "a stopping process takes its counts away"
         await other.aclose()
-        shared._others.clear()
+        load.others.clear()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from channels.layers import get_channel_layer
 from django.test import override_settings
 
-from gateway.services import _drop_channel
+from gateway.dispatch import _drop_channel
 from tests.conftest import require_service
 
 

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from django.test import AsyncClient
-from django.utils import timezone
 
-from accounts.models import ApiKey
-from gateway.errors import ModelNotFound, NoCapacity
 from gateway.routing.router import acquire, executor_select, release
 from nodes.models import Executor, Node
+from optimagpt.errors import ModelNotFound, NoCapacity
+from tests.factories import akey_make, anode_make
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-async def _node(name: str, *, connected: bool = True) -> Node:
-    return await Node.objects.acreate(node_id=uuid.uuid4(), name=name, connected=connected,
-                                      channel_name=f"chan-{name}", last_seen=timezone.now())
 
 
 async def test_an_unknown_model_is_not_found() -> None:
@@ -27,25 +19,20 @@ async def test_an_unknown_model_is_not_found() -> None:
 
 
 async def test_a_known_model_on_a_disconnected_node_is_503_through_the_api() -> None:
-    node = await _node("gone", connected=False)
+    node = await anode_make("gone", connected=False)
     await Executor.objects.acreate(node=node, key="m.gguf", model_id="m", state="online")
-    key, raw = await _create_key()
+    key, raw = await akey_make("routing")
     response = await AsyncClient().post("/v1/chat/completions", {"model": "m", "messages": [
-        {"role": "user", "content": "hi"}]}, content_type="application/json", headers={"Authorization": f"Bearer {raw}"})
+        {"role": "user", "content": "hi"}]}, content_type="application/json",
+        headers={"Authorization": f"Bearer {raw}"})
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "model_unavailable"
     with pytest.raises(NoCapacity):
         await executor_select(model="m")
 
 
-async def _create_key() -> tuple[ApiKey, str]:
-    from asgiref.sync import sync_to_async
-
-    return await sync_to_async(ApiKey.create_with_raw_key)(name="routing")
-
-
 async def test_it_picks_the_least_busy_executor_and_takes_turns_among_equals() -> None:
-    a, b = await _node("a"), await _node("b")
+    a, b = await anode_make("a"), await anode_make("b")
     await Executor.objects.acreate(node=a, key="m.gguf", model_id="m", state="online")
     await Executor.objects.acreate(node=b, key="m.gguf", model_id="m", state="online")
     await Executor.objects.acreate(node=b, key="other.gguf", model_id="other", state="online")
@@ -59,7 +46,7 @@ async def test_it_picks_the_least_busy_executor_and_takes_turns_among_equals() -
 
 
 async def test_stopped_failed_and_stopping_executors_are_never_picked() -> None:
-    node = await _node("n")
+    node = await anode_make("n")
     for state in ("offline", "failed", "stopping"):
         await Executor.objects.acreate(node=node, key=f"{state}.gguf", model_id="m", state=state)
     with pytest.raises(NoCapacity):
@@ -67,7 +54,7 @@ async def test_stopped_failed_and_stopping_executors_are_never_picked() -> None:
 
 
 async def test_a_starting_executor_is_picked_only_when_none_is_online() -> None:
-    a, b = await _node("a"), await _node("b")
+    a, b = await anode_make("a"), await anode_make("b")
     starting = await Executor.objects.acreate(node=a, key="m.gguf", model_id="m", state="starting")
     assert (await executor_select(model="m")).executor_pk == starting.pk, "requests wait for a restarting process"
     online = await Executor.objects.acreate(node=b, key="m.gguf", model_id="m", state="online")
@@ -89,18 +76,18 @@ async def test_concurrent_requests_on_a_cold_cache_share_one_query(monkeypatch: 
 
     from gateway.routing import router
 
-    node = await _node("herd")
+    node = await anode_make("herd")
     await Executor.objects.acreate(node=node, key="m.gguf", model_id="m", state="online")
-    router._ready.clear()
+    router._routable_cache.clear()
     queries = 0
-    real = router._ready_executors
+    real = router._routable_rows_query
 
     def counted(model: str) -> list[router.Row]:
         nonlocal queries
         queries += 1
         return real(model)
 
-    monkeypatch.setattr(router, "_ready_executors", counted)
+    monkeypatch.setattr(router, "_routable_rows_query", counted)
     targets = await asyncio.gather(*(executor_select(model="m") for _ in range(50)))
     assert queries == 1
     assert {t.channel_name for t in targets} == {"chan-herd"}
@@ -111,19 +98,19 @@ async def test_a_change_during_a_load_is_not_hidden_by_that_load(monkeypatch: py
     from gateway.routing import router
     from nodes.signals import executors_changed
 
-    node = await _node("moving")
+    node = await anode_make("moving")
     await Executor.objects.acreate(node=node, key="m.gguf", model_id="m", state="online")
-    router._ready.clear()
-    real = router._ready_executors
+    router._routable_cache.clear()
+    real = router._routable_rows_query
 
     def changed_meanwhile(model: str) -> list[router.Row]:
         rows = real(model)
         executors_changed.send(sender=Executor)
         return rows
 
-    monkeypatch.setattr(router, "_ready_executors", changed_meanwhile)
+    monkeypatch.setattr(router, "_routable_rows_query", changed_meanwhile)
     assert (await executor_select(model="m")).channel_name == "chan-moving"
-    assert "m" not in router._ready
+    assert router._routable_cache.get("m") is None
 
 
 async def test_a_request_sent_as_its_link_closed_fails_over_within_seconds_not_at_its_timeout() -> None:
@@ -132,9 +119,9 @@ async def test_a_request_sent_as_its_link_closed_fails_over_within_seconds_not_a
     import asyncio
     import time
 
-    node = await _node("closing")
+    node = await anode_make("closing")
     await Executor.objects.acreate(node=node, key="m.gguf", model_id="m", state="online")
-    _, raw = await _create_key()
+    _, raw = await akey_make("routing")
 
     async def ask() -> object:
         return await AsyncClient().post("/v1/chat/completions", {"model": "m", "messages": [

@@ -7,18 +7,19 @@ from asgiref.sync import sync_to_async
 
 import gateway.limits
 import gateway.usage
-from accounts.models import ApiKey, Usage
+from accounts.models import Usage
 from accounts.users import user_create
-from gateway.auth import Principal
-from gateway.errors import RateLimited
 from gateway.limits import principal_admit, principal_record
+from gateway.principal import Principal
+from optimagpt.errors import RateLimited
+from tests.factories import akey_make
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 async def test_tokens_are_summed_per_key_and_per_user_per_day() -> None:
     owner = await sync_to_async(user_create)(username="ann", password="a-long-enough-pass-1", user_type="admin")
-    key, _ = await sync_to_async(ApiKey.create_with_raw_key)(name="k", owner=owner)
+    key, _ = await akey_make("k", owner=owner)
     with_key = Principal(user_id=owner.pk, api_key=key)
     with_jwt = Principal(user_id=owner.pk)
     await principal_record(principal=with_key, usage={"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15})
@@ -32,7 +33,7 @@ async def test_tokens_are_summed_per_key_and_per_user_per_day() -> None:
 
 
 async def test_a_budget_spent_before_a_restart_still_counts() -> None:
-    key, _ = await sync_to_async(ApiKey.create_with_raw_key)(name="k")
+    key, _ = await akey_make("k")
     key.token_budget = 100
     await key.asave()
     principal = Principal(user_id=None, api_key=key)

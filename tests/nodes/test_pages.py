@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from django.contrib.auth.models import Permission
 from django.test import Client
 from django.utils import timezone
 
 from accounts.models import User
+from gateway.routing import load, router
 from nodes.models import Executor, Node
+from nodes.status import Demand, node_status
+from tests.factories import node_make
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _status(node: Node) -> str:
+    """The colour as the pages show it, from the router's own load numbers (executors queried afresh)."""
+    return node_status(node, Demand(in_flight=load.in_flight, queued=router.queued))
 
 
 def _as(user: User | None) -> Client:
@@ -24,7 +30,7 @@ def _as(user: User | None) -> Client:
 
 @pytest.fixture
 def local() -> Executor:
-    node = Node.objects.create(node_id=uuid.uuid4(), name="far-node", connected=False, last_seen=timezone.now())
+    node = node_make("far-node", connected=False)
     return Executor.objects.create(node=node, key="m.gguf", model_id="m", state="offline", valid=True,
                                    settings={"enabled": False, "n_ctx": 0, "replicas": 1})
 
@@ -119,21 +125,21 @@ def test_node_actions_need_node_management_and_change_nothing_without_it(
 
 
 def test_status_colours_follow_link_and_models() -> None:
-    node = Node.objects.create(node_id=uuid.uuid4(), name="n", connected=True, last_seen=timezone.now())
-    assert node.status() == "green"
+    node = node_make("n")
+    assert _status(node) == "green"
     executor = Executor.objects.create(node=node, key="a.gguf", model_id="a", state="starting")
-    assert node.status() == "amber"
+    assert _status(node) == "amber"
     executor.state = "failed"
     executor.save()
-    assert node.status() == "red"
+    assert _status(node) == "red"
     Executor.objects.create(node=node, key="notes.gguf", model_id="notes", state="failed", valid=False)
     executor.delete()
-    assert node.status() == "green", "an invalid file does not make the node red"
+    assert _status(node) == "green", "an invalid file does not make the node red"
     Node.objects.filter(pk=node.pk).update(last_seen=timezone.now() - timezone.timedelta(minutes=1))
     node.refresh_from_db()
-    assert node.status() == "red", "silent for three heartbeats"
+    assert _status(node) == "red", "silent for three heartbeats"
     node.activated = False
-    assert node.status() == "grey"
+    assert _status(node) == "grey"
 
 
 def test_the_wizard_suggests_a_name_and_reports_an_unreachable_node(admin: User) -> None:
@@ -157,24 +163,24 @@ def test_the_wizard_suggests_a_name_and_reports_an_unreachable_node(admin: User)
 def test_a_node_with_more_requests_than_processes_or_a_queue_for_its_model_is_amber() -> None:
     from gateway.routing import router
 
-    node = Node.objects.create(node_id=uuid.uuid4(), name="busy", connected=True, last_seen=timezone.now())
+    node = node_make("busy")
     executor = Executor.objects.create(node=node, key="a.gguf", model_id="a", state="online", replicas_online=2)
     target = router.Target(executor_pk=executor.pk, executor_key="a.gguf", channel_name="c", node_pk=node.pk, model="a")
     held = []
     for _ in range(2):
         router.acquire(target)
         held.append(target)
-    assert node.status() == "green", "two requests, two processes: busy but nothing waits"
+    assert _status(node) == "green", "two requests, two processes: busy but nothing waits"
     router.acquire(target)
     held.append(target)
-    assert node.status() == "amber", "a request waits on the node"
+    assert _status(node) == "amber", "a request waits on the node"
     for t in held:
         router.release(t)
-    assert node.status() == "green"
+    assert _status(node) == "green"
     queue = router._queues.setdefault("a", router.ModelQueue("a"))
     queue.length = 1  # a request waits at the gateway for this node's model
     try:
-        assert node.status() == "amber"
+        assert _status(node) == "amber"
     finally:
         del router._queues["a"]
 

@@ -1,7 +1,8 @@
 import secrets
+from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandParser
 
 from accounts.models import ApiKey
 from accounts.users import user_create
@@ -13,10 +14,10 @@ class Command(BaseCommand):
     help = ("First start: create the admin account and an API key, and print both once. "
             "Later starts change nothing and print nothing secret.")
 
-    def add_arguments(self, parser):  # type: ignore[no-untyped-def]
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--username", default="admin")
 
-    def handle(self, *args, username: str, **options):  # type: ignore[no-untyped-def]
+    def handle(self, *args: Any, username: str, **options: Any) -> None:
         users = get_user_model()
         if not users.objects.filter(is_superuser=True).exists():
             password = secrets.token_urlsafe(12)

@@ -1,6 +1,7 @@
 from datetime import timedelta
+from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
 from accounts.models import SCOPE_INFERENCE, SCOPES, ApiKey, User
@@ -9,7 +10,7 @@ from accounts.models import SCOPE_INFERENCE, SCOPES, ApiKey, User
 class Command(BaseCommand):
     help = "Create an API key and print it once. Only a keyed hash of it is stored."
 
-    def add_arguments(self, parser):  # type: ignore[no-untyped-def]
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--name", required=True, help="what the key is for")
         parser.add_argument("--user", help="username of the key's owner (the key acts for them)")
         parser.add_argument("--models", nargs="+", default=[], help="model ids the key may use (default: all)")
@@ -21,9 +22,9 @@ class Command(BaseCommand):
                             help="what the key may do (default: inference only)")
         parser.add_argument("--expires-in-days", type=float, help="the key stops working after this many days")
 
-    def handle(self, *args, name: str, user: str | None, models: list[str], rpm: int | None,  # type: ignore[no-untyped-def]
+    def handle(self, *args: Any, name: str, user: str | None, models: list[str], rpm: int | None,
                tpm: int | None, budget: int | None, budget_period: str, expires_in_days: float | None,
-               scopes: list[str], **options):
+               scopes: list[str], **options: Any) -> None:
         owner = None
         if user:
             try:

@@ -1,7 +1,8 @@
 import sys
+from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from accounts.models import User
 from accounts.users import user_create
@@ -10,13 +11,14 @@ from accounts.users import user_create
 class Command(BaseCommand):
     help = "Create a user. The password is read from standard input, so it never shows in the process list."
 
-    def add_arguments(self, parser):  # type: ignore[no-untyped-def]
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("username")
         parser.add_argument("--type", choices=User.Type.values, default=User.Type.USER)
         parser.add_argument("--first-name", default="")
         parser.add_argument("--last-name", default="")
 
-    def handle(self, *args, username: str, type: str, first_name: str, last_name: str, **options):  # type: ignore[no-untyped-def]
+    def handle(self, *args: Any, username: str, type: str, first_name: str, last_name: str,
+               **options: Any) -> None:
         if User.objects.filter(username=username).exists():
             raise CommandError(f"a user named {username!r} exists already")
         password = sys.stdin.readline().rstrip("\n")

@@ -7,12 +7,12 @@ import socket
 import subprocess  # nosec B404 # our own interpreter with argument lists, never a shell
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from node_agent.default_model import CATALOG, DEFAULT_MODEL
 from node_agent.link import load_node_id
@@ -38,7 +38,7 @@ def _port_open(host: str, port: int) -> bool:
 class Command(BaseCommand):
     help = "Serve the gateway with daphne, and a local node agent for the models in --models-dir."
 
-    def add_arguments(self, parser):  # type: ignore[no-untyped-def]
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
         parser.add_argument("--port", type=int, default=8000)
         parser.add_argument("--models-dir", default=str(settings.BASE_DIR / "models"))

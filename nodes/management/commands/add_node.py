@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from asgiref.sync import async_to_sync
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from nodes.outbound import ProbeFailed, node_probe
 from nodes.services import node_add_dialed
@@ -15,7 +15,7 @@ class Command(BaseCommand):
     help = ("Connect to a listening node, check that it holds the node access key (and prove ours), pin its "
             "certificate, and register it; the gateway then keeps a link to it.")
 
-    def add_arguments(self, parser):  # type: ignore[no-untyped-def]
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("host")
         parser.add_argument("--port", type=int, default=8022)
         parser.add_argument("--name", default="", help="name shown on the gateway (default: the node's own)")

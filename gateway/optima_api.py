@@ -6,27 +6,28 @@ owner's Executor Management permission. Errors use OpenAI's `{"error": {...}}` b
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from channels.db import database_sync_to_async
-from django.http import HttpRequest, HttpResponse, JsonResponse
-from ninja import Router
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
+from django.http import HttpResponse, JsonResponse
+from ninja import Body, Router
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 from accounts.models import User
+from node_agent.protocol import MODEL_ID_MAX_LENGTH, MODEL_ID_PATTERN
 from nodes.models import Executor, Node
+from optimagpt.bodies import validated
+from optimagpt.errors import ApiError, ModelNotFound, PermissionDenied
 
-from .auth import ApiKeyAuth, ManagementAuth, ModelListAuth, Principal
-from .errors import ApiError, InvalidRequest, ModelNotFound, PermissionDenied
+from .auth import ApiKeyAuth, ManagementAuth, ModelListAuth
 from .executors import executor_configure, executor_delete, executor_remote_create
+from .principal import AuthedRequest, Principal
 from .routing.router import strategy as routing_strategy
-
 
 router = Router(auth=ApiKeyAuth(), tags=["OptimaGPT"])
 
-ModelId = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
+ModelId = Annotated[str, Field(min_length=1, max_length=MODEL_ID_MAX_LENGTH, pattern=MODEL_ID_PATTERN)]
 
 
 class NotReady(ApiError):
@@ -38,8 +39,9 @@ class NotReady(ApiError):
 # -- models and capabilities -----------------------------------------------------
 @database_sync_to_async
 def _ready_rows() -> list[dict[str, Any]]:
-    return list(Executor.objects.ready().values("model_id", "name", "embedding", "n_ctx", "embedding_length",
-                                                "description", "node_id", "base_url"))
+    rows = Executor.objects.ready().values("model_id", "name", "embedding", "n_ctx", "embedding_length",
+                                           "description", "node_id", "base_url")
+    return [dict(row) for row in rows]
 
 
 def _owner(row: dict[str, Any]) -> str:
@@ -48,9 +50,9 @@ def _owner(row: dict[str, Any]) -> str:
     return "optimagpt"
 
 
-@router.get("/models", auth=ModelListAuth(), summary="Models that can be served now, chat and embedding apart (also for "
-            "OptimaChat's users)")
-async def optima_models(request: HttpRequest) -> HttpResponse:
+@router.get("/models", auth=ModelListAuth(),
+            summary="Models that can be served now, chat and embedding apart (also for OptimaChat's users)")
+async def optima_models(request: AuthedRequest) -> HttpResponse:
     chat: dict[str, dict[str, Any]] = {}
     embed: dict[str, dict[str, Any]] = {}
     for row in await _ready_rows():
@@ -88,7 +90,7 @@ def _capabilities() -> dict[str, Any]:
 
 
 @router.get("/capabilities", summary="What the gateway can do now; 503 while no model can be served")
-async def optima_capabilities(request: HttpRequest) -> HttpResponse:
+async def optima_capabilities(request: AuthedRequest) -> HttpResponse:
     capabilities = await _capabilities()
     if not (capabilities["canChat"] or capabilities["canEmbed"]):
         error = NotReady("No model can be served yet: no node is linked with a running model.")
@@ -109,12 +111,14 @@ def _require_executor_management(principal: Principal) -> None:
 def executor_out(e: Executor) -> dict[str, Any]:
     """An executor as the API and the pages show it; a remote upstream's key is never part of it."""
     out: dict[str, Any] = {
-        "id": e.pk, "kind": e.kind, "node": ({"id": e.node_id, "name": e.node.name, "connected": e.node.connected} if e.node_id else None),
+        "id": e.pk, "kind": e.kind,
+        "node": ({"id": e.node.pk, "name": e.node.name, "connected": e.node.connected} if e.node else None),
         "key": e.key, "model_id": e.model_id, "name": e.name, "description": e.description, "state": e.state,
         "error": e.error, "enabled": e.enabled, "embedding": e.embedding,
     }
     if e.is_remote:
-        out.update(base_url=_without_credentials(e.base_url), upstream_model=e.upstream_model, has_api_key=bool(e.upstream_key_encrypted))
+        out.update(base_url=_without_credentials(e.base_url), upstream_model=e.upstream_model,
+                   has_api_key=bool(e.upstream_key_encrypted))
     else:
         out.update(family=e.family, architecture=e.architecture, parameter_count=e.parameter_count,
                    quantization=e.quantization, context_length=e.context_length,
@@ -148,18 +152,6 @@ def _require_model_allowed(principal: Principal, values: dict[str, Any]) -> None
         raise PermissionDenied(f"This API key may not use the model '{values['model_id']}'.", param="model_id")
 
 
-def json_object(request: HttpRequest) -> dict[str, Any]:
-    try:
-        body = json.loads(request.body or b"{}")
-    except ValueError:
-        raise InvalidRequest("The request body is not valid JSON.") from None
-    except RecursionError:
-        raise InvalidRequest("The request body is nested too deeply.") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    return body
-
-
 class RemoteIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: Annotated[str, Field(min_length=1, max_length=200)]
@@ -183,21 +175,8 @@ class RemoteUpdateIn(BaseModel):
     enabled: bool | None = None
 
 
-def validated(schema: type[BaseModel], body: dict[str, Any]) -> dict[str, Any]:
-    try:
-        parsed = schema.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise InvalidRequest(f"Invalid value for '{where}': {first['msg']}", param=where or None) from None
-    values = parsed.model_dump(exclude_unset=True)
-    if "base_url" in values:
-        values["base_url"] = str(values["base_url"]).rstrip("/")
-    return values
-
-
 @router.get("/executors", auth=ManagementAuth(), summary="Every executor: models on nodes and remote upstreams")
-async def executors_list(request: HttpRequest) -> HttpResponse:
+async def executors_list(request: AuthedRequest) -> HttpResponse:
     await _require_executor_management(request.auth)
     rows = await database_sync_to_async(lambda: [executor_out(e) for e in Executor.objects.select_related("node")
                                                   if request.auth.allows_model(e.model_id)])()
@@ -205,47 +184,52 @@ async def executors_list(request: HttpRequest) -> HttpResponse:
 
 
 @router.post("/executors", auth=ManagementAuth(), summary="Register a remote OpenAI-compatible upstream as an executor")
-async def executors_create_remote(request: HttpRequest) -> HttpResponse:
+async def executors_create_remote(request: AuthedRequest, body: RemoteIn) -> HttpResponse:
     await _require_executor_management(request.auth)
-    values = validated(RemoteIn, json_object(request))
+    values = body.model_dump(exclude_unset=True)
+    values["base_url"] = str(body.base_url).rstrip("/")
     _require_model_allowed(request.auth, values)
     executor = await executor_remote_create(**values)
     return JsonResponse(await _out(executor), status=201)
 
 
 @router.get("/executors/{executor_id}", auth=ManagementAuth(), summary="One executor")
-async def executors_get(request: HttpRequest, executor_id: int) -> HttpResponse:
+async def executors_get(request: AuthedRequest, executor_id: int) -> HttpResponse:
     await _require_executor_management(request.auth)
     return JsonResponse(await _out(await _executor(request.auth, executor_id)))
 
 
-@router.patch("/executors/{executor_id}", auth=ManagementAuth(), summary="Change an executor's settings (applied by restarting it)")
-async def executors_update(request: HttpRequest, executor_id: int) -> HttpResponse:
+@router.patch("/executors/{executor_id}", auth=ManagementAuth(),
+              summary="Change an executor's settings (applied by restarting it)")
+async def executors_update(request: AuthedRequest, executor_id: int,
+                           changes: Body[dict[str, Any]]) -> HttpResponse:
+    """A local executor's settings are checked by the node's own rules (ExecutorSettings); a remote one's here."""
     await _require_executor_management(request.auth)
     executor = await _executor(request.auth, executor_id)
-    changes = json_object(request)
     if executor.is_remote:
         changes = validated(RemoteUpdateIn, changes)
+        if "base_url" in changes:
+            changes["base_url"] = str(changes["base_url"]).rstrip("/")
         _require_model_allowed(request.auth, changes)
     return JsonResponse(await _out(await executor_configure(executor=executor, changes=changes)))
 
 
 @router.post("/executors/{executor_id}/start", auth=ManagementAuth(), summary="Start an executor (and keep it enabled)")
-async def executors_start(request: HttpRequest, executor_id: int) -> HttpResponse:
+async def executors_start(request: AuthedRequest, executor_id: int) -> HttpResponse:
     await _require_executor_management(request.auth)
     executor = await executor_configure(executor=await _executor(request.auth, executor_id), changes={"enabled": True})
     return JsonResponse(await _out(executor))
 
 
 @router.post("/executors/{executor_id}/stop", auth=ManagementAuth(), summary="Stop an executor and free its memory")
-async def executors_stop(request: HttpRequest, executor_id: int) -> HttpResponse:
+async def executors_stop(request: AuthedRequest, executor_id: int) -> HttpResponse:
     await _require_executor_management(request.auth)
     executor = await executor_configure(executor=await _executor(request.auth, executor_id), changes={"enabled": False})
     return JsonResponse(await _out(executor))
 
 
 @router.delete("/executors/{executor_id}", auth=ManagementAuth(), summary="Remove a remote upstream")
-async def executors_delete(request: HttpRequest, executor_id: int) -> HttpResponse:
+async def executors_delete(request: AuthedRequest, executor_id: int) -> HttpResponse:
     await _require_executor_management(request.auth)
     await executor_delete(executor=await _executor(request.auth, executor_id))
     return HttpResponse(status=204)

@@ -1,4 +1,4 @@
-"""Sending one inference request to a node and receiving its events, over the channel layer.
+"""Request dispatch: sending one request to a node (or a remote upstream) and receiving its events.
 
 The path: this process picks an executor, sends `node.request` to the channel
 of the consumer that holds the node's link (in this process or, on the Redis
@@ -15,51 +15,30 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
-from django.db.models.signals import m2m_changed, post_delete, post_save
-from django.dispatch import receiver
 
-from accounts.models import ApiKey, User
+from node_agent.protocol import OP_CONFIGURE
 from nodes.consumers import link_held_here
 from nodes.models import Node
+from optimagpt.errors import ApiError, NoCapacity, UpstreamTimeout
 
-from . import stats as gateway_stats
-from .auth import Principal
-from .errors import ApiError, NoCapacity, UpstreamError, UpstreamTimeout
-from .limits import principal_admit, principal_record
+from .calls import Call, event_error, revoked_event
+from .connectors.remote import remote_call_start
+from .limits import principal_admit
+from .principal import Principal
+from .revocation import track, untrack
 from .routing.router import Target, release, route
 
 log = logging.getLogger("optimagpt.gateway")
 
 SEND_TIMEOUT_S = 5.0
 CANCEL_SEND_TIMEOUT_S = 5.0
-LINK_CHECK_S = 2.0
-
-
-REVOKED = {"message": "The API key was revoked.", "type": "invalid_request_error", "code": "api_key_revoked",
-           "status": 401}
-
-
-def _event_error(event: dict[str, Any]) -> ApiError:
-    error = event.get("error") or {}
-    status = int(error.get("status") or 502)
-    if 400 <= status < 500:
-        return ApiError(str(error.get("message", "invalid request")), status=status,
-                        type=error.get("type") or "invalid_request_error", code=error.get("code"))
-    return UpstreamError(str(error.get("message", "the node failed the request")), status=status,
-                         code=error.get("code") or "node_error")
-
-
-# Requests in flight in this process (queued or sent), by API key, so that revoking a key ends them.
-# Touched only on the event loop that runs the requests (`_loop`).
-_calls_by_key: dict[int, set[RoutedRequest]] = {}
-_loop: asyncio.AbstractEventLoop | None = None
 
 
 async def _drop_channel(channel: str) -> None:
@@ -80,160 +59,6 @@ async def _drop_channel(channel: str) -> None:
         await waiter
 
 
-def _on_the_loop(function: Any, *args: Any) -> None:
-    """Run `function` on the loop that runs the requests: at once from it, else soon. Safe from any thread."""
-    loop = _loop
-    if loop is None or loop.is_closed():
-        return
-    try:
-        on_loop = asyncio.get_running_loop() is loop
-    except RuntimeError:
-        on_loop = False
-    if on_loop:
-        function(*args)
-    else:
-        loop.call_soon_threadsafe(function, *args)
-
-
-def revoke_calls_of_key(key_id: int) -> None:
-    """End this process's requests made with a revoked key. Safe from any thread (signals run in many)."""
-    _on_the_loop(_revoke_now, lambda call: call.principal.api_key.pk == key_id, key_id)
-
-
-def revoke_calls_of_owner(user_id: int) -> None:
-    """End this process's requests made with the keys of a user who may no longer use them."""
-    _on_the_loop(_revoke_now, lambda call: call.principal.api_key.owner_id == user_id)
-
-
-def _revoke_now(matches: Any, key_id: int | None = None) -> None:
-    calls = _calls_by_key.get(key_id, ()) if key_id is not None else \
-        [call for calls in _calls_by_key.values() for call in calls]
-    for call in list(calls):
-        if not call.revoked and matches(call):
-            call.revoked = True
-            asyncio.ensure_future(call.revoke())
-
-
-@receiver(post_delete, sender=ApiKey)
-def _end_requests_of_revoked_key(sender: type[ApiKey], instance: ApiKey, **kwargs: Any) -> None:
-    revoke_calls_of_key(instance.pk)
-
-
-@receiver(post_save, sender=User)
-def _end_requests_of_deactivated_owner(sender: type[User], instance: User, **kwargs: Any) -> None:
-    if not instance.is_active:
-        revoke_calls_of_owner(instance.pk)
-
-
-@receiver(m2m_changed, sender=User.user_permissions.through)
-def _end_requests_of_owner_without_access(sender: object, instance: object, action: str = "",
-                                          **kwargs: Any) -> None:
-    if action in ("post_remove", "post_clear") and isinstance(instance, User):
-        user = User.objects.filter(pk=instance.pk).first()  # a fresh row: the instance caches its permissions
-        if user is None or not user.has_perm("accounts.access_gateway"):
-            revoke_calls_of_owner(instance.pk)
-
-
-class Call:
-    """One request on its way to an executor. Iterate `events()`; `close()` cancels it if unfinished.
-
-    Subclasses say how events arrive (`_receive`) and how an unfinished request
-    is called off (`_cancel`); this class keeps the books: the slot the router
-    gave it (`target`, released on close), usage on the `end` event. `since` is when the client's
-    request began (queueing included, for the delayed count); `deadline`, in loop
-    time, when it must be over.
-    """
-
-    def __init__(self, target: Target, request_id: str, principal: Principal, *, since: float | None = None,
-                 deadline: float | None = None) -> None:
-        self.principal = principal
-        self.target = target
-        self.request_id = request_id
-        self.finished = False
-        self.counted = True  # False for an attempt that failed over: the request is counted once, by the last
-        self._released = False
-        self._started = time.monotonic()
-        self._since = since if since is not None else self._started
-        self._deadline = deadline if deadline is not None else \
-            asyncio.get_running_loop().time() + settings.OPTIMAGPT_REQUEST_DEADLINE_S
-        self._first_event_after: float | None = None
-        gateway_stats.request_started(target.node_pk)
-
-    def _revoked_event(self) -> dict[str, Any]:
-        return {"type": "error", "id": self.request_id, "revoked": True, "error": REVOKED}
-
-    async def revoke(self) -> None:
-        """End the request because its API key was revoked, whether queued or streaming."""
-        raise NotImplementedError
-
-    async def _receive(self, timeout_s: float) -> dict[str, Any]:
-        """The next event; asyncio.TimeoutError when none came within `timeout_s`."""
-        raise NotImplementedError
-
-    async def _cancel(self) -> None:
-        raise NotImplementedError
-
-    async def _target_linked(self) -> bool:
-        """Whether what serves the request can still answer it (asked while waiting for its first event)."""
-        return True
-
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Events up to and including `end`; an `error` event is raised as ApiError, and then the owner
-        closes the call (RoutedRequest may first mark it as an attempt that failed over)."""
-        loop = asyncio.get_running_loop()
-        timeout = settings.OPTIMAGPT_FIRST_EVENT_TIMEOUT_S
-        close = True
-        try:
-            while True:
-                wait_until = loop.time() + min(timeout, self._deadline - loop.time())
-                while True:
-                    # Before the first event, look every LINK_CHECK_S whether the link is still there: a
-                    # request sent as its link closed reached no one, and would wait for its whole timeout.
-                    step = wait_until - loop.time()
-                    if self._first_event_after is None:
-                        step = min(step, LINK_CHECK_S)
-                    try:
-                        event = await self._receive(max(step, 0.001))
-                        break
-                    except asyncio.TimeoutError:
-                        if loop.time() >= self._deadline:
-                            raise UpstreamTimeout("The request ran past its deadline.",
-                                                  code="deadline_exceeded") from None
-                        if loop.time() >= wait_until:
-                            raise UpstreamTimeout("The node did not answer in time.") from None
-                        if not await self._target_linked():
-                            raise UpstreamError("The node disconnected.", status=502,
-                                                code="node_disconnected") from None
-                if self._first_event_after is None:
-                    self._first_event_after = time.monotonic() - self._since
-                kind = event.get("type")
-                if kind == "error":
-                    # A revoked request is still running: close() must cancel it.
-                    self.finished = not event.get("revoked")
-                    close = False
-                    raise _event_error(event)
-                if kind == "end":
-                    self.finished = True
-                    if event.get("usage"):
-                        await principal_record(principal=self.principal, usage=event["usage"])
-                    yield event
-                    return
-                yield event
-                timeout = settings.OPTIMAGPT_EVENT_TIMEOUT_S
-        finally:
-            if close:
-                await self.close()
-
-    async def close(self) -> None:
-        if self._released:
-            return
-        self._released = True
-        release(self.target, held_s=time.monotonic() - self._started)
-        waited = self._first_event_after if self._first_event_after is not None else time.monotonic() - self._since
-        gateway_stats.request_finished(self.target.node_pk, waited_s=waited, counted=self.counted)
-        await self._cancel()
-
-
 class InferenceCall(Call):
     """A request to an executor on a node, over the channel layer and the node's link."""
 
@@ -252,7 +77,7 @@ class InferenceCall(Call):
         return json.loads(message["raw"])
 
     async def _target_linked(self) -> bool:
-        if link_held_here(self.target.channel_name):
+        if link_held_here(self.target.channel_name) or self.target.node_pk is None:
             return True
         return await database_sync_to_async(Node.objects.filter(
             pk=self.target.node_pk, connected=True, channel_name=self.target.channel_name).exists)()
@@ -306,11 +131,7 @@ class RoutedRequest:
 
     async def start(self) -> None:
         """Route and send the first attempt; raises ModelNotFound, NoCapacity or QueueFull."""
-        global _loop
-        _loop = asyncio.get_running_loop()
-        key = self.principal.api_key
-        if key is not None:
-            _calls_by_key.setdefault(key.pk, set()).add(self)
+        track(self)
         try:
             self.call = await self._attempt()
         except BaseException:
@@ -332,15 +153,13 @@ class RoutedRequest:
                                  avoid_executors=frozenset(self._avoid_executors), abandon=self._abandon)
         except NoCapacity as exc:
             if exc.code == "abandoned":
-                raise _event_error({"error": REVOKED}) from None
+                raise event_error(revoked_event()) from None
             raise
         if self._abandon.done():  # revoked as its slot came
             release(target)
-            raise _event_error({"error": REVOKED})
+            raise event_error(revoked_event())
         timing = {"since": self.since, "deadline": self.deadline}
         if target.remote:
-            from .connectors.remote import remote_call_start  # builds on Call, defined above: imported here
-
             try:
                 return await remote_call_start(target=target, principal=self.principal, op=self.op,
                                                body_json=self.body_json, stream=self.stream, **timing)
@@ -383,7 +202,7 @@ class RoutedRequest:
             raise
         return call
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
+    async def events(self) -> AsyncGenerator[dict[str, Any], None]:
         assert self.call is not None, "start() first"
         loop = asyncio.get_running_loop()
         sent = False
@@ -414,20 +233,14 @@ class RoutedRequest:
             await self.close()
 
     async def close(self) -> None:
-        key = self.principal.api_key
-        if key is not None:
-            calls = _calls_by_key.get(key.pk)
-            if calls is not None:
-                calls.discard(self)
-                if not calls:
-                    del _calls_by_key[key.pk]
+        untrack(self)
         if self.call is not None:
             await self.call.close()
 
 
-async def first_event(call: RoutedRequest) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any]]:
+async def first_event(call: RoutedRequest) -> tuple[AsyncGenerator[dict[str, Any], None], dict[str, Any]]:
     """Wait for the node's first event, so errors before any token still get a proper status code."""
-    events = aiter(call.events())
+    events = call.events()
     try:
         first = await anext(events)
     except BaseException:
@@ -462,14 +275,14 @@ async def node_configure(*, channel_name: str, executor_key: str, changes: dict[
     try:
         await asyncio.wait_for(layer.send(channel_name, {
             "type": "node.request", "id": uuid.uuid4().hex, "reply_channel": reply_channel,
-            "executor": executor_key, "op": "configure", "stream": False, "body_json": json.dumps(changes),
+            "executor": executor_key, "op": OP_CONFIGURE, "stream": False, "body_json": json.dumps(changes),
         }), SEND_TIMEOUT_S)
         message = await asyncio.wait_for(layer.receive(reply_channel), CONFIGURE_TIMEOUT_S)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise UpstreamTimeout("The node did not confirm the change in time.") from None
     finally:
         await _drop_channel(reply_channel)
     event = json.loads(message["raw"])
     if event.get("type") != "end":
-        raise _event_error(event)
+        raise event_error(event)
     return event["executor"]

@@ -1,6 +1,15 @@
-"""Errors the API reports, each carrying what OpenAI's `{"error": {...}}` body needs."""
+"""Errors the APIs report, and OpenAI's `{"error": {...}}` body they are sent as: the one place it is built.
+
+Project-wide (accounts, nodes, chat and gateway raise them alike); imports nothing of the project.
+"""
 
 from __future__ import annotations
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, dict[str, str | None]]:
+    """OpenAI's error object, as every /v1 and /optima/v1 error answers (unknown paths included)."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 class ApiError(Exception):
@@ -24,8 +33,8 @@ class ApiError(Exception):
         if type is not None:
             self.type = type
 
-    def body(self) -> dict[str, object]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
 
 class InvalidRequest(ApiError):

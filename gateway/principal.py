@@ -1,0 +1,30 @@
+"""Who one request is for: a plain value made by authentication (gateway/auth.py) and read everywhere after."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.http import HttpRequest
+
+from accounts.models import ApiKey
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller of one request: a key (acting for its owner, if it has one) or a user with a JWT."""
+
+    user_id: int | None
+    api_key: ApiKey | None = None
+
+    def allows_model(self, model: str) -> bool:
+        """A key's model limit, which holds on every endpoint that names or lists models."""
+        return self.api_key is None or self.api_key.allows_model(model)
+
+
+class AuthedRequest(HttpRequest):
+    """The request an API endpoint receives once its `auth` passed: django-ninja sets `auth` to the Principal.
+
+    For the type checker only (endpoints are annotated with it); nothing makes one.
+    """
+
+    auth: Principal
