@@ -58,6 +58,9 @@ case "${1:-}" in
         # Security lint of the project's packages (findings fixed, or justified by a nosec comment on the line).
         "$PY" -m bandit --quiet --configfile pyproject.toml --recursive accounts chat gateway nodes node_agent optimagpt \
             || { echo "bandit found security issues (above)" >&2; exit 1; }
+        # Lint (with import order) and types, as pyproject.toml configures them; either failing fails the run.
+        "$PY" -m ruff check --quiet . || { echo "ruff found problems (above)" >&2; exit 1; }
+        "$PY" -m mypy || { echo "mypy found type errors (above)" >&2; exit 1; }
         set +e
         "$PY" -m pytest "$@"
         status=$?
