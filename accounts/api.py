@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from channels.db import database_sync_to_async
 from django.http import HttpRequest, JsonResponse
@@ -10,7 +10,7 @@ from ninja import Router
 from pydantic import BaseModel, ConfigDict, Field
 
 from optimagpt.addresses import client_address
-from optimagpt.errors import AuthenticationFailed, RateLimited
+from optimagpt.errors import ERRORS, AuthenticationFailed, RateLimited
 
 from .ratelimit import login_retry_after
 from .tokens import TokenRefused, token_logout, token_pair_for_login, token_refresh
@@ -32,7 +32,19 @@ class RefreshIn(AuthIn):
     refresh_token: Annotated[str, Field(min_length=1, max_length=4096)]
 
 
-@router.post("/login", summary="Log in with username and password; returns JWTs")
+class TokenPairOut(BaseModel):
+    access_token: str
+    token_type: Literal["Bearer"]
+    expires_in: int = Field(description="seconds the access token stays valid")
+    refresh_token: str
+
+
+class LoggedOutOut(BaseModel):
+    """An empty object."""
+
+
+@router.post("/login", summary="Log in with username and password; returns JWTs",
+             response={200: TokenPairOut, **ERRORS})
 async def login(request: HttpRequest, body: LoginIn) -> JsonResponse:
     address = client_address(request)
     retry_after = await login_retry_after(address=address, username=body.username)
@@ -47,7 +59,8 @@ async def login(request: HttpRequest, body: LoginIn) -> JsonResponse:
     return JsonResponse(pair.body())
 
 
-@router.post("/refresh", summary="A new access token for a refresh token")
+@router.post("/refresh", summary="A new access token for a refresh token",
+             response={200: TokenPairOut, **ERRORS})
 async def refresh(request: HttpRequest, body: RefreshIn) -> JsonResponse:
     try:
         pair = await database_sync_to_async(token_refresh)(refresh_token=body.refresh_token)
@@ -56,7 +69,7 @@ async def refresh(request: HttpRequest, body: RefreshIn) -> JsonResponse:
     return JsonResponse(pair.body())
 
 
-@router.post("/logout", summary="Blacklist a refresh token")
+@router.post("/logout", summary="Blacklist a refresh token", response={200: LoggedOutOut, **ERRORS})
 async def logout(request: HttpRequest, body: RefreshIn) -> JsonResponse:
     try:
         await database_sync_to_async(token_logout)(refresh_token=body.refresh_token)

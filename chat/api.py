@@ -7,7 +7,7 @@ conversations (403).
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.auth import ChatAuth
 from gateway.principal import AuthedRequest
 from gateway.sse import SSE_HEADERS, sse_frames
-from optimagpt.errors import InvalidRequest, PermissionDenied
+from optimagpt.errors import ERRORS, InvalidRequest, PermissionDenied
 
 from .conversations import (
     conversation_change,
@@ -57,6 +57,69 @@ def _int_param(request: HttpRequest, name: str, default: int, low: int, high: in
     return value
 
 
+# -- answers' shapes (for /docs; built as dicts by chat/services.py, not validated on the way out) ---------
+class ConversationOut(BaseModel):
+    id: str
+    userId: int
+    title: str
+    titleSource: Literal["fallback", "model", "user"]
+    modelId: str
+    turnCount: int
+    status: str
+    createdAt: str
+    updatedAt: str
+
+
+class ConversationListOut(BaseModel):
+    object: Literal["list"]
+    data: list[ConversationOut]
+    startIndex: int
+    returnCount: int
+    total: int
+
+
+class ConversationSettingsOut(ConversationOut):
+    systemPrompt: str
+    temperature: float
+
+
+class MessageOut(BaseModel):
+    id: int
+    role: Literal["system", "user", "assistant"]
+    content: str
+    status: str
+    modelId: str
+    createdAt: str
+    error: str | None = Field(None, description="why the reply ended early, when it did")
+
+
+class ConversationWithMessagesOut(ConversationSettingsOut):
+    messages: list[MessageOut]
+
+
+class ConversationDeletedOut(BaseModel):
+    id: str
+    object: Literal["conversation.deleted"]
+    deleted: bool
+
+
+class ContextOut(BaseModel):
+    modelId: str
+    window: int | None
+    system: int
+    tools: int
+    user: int
+    assistant: int
+    template: int
+    used: int
+    free: int | None
+    countedWith: Literal["tokenizer", "estimate"]
+
+
+class PreferencesOut(BaseModel):
+    expandBlocks: bool
+
+
 class ConversationIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
     title: Annotated[str, Field(max_length=200)] = ""
@@ -65,7 +128,8 @@ class ConversationIn(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
 
 
-@router.post("", summary="Start a conversation (New Chat)")
+@router.post("", summary="Start a conversation (New Chat)",
+             response={201: ConversationOut, **ERRORS})
 async def conversations_create(request: AuthedRequest, body: ConversationIn) -> HttpResponse:
     user_id = _user_id(request)
     values = body.model_dump(exclude_unset=True)
@@ -73,7 +137,8 @@ async def conversations_create(request: AuthedRequest, body: ConversationIn) -> 
 
 
 @router.get("", summary="The caller's conversations, newest activity first, paged; `search` keeps those whose title "
-            "or messages contain it")
+            "or messages contain it",
+            response={200: ConversationListOut, **ERRORS})
 async def conversations_list(request: AuthedRequest) -> HttpResponse:
     user_id = _user_id(request)
     start = _int_param(request, "startIndex", 0, 0, 10**9)
@@ -86,7 +151,8 @@ async def conversations_list(request: AuthedRequest) -> HttpResponse:
                          "total": total})
 
 
-@router.get("/{conversation_id}", summary="One conversation with its messages")
+@router.get("/{conversation_id}", summary="One conversation with its messages",
+            response={200: ConversationWithMessagesOut, **ERRORS})
 async def conversations_get(request: AuthedRequest, conversation_id: str) -> HttpResponse:
     return JsonResponse(await conversation_with_messages(_user_id(request), conversation_id))
 
@@ -100,7 +166,8 @@ class ChangeIn(BaseModel):
 
 
 @router.patch("/{conversation_id}", summary="Rename a conversation or change its settings (system prompt, "
-              "temperature, model), which apply from the next message")
+              "temperature, model), which apply from the next message",
+              response={200: ConversationSettingsOut, **ERRORS})
 async def conversations_change(request: AuthedRequest, conversation_id: str, body: ChangeIn) -> HttpResponse:
     user_id = _user_id(request)
     values = {k: v for k, v in body.model_dump(exclude_unset=True).items() if v is not None}
@@ -113,7 +180,8 @@ async def conversations_change(request: AuthedRequest, conversation_id: str, bod
     return JsonResponse(await conversation_change(user_id, conversation_id, values))
 
 
-@router.delete("/{conversation_id}", summary="Delete a conversation and its messages")
+@router.delete("/{conversation_id}", summary="Delete a conversation and its messages",
+               response={200: ConversationDeletedOut, **ERRORS})
 async def conversations_delete(request: AuthedRequest, conversation_id: str) -> HttpResponse:
     await conversation_delete(_user_id(request), conversation_id)
     return JsonResponse({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
@@ -127,7 +195,8 @@ class SendIn(BaseModel):
 
 
 @router.post("/{conversation_id}/messages",
-             summary="Send a message (or regenerate the last reply) and stream the reply as server-sent events")
+             summary="Send a message (or regenerate the last reply) and stream the reply as server-sent events",
+             response=ERRORS)
 async def conversations_send(request: AuthedRequest, conversation_id: str, body: SendIn) -> HttpResponseBase:
     user_id = _user_id(request)
     values = body.model_dump(exclude_unset=True)
@@ -145,7 +214,8 @@ async def conversations_send(request: AuthedRequest, conversation_id: str, body:
 
 
 @router.get("/{conversation_id}/context",
-            summary="How many tokens System, Tools, User and AI take of the model's context window, by its tokenizer")
+            summary="How many tokens System, Tools, User and AI take of the model's context window, by its tokenizer",
+            response={200: ContextOut, **ERRORS})
 async def conversations_context(request: AuthedRequest, conversation_id: str) -> HttpResponse:
     user_id = _user_id(request)
     conversation = await conversation_of_async(user_id, conversation_id)
@@ -163,12 +233,14 @@ class PreferencesIn(BaseModel):
     expandBlocks: bool
 
 
-@preferences_router.get("", summary="The caller's own OptimaChat settings")
+@preferences_router.get("", summary="The caller's own OptimaChat settings",
+                        response={200: PreferencesOut, **ERRORS})
 async def preferences_get(request: AuthedRequest) -> HttpResponse:
     return JsonResponse(await preferences_update(_user_id(request), {}))
 
 
-@preferences_router.patch("", summary="Change the caller's own OptimaChat settings")
+@preferences_router.patch("", summary="Change the caller's own OptimaChat settings",
+                          response={200: PreferencesOut, **ERRORS})
 async def preferences_change(request: AuthedRequest, body: PreferencesIn) -> HttpResponse:
     user_id = _user_id(request)
     return JsonResponse(await preferences_update(user_id, body.model_dump()))

@@ -20,12 +20,21 @@ from ninja import Router
 
 from node_agent.protocol import OP_CHAT, OP_COMPLETION, OP_EMBEDDING
 from nodes.models import Executor
-from optimagpt.errors import ApiError, ModelNotFound
+from optimagpt.errors import ERRORS, ApiError, ModelNotFound
 
 from .auth import ApiKeyAuth
 from .dispatch import RoutedRequest, first_event, inference_start
 from .principal import AuthedRequest
-from .schemas import ChatCompletionIn, CompletionIn, EmbeddingIn
+from .schemas import (
+    ChatCompletionIn,
+    ChatCompletionOut,
+    CompletionIn,
+    CompletionOut,
+    EmbeddingIn,
+    EmbeddingListOut,
+    ModelListOut,
+    ModelOut,
+)
 from .sse import SSE_HEADERS, sse
 
 router = Router(auth=ApiKeyAuth(), tags=["OpenAI"])
@@ -79,7 +88,7 @@ def _finish_reason(event: dict[str, Any]) -> str:
 
 
 # -- chat ---------------------------------------------------------------------
-@router.post("/chat/completions", summary="Create a chat completion")
+@router.post("/chat/completions", summary="Create a chat completion", response={200: ChatCompletionOut, **ERRORS})
 async def chat_completions(request: AuthedRequest, body: ChatCompletionIn) -> HttpResponseBase:
     call = await inference_start(principal=request.auth, model=body.model, op=OP_CHAT, body_json=_node_body(request),
                                  stream=body.stream)
@@ -122,7 +131,7 @@ async def chat_completions(request: AuthedRequest, body: ChatCompletionIn) -> Ht
 
 
 # -- legacy completions -------------------------------------------------------
-@router.post("/completions", summary="Create a completion (legacy)")
+@router.post("/completions", summary="Create a completion (legacy)", response={200: CompletionOut, **ERRORS})
 async def completions(request: AuthedRequest, body: CompletionIn) -> HttpResponseBase:
     call = await inference_start(principal=request.auth, model=body.model, op=OP_COMPLETION,
                                  body_json=_node_body(request), stream=body.stream)
@@ -150,7 +159,7 @@ async def completions(request: AuthedRequest, body: CompletionIn) -> HttpRespons
 
 
 # -- embeddings ---------------------------------------------------------------
-@router.post("/embeddings", summary="Create embeddings")
+@router.post("/embeddings", summary="Create embeddings", response={200: EmbeddingListOut, **ERRORS})
 async def embeddings(request: AuthedRequest, body: EmbeddingIn) -> HttpResponse:
     call = await inference_start(principal=request.auth, model=body.model, op=OP_EMBEDDING,
                                  body_json=_node_body(request), stream=False)
@@ -187,14 +196,14 @@ def _served_models() -> dict[str, int]:
     return served
 
 
-@router.get("/models", summary="List the models that can be served now")
+@router.get("/models", summary="List the models that can be served now", response={200: ModelListOut, **ERRORS})
 async def list_models(request: AuthedRequest) -> HttpResponse:
     served = await _served_models()
     return JsonResponse({"object": "list", "data": [_model_object(m, c) for m, c in sorted(served.items())
                                                     if request.auth.allows_model(m)]})
 
 
-@router.get("/models/{path:model_id}", summary="Retrieve a model")
+@router.get("/models/{path:model_id}", summary="Retrieve a model", response={200: ModelOut, **ERRORS})
 async def retrieve_model(request: AuthedRequest, model_id: str) -> HttpResponse:
     served = await _served_models()
     if model_id not in served or not request.auth.allows_model(model_id):

@@ -94,6 +94,20 @@ class ModelListAuth(ChatAuth):
 
 
 class ManagementAuth(ApiKeyAuth):
-    """Managing executors: a key with the management scope (its owner's permissions still apply), or a JWT."""
+    """Managing executors: a key with the management scope or a JWT, of a user who holds Executor Management.
+
+    Checked here, before django-ninja reads the body: a caller who may not manage executors learns that
+    (403), whatever they sent."""
 
     scopes = (SCOPE_MANAGEMENT,)
+
+    async def __call__(self, request: HttpRequest) -> Principal:
+        principal = await super().__call__(request)
+        if not await database_sync_to_async(_manages_executors)(principal.user_id):
+            raise PermissionDenied("Managing executors needs the Executor Management permission.")
+        return principal
+
+
+def _manages_executors(user_id: int | None) -> bool:
+    user = User.objects.filter(pk=user_id, is_active=True).first() if user_id else None
+    return user is not None and user.has_perm("accounts.manage_executors")

@@ -54,6 +54,7 @@ async def executor_remote_create(*, name: str, model_id: str, base_url: str, ups
     executor = Executor(key=name, model_id=model_id, base_url=base_url, upstream_model=upstream_model,
                         description=description, embedding=embedding, enabled=enabled, name=name,
                         architecture="remote")
+    _check_key(api_key)
     await _check_address(base_url)
     executor.set_upstream_key(api_key)
     await _probe_into(executor)
@@ -62,6 +63,12 @@ async def executor_remote_create(*, name: str, model_id: str, base_url: str, ups
     except IntegrityError:
         raise Conflict(f"A remote upstream named {name!r} exists already.") from None
     return executor
+
+
+def _check_key(api_key: str) -> None:
+    """The key goes in an Authorization header, which carries printable ASCII only."""
+    if any(not "!" <= c <= "~" for c in api_key):
+        raise InvalidRequest("api_key may hold printable ASCII characters only (no spaces)", param="api_key")
 
 
 def _save_new(executor: Executor) -> None:
@@ -83,6 +90,7 @@ async def executor_remote_update(*, executor: Executor, changes: dict[str, Any])
                                  "never sent to a host it was not given for)", param="api_key")
     for field, value in changes.items():
         if field == "api_key":
+            _check_key(value)
             executor.set_upstream_key(value)
         else:
             setattr(executor, field, value)

@@ -6,7 +6,7 @@ owner's Executor Management permission. Errors use OpenAI's `{"error": {...}}` b
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from channels.db import database_sync_to_async
@@ -14,11 +14,10 @@ from django.http import HttpResponse, JsonResponse
 from ninja import Body, Router
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
-from accounts.models import User
 from node_agent.protocol import MODEL_ID_MAX_LENGTH, MODEL_ID_PATTERN
 from nodes.models import Executor, Node
 from optimagpt.bodies import validated
-from optimagpt.errors import ApiError, ModelNotFound, PermissionDenied
+from optimagpt.errors import ERRORS, ApiError, ModelNotFound, PermissionDenied
 
 from .auth import ApiKeyAuth, ManagementAuth, ModelListAuth
 from .executors import executor_configure, executor_delete, executor_remote_create
@@ -28,6 +27,82 @@ from .routing.router import strategy as routing_strategy
 router = Router(auth=ApiKeyAuth(), tags=["OptimaGPT"])
 
 ModelId = Annotated[str, Field(min_length=1, max_length=MODEL_ID_MAX_LENGTH, pattern=MODEL_ID_PATTERN)]
+
+
+# -- answers' shapes (for /docs; built as dicts, not validated on the way out) --------------------------
+class ChatModelOut(BaseModel):
+    id: str
+    name: str
+    owned_by: str
+    ctx_max: int | None = Field(description="the smallest context window among the executors serving it")
+    description: str
+
+
+class EmbedModelOut(BaseModel):
+    id: str
+    name: str
+    owned_by: str
+    dimensions: int | None
+    description: str
+
+
+class OptimaModelsOut(BaseModel):
+    object: Literal["list"]
+    chat_models: list[ChatModelOut]
+    embed_models: list[EmbedModelOut]
+
+
+class CapabilitiesOut(BaseModel):
+    canChat: bool  # noqa: N815 - the reference API's names
+    canEmbed: bool  # noqa: N815
+    numNodes: int  # noqa: N815
+    routing: Literal["least_busy", "round_robin"]
+
+
+class ExecutorNodeOut(BaseModel):
+    id: int
+    name: str
+    connected: bool
+
+
+class ExecutorOut(BaseModel):
+    """A model file on a node (`kind` "chat" or "embedding") or a remote upstream ("remote"); each has its own
+    fields besides the common ones."""
+
+    id: int
+    kind: Literal["chat", "embedding", "remote"]
+    node: ExecutorNodeOut | None
+    key: str
+    model_id: str
+    name: str
+    description: str
+    state: str
+    error: str
+    enabled: bool
+    embedding: bool
+    # a remote upstream's (its key itself is never shown)
+    base_url: str | None = None
+    upstream_model: str | None = None
+    has_api_key: bool | None = None
+    # a model file's
+    family: str | None = None
+    architecture: str | None = None
+    parameter_count: int | None = None
+    quantization: str | None = None
+    context_length: int | None = None
+    embedding_length: int | None = None
+    n_ctx: int | None = None
+    size_bytes: int | None = None
+    sha256: str | None = None
+    valid: bool | None = None
+    replicas: int | None = None
+    replicas_online: int | None = None
+    settings: dict[str, Any] | None = None
+
+
+class ExecutorListOut(BaseModel):
+    object: Literal["list"]
+    data: list[ExecutorOut]
 
 
 class NotReady(ApiError):
@@ -51,7 +126,8 @@ def _owner(row: dict[str, Any]) -> str:
 
 
 @router.get("/models", auth=ModelListAuth(),
-            summary="Models that can be served now, chat and embedding apart (also for OptimaChat's users)")
+            summary="Models that can be served now, chat and embedding apart (also for OptimaChat's users)",
+            response={200: OptimaModelsOut, **ERRORS})
 async def optima_models(request: AuthedRequest) -> HttpResponse:
     chat: dict[str, dict[str, Any]] = {}
     embed: dict[str, dict[str, Any]] = {}
@@ -89,7 +165,8 @@ def _capabilities() -> dict[str, Any]:
     }
 
 
-@router.get("/capabilities", summary="What the gateway can do now; 503 while no model can be served")
+@router.get("/capabilities", summary="What the gateway can do now; 503 while no model can be served",
+            response={200: CapabilitiesOut, **ERRORS})
 async def optima_capabilities(request: AuthedRequest) -> HttpResponse:
     capabilities = await _capabilities()
     if not (capabilities["canChat"] or capabilities["canEmbed"]):
@@ -101,13 +178,6 @@ async def optima_capabilities(request: AuthedRequest) -> HttpResponse:
 
 
 # -- executors ------------------------------------------------------------------
-@database_sync_to_async
-def _require_executor_management(principal: Principal) -> None:
-    user = User.objects.filter(pk=principal.user_id, is_active=True).first() if principal.user_id else None
-    if user is None or not user.has_perm("accounts.manage_executors"):
-        raise PermissionDenied("Managing executors needs the Executor Management permission.")
-
-
 def executor_out(e: Executor) -> dict[str, Any]:
     """An executor as the API and the pages show it; a remote upstream's key is never part of it."""
     out: dict[str, Any] = {
@@ -175,17 +245,17 @@ class RemoteUpdateIn(BaseModel):
     enabled: bool | None = None
 
 
-@router.get("/executors", auth=ManagementAuth(), summary="Every executor: models on nodes and remote upstreams")
+@router.get("/executors", auth=ManagementAuth(), summary="Every executor: models on nodes and remote upstreams",
+            response={200: ExecutorListOut, **ERRORS})
 async def executors_list(request: AuthedRequest) -> HttpResponse:
-    await _require_executor_management(request.auth)
     rows = await database_sync_to_async(lambda: [executor_out(e) for e in Executor.objects.select_related("node")
                                                   if request.auth.allows_model(e.model_id)])()
     return JsonResponse({"object": "list", "data": rows})
 
 
-@router.post("/executors", auth=ManagementAuth(), summary="Register a remote OpenAI-compatible upstream as an executor")
+@router.post("/executors", auth=ManagementAuth(), summary="Register a remote OpenAI-compatible upstream as an executor",
+             response={201: ExecutorOut, **ERRORS})
 async def executors_create_remote(request: AuthedRequest, body: RemoteIn) -> HttpResponse:
-    await _require_executor_management(request.auth)
     values = body.model_dump(exclude_unset=True)
     values["base_url"] = str(body.base_url).rstrip("/")
     _require_model_allowed(request.auth, values)
@@ -193,18 +263,18 @@ async def executors_create_remote(request: AuthedRequest, body: RemoteIn) -> Htt
     return JsonResponse(await _out(executor), status=201)
 
 
-@router.get("/executors/{executor_id}", auth=ManagementAuth(), summary="One executor")
+@router.get("/executors/{executor_id}", auth=ManagementAuth(), summary="One executor",
+            response={200: ExecutorOut, **ERRORS})
 async def executors_get(request: AuthedRequest, executor_id: int) -> HttpResponse:
-    await _require_executor_management(request.auth)
     return JsonResponse(await _out(await _executor(request.auth, executor_id)))
 
 
 @router.patch("/executors/{executor_id}", auth=ManagementAuth(),
-              summary="Change an executor's settings (applied by restarting it)")
+              summary="Change an executor's settings (applied by restarting it)",
+              response={200: ExecutorOut, **ERRORS})
 async def executors_update(request: AuthedRequest, executor_id: int,
                            changes: Body[dict[str, Any]]) -> HttpResponse:
     """A local executor's settings are checked by the node's own rules (ExecutorSettings); a remote one's here."""
-    await _require_executor_management(request.auth)
     executor = await _executor(request.auth, executor_id)
     if executor.is_remote:
         changes = validated(RemoteUpdateIn, changes)
@@ -214,22 +284,22 @@ async def executors_update(request: AuthedRequest, executor_id: int,
     return JsonResponse(await _out(await executor_configure(executor=executor, changes=changes)))
 
 
-@router.post("/executors/{executor_id}/start", auth=ManagementAuth(), summary="Start an executor (and keep it enabled)")
+@router.post("/executors/{executor_id}/start", auth=ManagementAuth(), summary="Start an executor (and keep it enabled)",
+             response={200: ExecutorOut, **ERRORS})
 async def executors_start(request: AuthedRequest, executor_id: int) -> HttpResponse:
-    await _require_executor_management(request.auth)
     executor = await executor_configure(executor=await _executor(request.auth, executor_id), changes={"enabled": True})
     return JsonResponse(await _out(executor))
 
 
-@router.post("/executors/{executor_id}/stop", auth=ManagementAuth(), summary="Stop an executor and free its memory")
+@router.post("/executors/{executor_id}/stop", auth=ManagementAuth(), summary="Stop an executor and free its memory",
+             response={200: ExecutorOut, **ERRORS})
 async def executors_stop(request: AuthedRequest, executor_id: int) -> HttpResponse:
-    await _require_executor_management(request.auth)
     executor = await executor_configure(executor=await _executor(request.auth, executor_id), changes={"enabled": False})
     return JsonResponse(await _out(executor))
 
 
-@router.delete("/executors/{executor_id}", auth=ManagementAuth(), summary="Remove a remote upstream")
+@router.delete("/executors/{executor_id}", auth=ManagementAuth(), summary="Remove a remote upstream",
+               response={204: None, **ERRORS})
 async def executors_delete(request: AuthedRequest, executor_id: int) -> HttpResponse:
-    await _require_executor_management(request.auth)
     await executor_delete(executor=await _executor(request.auth, executor_id))
     return HttpResponse(status=204)

@@ -1,4 +1,6 @@
-"""Request bodies of the OpenAI API. Unknown fields are accepted (real clients send them) and passed on."""
+"""Request bodies of the OpenAI API (unknown fields are accepted: real clients send them, and they are passed on),
+and the answers' shapes (`...Out`), which document /docs; answers are built as plain dicts and not validated
+against them on the way out (gateway/api.py returns its JsonResponse as it is)."""
 
 from __future__ import annotations
 
@@ -211,3 +213,89 @@ class EmbeddingIn(OpenAIIn):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+
+
+# -- answers ------------------------------------------------------------------------------------------
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled"] | None
+
+
+class UsageOut(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
+class AssistantMessageOut(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class ChatChoiceOut(BaseModel):
+    index: int
+    message: AssistantMessageOut
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletionOut(BaseModel):
+    """With `stream: true` the answer is `text/event-stream` instead: `chat.completion.chunk` objects, one per
+    `data:` line, then `data: [DONE]`."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[ChatChoiceOut]
+    usage: UsageOut
+
+
+class CompletionChoiceOut(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class CompletionOut(BaseModel):
+    """With `stream: true`: `text/event-stream` of `text_completion` objects, then `data: [DONE]`."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[CompletionChoiceOut]
+    usage: UsageOut
+
+
+class EmbeddingOut(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description="floats, or with encoding_format=base64 little-endian float32")
+
+
+class EmbeddingListOut(BaseModel):
+    object: Literal["list"]
+    data: list[EmbeddingOut]
+    model: str
+    usage: UsageOut
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelListOut(BaseModel):
+    object: Literal["list"]
+    data: list[ModelOut]

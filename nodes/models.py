@@ -6,6 +6,8 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from optimagpt.secrets import decrypt, encrypt
+
 
 class Node(models.Model):
     """A machine running the node agent, known by the id it made for itself on first start."""
@@ -22,7 +24,7 @@ class Node(models.Model):
     # A node id that first shows up by linking in is routed nothing until an admin approves it (unless
     # OPTIMAGPT_NODE_AUTO_APPROVE); rows the gateway's own code makes (admin-added nodes) are approved.
     approved = models.BooleanField(default=True)
-    # The secret this node proves it holds on every link (encrypted, nodes/secrets.py): the shared access
+    # The secret this node proves it holds on every link (encrypted, optimagpt/secrets.py): the shared access
     # key alone cannot tell one node from another.
     identity_secret_encrypted = models.TextField(blank=True, editable=False)
     connected = models.BooleanField(default=False)
@@ -153,13 +155,9 @@ class Executor(models.Model):
         return "embedding" if self.embedding else "chat"
 
     def set_upstream_key(self, raw: str) -> None:
-        from .secrets import encrypt
-
         self.upstream_key_encrypted = encrypt(raw) if raw else ""
 
     def upstream_key(self) -> str:
-        from .secrets import decrypt
-
         return decrypt(self.upstream_key_encrypted) if self.upstream_key_encrypted else ""
 
 

@@ -15,9 +15,9 @@ from django.db.models import Q
 from django.utils import timezone
 
 from node_agent.protocol import new_node_secret, proof_matches
+from optimagpt.secrets import SecretUnreadable, decrypt, encrypt
 
 from .models import Executor, Node, NodeLog, NodeMetric
-from .secrets import SecretUnreadable, decrypt, encrypt
 from .signals import executors_changed
 
 log = logging.getLogger("optimagpt.nodes")

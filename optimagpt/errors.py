@@ -1,15 +1,36 @@
 """Errors the APIs report, and OpenAI's `{"error": {...}}` body they are sent as: the one place it is built.
 
 Project-wide (accounts, nodes, chat and gateway raise them alike); imports nothing of the project.
+Endpoints declare `response={200: TheirOut, **ERRORS}` so /docs shows the error body too.
 """
 
 from __future__ import annotations
+
+from pydantic import BaseModel
 
 
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, dict[str, str | None]]:
     """OpenAI's error object, as every /v1 and /optima/v1 error answers (unknown paths included)."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class ErrorDetailOut(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorOut(BaseModel):
+    """OpenAI's error body, as every error of /v1, /optima/v1 and /api/auth is sent."""
+
+    error: ErrorDetailOut
+
+
+# The statuses our APIs answer with an error body (each endpoint may send fewer).
+ERROR_STATUSES = frozenset({400, 401, 403, 404, 408, 409, 413, 429, 500, 502, 503, 504})
+ERRORS: dict[frozenset[int], type[BaseModel]] = {ERROR_STATUSES: ErrorOut}
 
 
 class ApiError(Exception):

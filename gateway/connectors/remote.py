@@ -2,7 +2,7 @@
 
 The gateway calls the upstream itself over HTTP(S) and turns its answers into
 the same events a node sends (delta, end, error), so the API code shapes both
-alike. The upstream's key is stored encrypted (nodes/secrets.py) and never
+alike. The upstream's key is stored encrypted (optimagpt/secrets.py) and never
 appears in an error, a log line or a page.
 """
 
@@ -25,9 +25,9 @@ from django.dispatch import receiver
 
 from node_agent.protocol import OP_CHAT, OP_COMPLETION, OP_EMBEDDING, OP_TOKENIZE, error_event
 from nodes.models import Executor
-from nodes.secrets import SecretUnreadable
 from nodes.signals import executors_changed
 from optimagpt.errors import UpstreamError
+from optimagpt.secrets import SecretUnreadable
 
 from ..calls import Call
 from ..principal import Principal

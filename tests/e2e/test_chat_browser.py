@@ -1,6 +1,6 @@
-"""OptimaChat in real headless Chromium against a running gateway and node with SmolLM2: log in, send with
-Enter, watch tokens arrive and the model title the chat, change the system prompt and see it counted in the
-context visualiser, stop mid-reply, regenerate, switch model, rename, search, delete; Markdown, code and
+"""OptimaChat in real headless Chromium against a running gateway and node with SmolLM2, one feature a test:
+send with Enter and see the model title the chat, change the system prompt and see it counted in the context
+visualiser, stop mid-reply, regenerate, switch model, rename, search, delete, phone width; Markdown, code and
 thinking blocks render, and nothing a user or a model writes runs. Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
@@ -109,34 +109,81 @@ def _tokens(model_path, text: str) -> int:  # type: ignore[no-untyped-def]
     return len(vocabulary.tokenize(text.encode(), add_bos=False, special=False))
 
 
-def test_a_user_chats_with_settings_stop_regenerate_models_rename_search_and_delete(  # type: ignore[no-untyped-def]
-        gateway, node, browser, api_key, model_path, tmp_path) -> None:
+LAST_REPLY = "document.querySelector('#messages li.assistant:last-child .content')?.textContent.length"
+
+
+@pytest.fixture(scope="module")
+def chatter(gateway, node, api_key, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """The chat's three models (SmolLM2 on the node, the same as a remote upstream, a simulated long talker)
+    and a user, "chatter", shared by the one-feature tests below."""
     from tests.processes import SimulatedNodes
 
     _user(gateway, "chatter")
     node.wait_for_model(MODEL_ID)
     remove_remote = _remote_upstream(gateway, api_key)
-    long_talker = SimulatedNodes(gateway=gateway, log_dir=tmp_path, model=LONG_MODEL, tokens=4000, token_rate=20,
-                                 prefix="long-talker")
+    long_talker = SimulatedNodes(gateway=gateway, log_dir=tmp_path_factory.mktemp("long-talker"), model=LONG_MODEL,
+                                 tokens=4000, token_rate=20, prefix="long-talker")
     long_talker.start()
-    csp_violations: list[str] = []
-    context, page = _signed_in(browser, gateway, "chatter", csp_violations, width=1280)
-    last_reply = "document.querySelector('#messages li.assistant:last-child .content')?.textContent.length"
-
-    def stop_after_some_text() -> None:
-        """Let the reply that has begun show some text, then Stop it (if it has not ended by then)."""
-        page.wait_for_function(f"() => {last_reply} > 0")
-        page.evaluate("() => document.querySelector('#stop').click()")  # a no-op if it has just ended
-        page.locator("#send:not([hidden])").wait_for()
     try:
-        response = page.goto(gateway.url + "/")  # the chat is the gateway's front page
-        assert "script-src 'self'" in response.headers["content-security-policy"]
-        for model in (MODEL_ID, REMOTE_MODEL, LONG_MODEL):
-            page.wait_for_function(
-                f"() => [...document.querySelectorAll('#model option')].some(o => o.value === {model!r})")
-        page.select_option("#model", MODEL_ID)
+        yield gateway
+    finally:
+        remove_remote()
+        long_talker.stop()
 
-        # Enter sends; Shift+Enter makes a new line. The reply streams in, then the model titles the chat.
+
+class ChatPage:
+    """A signed-in chat page of "chatter" with every model listed; CSP refusals and script errors are kept."""
+
+    def __init__(self, browser, gateway, name: str, width: int = 1280) -> None:  # type: ignore[no-untyped-def]
+        self.problems: list[str] = []
+        self.name = name
+        self.context, self.page = _signed_in(browser, gateway, "chatter", self.problems, width=width)
+        self.response = self.page.goto(gateway.url + "/")  # the chat is the gateway's front page
+        for model in (MODEL_ID, REMOTE_MODEL, LONG_MODEL):
+            self.page.wait_for_function(
+                f"() => [...document.querySelectorAll('#model option')].some(o => o.value === {model!r})")
+
+    def __enter__(self) -> ChatPage:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:  # type: ignore[no-untyped-def]
+        if kind is None:
+            assert not self.problems, self.problems
+        else:
+            _evidence(self.page, f"{self.name}-failure")
+        self.context.close()
+
+    def new_chat(self, model: str = MODEL_ID) -> None:
+        """New Chat (which makes and opens a conversation at once), then choose `model` for it."""
+        listed = self.page.locator("#conversations li").count()
+        self.page.click("#new-chat")
+        self.page.wait_for_function(f"() => document.querySelectorAll('#conversations li').length === {listed + 1}"
+                                    " && document.querySelector('#title').textContent === 'New chat'")
+        self.page.select_option("#model", model)
+
+    def send(self, text: str, *, stop: bool = False) -> None:
+        """Send `text` and wait for the reply to end; with `stop`, Stop it once some of it has shown."""
+        page = self.page
+        page.fill("#input", text)
+        page.keyboard.press("Enter")
+        page.locator("#messages li.user", has_text=text.splitlines()[0]).last.wait_for()
+        if stop:
+            self.stop_after_some_text()
+        else:
+            page.locator("#send:not([hidden])").wait_for(timeout=120_000)
+
+    def stop_after_some_text(self) -> None:
+        """Let the reply that has begun show some text, then Stop it (if it has not ended by then)."""
+        self.page.wait_for_function(f"() => {LAST_REPLY} > 0")
+        self.page.evaluate("() => document.querySelector('#stop').click()")  # a no-op if it has just ended
+        self.page.locator("#send:not([hidden])").wait_for()
+
+
+def test_enter_sends_shift_enter_breaks_the_line_and_the_model_titles_the_chat(chatter, browser) -> None:  # type: ignore[no-untyped-def]
+    with ChatPage(browser, chatter, "chat-send") as chat:
+        page = chat.page
+        assert "script-src 'self'" in chat.response.headers["content-security-policy"]
+        chat.new_chat()
         page.click("#input")
         page.keyboard.type("Say hello.")
         page.keyboard.press("Shift+Enter")
@@ -144,22 +191,26 @@ def test_a_user_chats_with_settings_stop_regenerate_models_rename_search_and_del
         assert page.input_value("#input") == "Say hello.\nBriefly."
         page.keyboard.press("Enter")
         page.locator("#messages li.user", has_text="Briefly.").wait_for()
-        page.wait_for_function(f"() => {last_reply} > 0")
+        page.wait_for_function(f"() => {LAST_REPLY} > 0")  # the reply streams in
         page.locator("#send:not([hidden])").wait_for(timeout=120_000)
-        assert page.locator("#conversations li").count() == 1
         assert page.inner_text("#run-status").startswith("Finished in ")
         # The title shown is the one the model wrote (as the API says), in the bar and in the list.
-        signed_in = httpx.post(gateway.url + "/api/auth/login", json={"username": "chatter", "password": PASSWORD,
+        signed_in = httpx.post(chatter.url + "/api/auth/login", json={"username": "chatter", "password": PASSWORD,
                                                                        "deviceId": "check"}).json()
         deadline = time.monotonic() + 30  # the title comes after the reply, which frees the composer at once
-        while (saved := httpx.get(gateway.url + "/optima/v1/conversations", headers={
+        while (saved := httpx.get(chatter.url + "/optima/v1/conversations", headers={
                 "Authorization": f"Bearer {signed_in['access_token']}"}).json()["data"][0])["titleSource"] != "model":
             assert time.monotonic() < deadline, saved
             time.sleep(0.1)
         page.locator("#title", has_text=saved["title"]).wait_for()
         assert page.inner_text("#title") == saved["title"] == page.inner_text("#conversations li.active")
 
-        # Settings: the default system prompt is counted by the model's tokenizer; a new one is saved and counted.
+
+def test_a_new_system_prompt_is_saved_and_counted_by_the_models_tokenizer(chatter, browser, model_path) -> None:  # type: ignore[no-untyped-def]
+    with ChatPage(browser, chatter, "chat-settings") as chat:
+        page = chat.page
+        chat.new_chat()
+        chat.send("Hello there.")
         page.click("#settings-toggle")
         assert page.input_value("#system-prompt") == "You are a helpful assistant."
         system = f"System {_tokens(model_path, 'You are a helpful assistant.')}"
@@ -177,17 +228,20 @@ def test_a_user_chats_with_settings_stop_regenerate_models_rename_search_and_del
         page.click("#context-view")
         assert page.locator("#context.context-grid span").count() == 100
         page.screenshot(path=str(ARTIFACTS / "chat-settings.png"), full_page=True)
-        page.click("#context-view")
 
+
+def test_stop_keeps_the_partial_reply_marked_and_regenerate_replaces_it(chatter, browser) -> None:  # type: ignore[no-untyped-def]
+    with ChatPage(browser, chatter, "chat-stop") as chat:
+        page = chat.page
+        chat.new_chat(LONG_MODEL)
         # A long reply: tokens arrive one after another; Stop ends it and the partial reply stays, marked.
-        page.select_option("#model", LONG_MODEL)
         page.fill("#input", "Count from 1 to 1000, one number per line.")
         page.keyboard.press("Enter")
         page.locator("#stop:not([hidden])").wait_for()
-        page.wait_for_function(f"() => document.querySelectorAll('#messages li.assistant').length === 2"
-                               f" && {last_reply} > 3")
-        first = page.evaluate(f"() => {last_reply}")
-        page.wait_for_function(f"() => {last_reply} > {first}")  # more text came after the first pieces
+        page.wait_for_function(f"() => document.querySelectorAll('#messages li.assistant').length === 1"
+                               f" && {LAST_REPLY} > 3")
+        first = page.evaluate(f"() => {LAST_REPLY}")
+        page.wait_for_function(f"() => {LAST_REPLY} > {first}")  # more text came after the first pieces
         page.click("#stop")
         page.locator("#messages li.assistant.stopped").wait_for()
         page.locator("#send:not([hidden])").wait_for()
@@ -200,64 +254,72 @@ def test_a_user_chats_with_settings_stop_regenerate_models_rename_search_and_del
         page.select_option("#model", MODEL_ID)
         stopped = page.inner_text("#messages li.assistant:last-child .content")
         page.click("#regenerate")
-        stop_after_some_text()
-        assert page.locator("#messages li.assistant").count() == 2
+        chat.stop_after_some_text()
+        assert page.locator("#messages li.assistant").count() == 1
         page.reload()
-        page.locator("#messages li.assistant").nth(1).wait_for()
-        assert page.locator("#messages li.assistant").count() == 2, "the old reply was replaced, on the server too"
+        page.locator("#messages li.assistant").first.wait_for()
+        assert page.locator("#messages li.assistant").count() == 1, "the old reply was replaced, on the server too"
         assert page.inner_text("#messages li.assistant:last-child .content") != stopped
 
-        # Switch model: the next reply comes from the other one, and says so.
+
+def test_a_conversation_answers_from_and_remembers_the_model_it_switched_to(chatter, browser) -> None:  # type: ignore[no-untyped-def]
+    with ChatPage(browser, chatter, "chat-switch") as chat:
+        page = chat.page
+        chat.new_chat(MODEL_ID)
+        chat.send("Hi", stop=True)
         page.select_option("#model", REMOTE_MODEL)
-        page.fill("#input", "Hi")
-        page.keyboard.press("Enter")
+        chat.send("Hi again", stop=True)
         page.locator("#messages li.assistant:last-child .message-tools", has_text=REMOTE_MODEL).wait_for()
-        stop_after_some_text()
         page.reload()
         page.locator("#messages li.assistant:last-child .message-tools", has_text=REMOTE_MODEL).wait_for()
         assert page.input_value("#model") == REMOTE_MODEL, "the conversation remembers its model"
-        page.select_option("#model", MODEL_ID)
 
-        # What users write is shown as text, and nothing in it runs.
-        page.fill("#input", XSS)
-        page.keyboard.press("Enter")
-        stop_after_some_text()
+
+def test_what_a_user_writes_is_shown_as_text_and_nothing_in_it_runs(chatter, browser) -> None:  # type: ignore[no-untyped-def]
+    with ChatPage(browser, chatter, "chat-xss") as chat:
+        page = chat.page
+        chat.new_chat()
+        chat.send(XSS, stop=True)
         assert page.locator("#messages li.user").last.inner_text() == XSS
         assert page.locator("#messages img, #messages script, #messages svg, #messages li.user a").count() == 0
         assert page.evaluate("() => window.__xss") is None
 
-        # Rename, a second conversation, search (titles and what was said), delete.
-        page.once("dialog", lambda d: d.accept("Lighthouse stories"))
+
+def test_rename_search_by_title_and_by_what_was_said_and_delete(chatter, browser) -> None:  # type: ignore[no-untyped-def]
+    with ChatPage(browser, chatter, "chat-organise") as chat:
+        page = chat.page
+        chat.new_chat(LONG_MODEL)
+        chat.send("Name every lighthouse keeper, one name per line.", stop=True)
+        page.once("dialog", lambda d: d.accept("Keepers of the light"))
         page.click("#rename")
-        page.locator("#conversations li", has_text="Lighthouse stories").wait_for()
-        page.click("#new-chat")
-        page.wait_for_function("() => document.querySelectorAll('#conversations li').length === 2")
-        page.fill("#search", "lighthouse")
-        page.wait_for_function("() => document.querySelectorAll('#conversations li').length === 1")
-        page.fill("#search", "one number per line")
+        page.locator("#conversations li", has_text="Keepers of the light").wait_for()
+        chat.new_chat(LONG_MODEL)
+        chat.send("Tell me about harbours.", stop=True)
+        listed = page.locator("#conversations li").count()
+        page.fill("#search", "keepers of the")  # the title
         page.wait_for_function("() => document.querySelectorAll('#conversations li').length === 1"
-                               " && document.querySelector('#conversations li').textContent === 'Lighthouse stories'")
+                               " && document.querySelector('#conversations li').textContent === 'Keepers of the light'")
+        page.fill("#search", "one name per line")  # what was said in it
+        page.wait_for_function("() => document.querySelectorAll('#conversations li').length === 1"
+                               " && document.querySelector('#conversations li').textContent === 'Keepers of the light'")
         page.fill("#search", "")
-        page.wait_for_function("() => document.querySelectorAll('#conversations li').length === 2")
-        page.locator("#conversations li", has_text="Lighthouse stories").click()
-        page.locator("#title", has_text="Lighthouse stories").wait_for()
+        page.wait_for_function(f"() => document.querySelectorAll('#conversations li').length === {listed}")
+        page.locator("#conversations li", has_text="Keepers of the light").click()
+        page.locator("#title", has_text="Keepers of the light").wait_for()
         page.once("dialog", lambda d: d.accept())
         page.click("#delete")
-        page.wait_for_function("() => document.querySelectorAll('#conversations li').length === 1")
-        assert page.locator("#conversations li", has_text="Lighthouse stories").count() == 0
+        page.wait_for_function(f"() => document.querySelectorAll('#conversations li').length === {listed - 1}")
+        assert page.locator("#conversations li", has_text="Keepers of the light").count() == 0
 
-        # Phone width: the page still works in one column.
+
+def test_at_phone_width_the_chat_is_one_column(chatter, browser) -> None:  # type: ignore[no-untyped-def]
+    with ChatPage(browser, chatter, "chat-phone", width=390) as chat:
+        page = chat.page
+        chat.new_chat()
+        chat.send("Hello from a phone.", stop=True)
         page.set_viewport_size({"width": 390, "height": 844})
         page.screenshot(path=str(ARTIFACTS / "chat-phone.png"), full_page=True)
         assert page.evaluate("() => document.documentElement.scrollWidth") <= 390 + 1
-        assert not csp_violations, csp_violations
-    except Exception:
-        _evidence(page, "chat-failure")
-        raise
-    finally:
-        context.close()
-        remove_remote()
-        long_talker.stop()
 
 
 def test_a_models_reply_renders_markdown_code_and_thinking_and_nothing_in_it_runs(  # type: ignore[no-untyped-def]

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from tests.processes import REPO, Gateway, SimulatedNodes, free_port
 
@@ -58,6 +59,13 @@ def _case_passes(case: Any, stack: Stack, statuses: Counter[str]) -> None:
     statuses[f"{case.method} {case.path} {response.status_code}"] += 1
     where = f"{case.method} {case.formatted_path} {str(case.body)[:200]}"
     assert response.status_code < 500, (where, response.text[:500])
+    content_type = (response.headers.get("content-type") or [""])[0]  # schemathesis keeps each header's values
+    if content_type.startswith("application/json"):
+        # The answer has the shape /docs declares for it (the response= schemas), errors included.
+        try:
+            case.validate_response(response, checks=[response_schema_conformance])
+        except Exception as exc:  # noqa: BLE001 - schemathesis raises its own failure group
+            raise AssertionError((where, response.text[:500], str(exc)[:1000])) from None
     if response.status_code >= 400:
         error = response.json()["error"]
         assert {"message", "type", "code"} <= set(error), (where, response.text[:500])
@@ -91,7 +99,7 @@ def test_no_generated_request_gets_a_server_error(stack: Stack) -> None:
             _runner(operation, stack, counts, statuses)()
         except AssertionError as exc:
             failures[operation.label] = str(exc)[:1000]
-    assert not failures, failures
+    assert not failures, (failures, "gateway log:", stack.gateway.log()[-3000:])
     assert min(counts.values()) >= EXAMPLES, counts
     # Not only refusals: generated requests reached the simulated nodes and the conversation store.
     for answered in ("POST /v1/chat/completions 200", "POST /v1/completions 200", "POST /v1/embeddings 200",

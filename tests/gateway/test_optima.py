@@ -55,3 +55,15 @@ async def test_optima_endpoints_need_credentials() -> None:
     for path in ("/optima/v1/models", "/optima/v1/capabilities", "/optima/v1/executors"):
         response = await AsyncClient().get(path)
         assert response.status_code == 401 and response.json()["error"]["code"] == "missing_api_key"
+
+
+async def test_a_remote_upstreams_key_that_no_header_can_carry_is_400_not_500(admin) -> None:  # type: ignore[no-untyped-def]
+    """Found by the schemathesis run once /docs described the body: a non-ASCII key failed in the HTTP client."""
+    _, raw = await akey_make("manager", owner=admin, scopes=["management"])
+    for key in ("ключ", "two words", "tab\there"):
+        response = await AsyncClient().post("/optima/v1/executors", {
+            "name": "r", "model_id": "r", "base_url": "https://upstream.example/v1", "api_key": key},
+            content_type="application/json", headers={"Authorization": f"Bearer {raw}"})
+        assert response.status_code == 400, (key, response.content)
+        assert response.json()["error"]["param"] == "api_key"
+

@@ -1,4 +1,4 @@
-"""Secrets the gateway must use again later (a remote upstream's API key), encrypted at rest.
+"""Secrets the gateway must use again later (a remote upstream's API key, a node's identity secret), encrypted at rest.
 
 Fernet (AES-128-CBC with HMAC-SHA256) with a key derived from SECRET_KEY: a copy
 of the database alone does not reveal the upstream keys. Changing SECRET_KEY makes
