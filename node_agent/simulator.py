@@ -188,6 +188,7 @@ class SimNode:
             name=name, state_dir=state_dir / self.node_id, threads=1, n_ctx=0, n_gpu_layers=0, stream_interval_ms=0.0,
             hang_timeout_s=0.0, listen=None, heartbeat_interval_s=heartbeat_interval_s, rescan_interval_s=0.0,
             metrics_interval_s=metrics_interval_s, ca_file=None)
+        # SimManager has the three methods of ExecutorManager that the link calls (duck-typed).
         self.dialer = Dialer(settings=self.settings, node_id=self.node_id, manager=self.manager,  # type: ignore[arg-type]
                              gpus=gpus)
 

@@ -66,6 +66,7 @@ class RemoteUpstreamForm(forms.Form):
 
 
 class RemoteUpstreamUpdateForm(RemoteUpstreamForm):
+    # Django removes an inherited form field this way; django-stubs types the attribute as a Field.
     name = None  # type: ignore[assignment]
     api_key = forms.CharField(required=False, max_length=4096, label="API key",
                               widget=forms.PasswordInput(render_value=False), help_text="empty: keep the stored key")
