@@ -74,7 +74,7 @@ def first_token_of_openai(client: httpx.Client, key: str, model: str, system: st
     raise AssertionError("no token")
 
 
-def timed(call) -> float:  # type: ignore[no-untyped-def]
+def timed(call) -> float:
     started = time.perf_counter()
     response = call()
     assert response.status_code == 200, response.text

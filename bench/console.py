@@ -107,7 +107,7 @@ def pct(values: list[float], q: float) -> float:
 
 async def measure(gateway: Gateway, browser: httpx.Client, paths: list[str], seconds: float) -> dict[str, float]:
     cookie = "; ".join(f"{k}={v}" for k, v in browser.cookies.items())
-    proc = psutil.Process(gateway.proc.pid)  # type: ignore[union-attr]
+    proc = psutil.Process(gateway.started.pid)
     proc.cpu_percent(None)
     events = asyncio.create_task(console_events(gateway.url.replace("http://", "ws://") + "/ws/console/", cookie,
                                                 seconds))
@@ -137,7 +137,7 @@ async def main() -> None:
         node_pk = subprocess.run([sys.executable, "manage.py", "shell", "--no-imports", "-c",
                                   "from nodes.models import Node; print(Node.objects.order_by('pk').first().pk)"],
                                  cwd=REPO, env=gateway.env, capture_output=True, text=True, check=True).stdout.strip()
-        proc = psutil.Process(gateway.proc.pid)  # type: ignore[union-attr]
+        proc = psutil.Process(gateway.started.pid)
         proc.cpu_percent(None)
         await asyncio.sleep(10)
         idle_cpu = proc.cpu_percent(None)  # what 50 reporting nodes cost the gateway with no page open

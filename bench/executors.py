@@ -54,6 +54,11 @@ class Admin:
         rows = self.client.get("/optima/v1/executors").json()["data"]
         return next((e for e in rows if e["key"] == key), None)
 
+    def row(self, key: str) -> dict[str, Any]:
+        executor = self.executor(key)
+        assert executor is not None, f"no executor {key}"
+        return executor
+
     def state(self, key: str) -> str:
         executor = self.executor(key)
         return executor["state"] if executor else "absent"
@@ -73,7 +78,7 @@ def admin_for(gateway: Gateway, name: str) -> Admin:
 
 def workers(agent: NodeAgent, file_name: str) -> list[psutil.Process]:
     found = []
-    for process in psutil.Process(agent.proc.pid).children(recursive=True):  # type: ignore[union-attr]
+    for process in psutil.Process(agent.started.pid).children(recursive=True):
         try:
             if any(arg.endswith("/" + file_name) for arg in process.cmdline()):
                 found.append(process)
@@ -122,13 +127,13 @@ def main() -> None:
             os.link(model, folder / name)
             wait_for_fast(lambda name=name: admin.state(name) == "offline")
             figures["discovery"].append((time.perf_counter() - dropped) * 1000)
-            pk = admin.executor(name)["id"]  # type: ignore[index]
+            pk = admin.row(name)["id"]
 
             started = time.perf_counter()
             admin.client.post(f"/optima/v1/executors/{pk}/start")
             wait_for_fast(lambda name=name: admin.state(name) == "online")
             figures["start"].append((time.perf_counter() - started) * 1000)
-            model_id = admin.executor(name)["model_id"]  # type: ignore[index]
+            model_id = admin.row(name)["model_id"]
 
             changed = time.perf_counter()
             admin.client.patch(f"/optima/v1/executors/{pk}", json={"n_ctx": 2048 if i % 2 else 1024})
@@ -159,7 +164,7 @@ def main() -> None:
         # The remote upstream's added latency: the same 1-token requests, direct and through a second gateway.
         os.link(model, folder / "remote.gguf")
         wait_for_fast(lambda name=name: admin.state("remote.gguf") == "offline")
-        admin.client.post(f"/optima/v1/executors/{admin.executor('remote.gguf')['id']}/start")  # type: ignore[index]
+        admin.client.post(f"/optima/v1/executors/{admin.row('remote.gguf')['id']}/start")
         wait_for_fast(lambda name=name: admin.state("remote.gguf") == "online")
         upstream_key = gateway.create_api_key("bench-upstream")
         created = front_admin.client.post("/optima/v1/executors", json={

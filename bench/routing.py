@@ -202,7 +202,7 @@ def memory(root: Path, nodes: int) -> dict[str, float]:
     gateway.start()
     try:
         key = gateway.create_api_key("bench")
-        proc = psutil.Process(gateway.proc.pid)  # type: ignore[union-attr]
+        proc = psutil.Process(gateway.started.pid)
         _wait_model(gateway, key, expect=False)
         time.sleep(2)
         before = proc.memory_info().rss

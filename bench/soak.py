@@ -76,7 +76,7 @@ class Soak:
                 self.lost_samples.append(detail[:300])
 
     def sample_gateway(self) -> None:
-        process = psutil.Process(self.gateway.proc.pid)  # type: ignore[union-attr]
+        process = psutil.Process(self.gateway.started.pid)
         with self.lock:
             window = self._window()
             window.rss_mb = process.memory_info().rss / 2**20
@@ -192,8 +192,8 @@ def main() -> None:
             soak.sample_gateway()
             if time.monotonic() >= next_kill:
                 victim = nodes[kills % len(nodes)]
-                victim.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
-                victim.proc.wait()  # type: ignore[union-attr]
+                victim.started.send_signal(signal.SIGKILL)
+                victim.started.wait()
                 kills += 1
                 name = victim.argv[victim.argv.index("--name") + 1]
                 print(f"[{time.monotonic() - soak.started:7.0f} s] killed {name}", flush=True)

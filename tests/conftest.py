@@ -67,7 +67,7 @@ def api_key(gateway: Gateway) -> str:
 
 
 @pytest.fixture
-def client(gateway: Gateway, node: NodeAgent, api_key: str):  # type: ignore[no-untyped-def]
+def client(gateway: Gateway, node: NodeAgent, api_key: str):
     import openai
 
     return openai.OpenAI(base_url=gateway.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
@@ -107,7 +107,7 @@ ARTIFACTS = REPO / "test-artifacts"
 
 
 @pytest.fixture
-def browser():  # type: ignore[no-untyped-def]
+def browser():
     """Debian's headless Chromium driven by Playwright: skipped on a laptop without it, a failure in CI.
 
     Per test, not per session: Playwright's sync API keeps an event loop running in this thread while it

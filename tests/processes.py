@@ -51,6 +51,12 @@ class Process:
         return self.log_path.read_text(errors="replace")
 
     @property
+    def started(self) -> subprocess.Popen[bytes]:
+        """The running process (a test that asks before start() has a bug)."""
+        assert self.proc is not None, "start() first"
+        return self.proc
+
+    @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

@@ -22,7 +22,7 @@ async def _post(path: str, body: dict) -> object:
     return await AsyncClient().post(path, body, content_type="application/json")
 
 
-async def _login(username: str, password: str = PASSWORD):  # type: ignore[no-untyped-def]
+async def _login(username: str, password: str = PASSWORD):
     return await _post("/api/auth/login", {"username": username, "password": password, "deviceId": "laptop"})
 
 

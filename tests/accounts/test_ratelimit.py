@@ -12,13 +12,13 @@ from tests.conftest import require_service
 
 
 @pytest.fixture(params=["memory", "redis"])
-def counter(request):  # type: ignore[no-untyped-def]
+def counter(request):
     if request.param == "memory":
         return MemoryCounter()
     return RedisCounter(require_service("OPTIMAGPT_TEST_REDIS_URL"))
 
 
-async def test_counts_add_up_within_their_window_and_then_start_again(counter) -> None:  # type: ignore[no-untyped-def]
+async def test_counts_add_up_within_their_window_and_then_start_again(counter) -> None:
     key = f"test:{uuid.uuid4().hex}"
     assert await counter.get(key) == 0
     assert await counter.add(key, 3, 1) == 3

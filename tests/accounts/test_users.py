@@ -18,7 +18,7 @@ def test_an_admin_starts_with_every_permission_and_a_user_with_chat(admin: User,
     assert not member.is_staff
 
 
-def test_passwords_go_through_djangos_validators(db) -> None:  # type: ignore[no-untyped-def]
+def test_passwords_go_through_djangos_validators(db) -> None:
     with pytest.raises(ValidationError):
         user_create(username="carl", password="short", user_type=User.Type.USER)
     with pytest.raises(ValidationError):
@@ -47,7 +47,7 @@ def test_the_last_admin_can_be_neither_deleted_nor_demoted(admin: User, member: 
         user_delete(actor=admin, user=second)
 
 
-def test_create_user_reads_the_password_from_stdin(db, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_create_user_reads_the_password_from_stdin(db, monkeypatch) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
     out = io.StringIO()
     call_command("create_user", "dana", "--type", "admin", stdout=out)

@@ -162,7 +162,7 @@ async def test_a_new_conversation_is_the_callers_with_the_default_system_prompt_
     assert await Conversation.objects.acount() == 1
 
 
-async def test_a_conversation_left_running_by_a_dead_gateway_is_not_busy_for_ever(settings) -> None:  # type: ignore[no-untyped-def]
+async def test_a_conversation_left_running_by_a_dead_gateway_is_not_busy_for_ever(settings) -> None:
     from chat.services import turn_begin
     from optimagpt.errors import InvalidRequest
 

@@ -11,7 +11,7 @@ from tests.conftest import MODEL_ID
 pytestmark = pytest.mark.e2e
 
 
-def _post(gateway, path: str, *, headers: dict[str, str], **kwargs) -> httpx.Response:  # type: ignore[no-untyped-def]
+def _post(gateway, path: str, *, headers: dict[str, str], **kwargs) -> httpx.Response:
     return httpx.post(gateway.url + path, headers=headers, timeout=30, **kwargs)
 
 

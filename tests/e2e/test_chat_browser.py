@@ -45,7 +45,7 @@ def hello():
 CODE = 'def hello():\n    return "world"  # greet'
 
 
-def _remote_upstream(gateway, api_key: str):  # type: ignore[no-untyped-def]
+def _remote_upstream(gateway, api_key: str):
     """A second chat model: this same gateway registered as a remote upstream (hybrid mode) under another id."""
     subprocess.run([sys.executable, "manage.py", "create_user", "chatboss", "--type", "admin"], cwd=REPO,
                    env=gateway.env, input=PASSWORD + "\n", text=True, check=True, capture_output=True)
@@ -60,7 +60,7 @@ def _remote_upstream(gateway, api_key: str):  # type: ignore[no-untyped-def]
                                 timeout=60)
 
 
-def _stored_reply(gateway, username: str) -> str:  # type: ignore[no-untyped-def]
+def _stored_reply(gateway, username: str) -> str:
     """A conversation of `username` holding REPLY as the model's answer, written to the database directly; its id."""
     return gateway.manage("shell", "--no-imports", "-c", (
         "from accounts.models import User; from chat.models import Conversation, Message\n"
@@ -72,12 +72,12 @@ def _stored_reply(gateway, username: str) -> str:  # type: ignore[no-untyped-def
         "print(c.pk)")).strip()
 
 
-def _user(gateway, username: str) -> None:  # type: ignore[no-untyped-def]
+def _user(gateway, username: str) -> None:
     subprocess.run([sys.executable, "manage.py", "create_user", username, "--type", "user"], cwd=REPO,
                    env=gateway.env, input=PASSWORD + "\n", text=True, check=True, capture_output=True)
 
 
-def _signed_in(browser, gateway, username: str, problems: list[str], width: int):  # type: ignore[no-untyped-def]
+def _signed_in(browser, gateway, username: str, problems: list[str], width: int):
     """A browser context (clipboard allowed) and a page signed in as `username`, on the gateway's front page;
     refusals by the Content-Security-Policy and script errors are collected in `problems`."""
     context = browser.new_context(viewport={"width": width, "height": 900},
@@ -94,7 +94,7 @@ def _signed_in(browser, gateway, username: str, problems: list[str], width: int)
     return context, page
 
 
-def _evidence(page, name: str) -> None:  # type: ignore[no-untyped-def]
+def _evidence(page, name: str) -> None:
     """What the page showed when a step failed: a screenshot, and its messages and notices on stdout."""
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
     print("notice:", page.inner_text("#notice"), "| status:", page.inner_text("#run-status"))
@@ -102,7 +102,7 @@ def _evidence(page, name: str) -> None:  # type: ignore[no-untyped-def]
         print(item.get_attribute("class"), repr(item.inner_text()[:300]))
 
 
-def _tokens(model_path, text: str) -> int:  # type: ignore[no-untyped-def]
+def _tokens(model_path, text: str) -> int:
     from llama_cpp import Llama
 
     vocabulary = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
@@ -113,7 +113,7 @@ LAST_REPLY = "document.querySelector('#messages li.assistant:last-child .content
 
 
 @pytest.fixture(scope="module")
-def chatter(gateway, node, api_key, tmp_path_factory):  # type: ignore[no-untyped-def]
+def chatter(gateway, node, api_key, tmp_path_factory):
     """The chat's three models (SmolLM2 on the node, the same as a remote upstream, a simulated long talker)
     and a user, "chatter", shared by the one-feature tests below."""
     from tests.processes import SimulatedNodes
@@ -134,7 +134,7 @@ def chatter(gateway, node, api_key, tmp_path_factory):  # type: ignore[no-untype
 class ChatPage:
     """A signed-in chat page of "chatter" with every model listed; CSP refusals and script errors are kept."""
 
-    def __init__(self, browser, gateway, name: str, width: int = 1280) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, browser, gateway, name: str, width: int = 1280) -> None:
         self.problems: list[str] = []
         self.name = name
         self.context, self.page = _signed_in(browser, gateway, "chatter", self.problems, width=width)
@@ -146,7 +146,7 @@ class ChatPage:
     def __enter__(self) -> ChatPage:
         return self
 
-    def __exit__(self, kind, value, traceback) -> None:  # type: ignore[no-untyped-def]
+    def __exit__(self, kind, value, traceback) -> None:
         if kind is None:
             assert not self.problems, self.problems
         else:
@@ -179,7 +179,7 @@ class ChatPage:
         self.page.locator("#send:not([hidden])").wait_for()
 
 
-def test_enter_sends_shift_enter_breaks_the_line_and_the_model_titles_the_chat(chatter, browser) -> None:  # type: ignore[no-untyped-def]
+def test_enter_sends_shift_enter_breaks_the_line_and_the_model_titles_the_chat(chatter, browser) -> None:
     with ChatPage(browser, chatter, "chat-send") as chat:
         page = chat.page
         assert "script-src 'self'" in chat.response.headers["content-security-policy"]
@@ -206,7 +206,7 @@ def test_enter_sends_shift_enter_breaks_the_line_and_the_model_titles_the_chat(c
         assert page.inner_text("#title") == saved["title"] == page.inner_text("#conversations li.active")
 
 
-def test_a_new_system_prompt_is_saved_and_counted_by_the_models_tokenizer(chatter, browser, model_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_new_system_prompt_is_saved_and_counted_by_the_models_tokenizer(chatter, browser, model_path) -> None:
     with ChatPage(browser, chatter, "chat-settings") as chat:
         page = chat.page
         chat.new_chat()
@@ -230,7 +230,7 @@ def test_a_new_system_prompt_is_saved_and_counted_by_the_models_tokenizer(chatte
         page.screenshot(path=str(ARTIFACTS / "chat-settings.png"), full_page=True)
 
 
-def test_stop_keeps_the_partial_reply_marked_and_regenerate_replaces_it(chatter, browser) -> None:  # type: ignore[no-untyped-def]
+def test_stop_keeps_the_partial_reply_marked_and_regenerate_replaces_it(chatter, browser) -> None:
     with ChatPage(browser, chatter, "chat-stop") as chat:
         page = chat.page
         chat.new_chat(LONG_MODEL)
@@ -262,7 +262,7 @@ def test_stop_keeps_the_partial_reply_marked_and_regenerate_replaces_it(chatter,
         assert page.inner_text("#messages li.assistant:last-child .content") != stopped
 
 
-def test_a_conversation_answers_from_and_remembers_the_model_it_switched_to(chatter, browser) -> None:  # type: ignore[no-untyped-def]
+def test_a_conversation_answers_from_and_remembers_the_model_it_switched_to(chatter, browser) -> None:
     with ChatPage(browser, chatter, "chat-switch") as chat:
         page = chat.page
         chat.new_chat(MODEL_ID)
@@ -275,7 +275,7 @@ def test_a_conversation_answers_from_and_remembers_the_model_it_switched_to(chat
         assert page.input_value("#model") == REMOTE_MODEL, "the conversation remembers its model"
 
 
-def test_what_a_user_writes_is_shown_as_text_and_nothing_in_it_runs(chatter, browser) -> None:  # type: ignore[no-untyped-def]
+def test_what_a_user_writes_is_shown_as_text_and_nothing_in_it_runs(chatter, browser) -> None:
     with ChatPage(browser, chatter, "chat-xss") as chat:
         page = chat.page
         chat.new_chat()
@@ -285,7 +285,7 @@ def test_what_a_user_writes_is_shown_as_text_and_nothing_in_it_runs(chatter, bro
         assert page.evaluate("() => window.__xss") is None
 
 
-def test_rename_search_by_title_and_by_what_was_said_and_delete(chatter, browser) -> None:  # type: ignore[no-untyped-def]
+def test_rename_search_by_title_and_by_what_was_said_and_delete(chatter, browser) -> None:
     with ChatPage(browser, chatter, "chat-organise") as chat:
         page = chat.page
         chat.new_chat(LONG_MODEL)
@@ -312,7 +312,7 @@ def test_rename_search_by_title_and_by_what_was_said_and_delete(chatter, browser
         assert page.locator("#conversations li", has_text="Keepers of the light").count() == 0
 
 
-def test_at_phone_width_the_chat_is_one_column(chatter, browser) -> None:  # type: ignore[no-untyped-def]
+def test_at_phone_width_the_chat_is_one_column(chatter, browser) -> None:
     with ChatPage(browser, chatter, "chat-phone", width=390) as chat:
         page = chat.page
         chat.new_chat()
@@ -322,7 +322,7 @@ def test_at_phone_width_the_chat_is_one_column(chatter, browser) -> None:  # typ
         assert page.evaluate("() => document.documentElement.scrollWidth") <= 390 + 1
 
 
-def test_a_models_reply_renders_markdown_code_and_thinking_and_nothing_in_it_runs(  # type: ignore[no-untyped-def]
+def test_a_models_reply_renders_markdown_code_and_thinking_and_nothing_in_it_runs(
         gateway, browser) -> None:
     for name in ("reader", "writer"):
         _user(gateway, name)
@@ -392,7 +392,7 @@ THINKER_REPLY = ("<think> The user asks about the weather. I should look it up b
                  "It is **3 degrees** and clear in Oslo today, a fine evening for a walk by the water.")
 
 
-def test_thinking_and_tool_blocks_show_the_runs_status_open_while_it_runs_and_fold_when_it_ends(  # type: ignore[no-untyped-def]
+def test_thinking_and_tool_blocks_show_the_runs_status_open_while_it_runs_and_fold_when_it_ends(
         browser, tmp_path) -> None:
     from tests.processes import Gateway, SimulatedNodes, free_port
 

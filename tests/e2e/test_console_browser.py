@@ -41,7 +41,7 @@ def console_stack(models_dir: Path, tmp_path: Path) -> Iterator[tuple[Gateway, N
 
 
 def test_the_wizard_adds_a_node_whose_colour_graphs_and_log_follow_it_live(
-        browser, console_stack: tuple[Gateway, NodeAgent, int], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        browser, console_stack: tuple[Gateway, NodeAgent, int], tmp_path: Path) -> None:
     gateway, agent, port = console_stack
     gateway.admin_browser("console-admin", PASSWORD).close()  # creates the admin
     page = browser.new_page(viewport={"width": 1280, "height": 900})

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 PASSWORD = "conversation-user-password-1"
 
 
-def _chat_user(gateway, name: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def _chat_user(gateway, name: str) -> dict[str, str]:
     return gateway.chat_user(name, PASSWORD)
 
 
@@ -24,7 +24,7 @@ def _events(response: httpx.Response) -> list[dict]:
     return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
 
 
-def test_a_reply_streams_is_saved_and_can_be_regenerated(gateway, node) -> None:  # type: ignore[no-untyped-def]
+def test_a_reply_streams_is_saved_and_can_be_regenerated(gateway, node) -> None:
     headers = _chat_user(gateway, "carol")
     base = gateway.url + "/optima/v1/conversations"
     conversation = httpx.post(base, headers=headers, json={"modelId": MODEL_ID, "temperature": 0.0}).json()
@@ -55,7 +55,7 @@ def test_a_reply_streams_is_saved_and_can_be_regenerated(gateway, node) -> None:
     assert got["messages"][-1]["id"] == events[-1]["message"]["id"], "the new reply replaced the old"
 
 
-def test_closing_the_stream_stops_the_node_and_keeps_the_partial_reply_marked(gateway, node, api_key) -> None:  # type: ignore[no-untyped-def]
+def test_closing_the_stream_stops_the_node_and_keeps_the_partial_reply_marked(gateway, node, api_key) -> None:
     headers = _chat_user(gateway, "dave")
     base = gateway.url + "/optima/v1/conversations"
     conversation = httpx.post(base, headers=headers, json={"modelId": MODEL_ID}).json()
@@ -85,7 +85,7 @@ def test_closing_the_stream_stops_the_node_and_keeps_the_partial_reply_marked(ga
     assert answer.status_code == 200 and time.monotonic() - started < 5
 
 
-def test_sending_needs_content_or_regenerate_and_a_model(gateway, node) -> None:  # type: ignore[no-untyped-def]
+def test_sending_needs_content_or_regenerate_and_a_model(gateway, node) -> None:
     headers = _chat_user(gateway, "erin")
     base = gateway.url + "/optima/v1/conversations"
     conversation = httpx.post(base, headers=headers, json={}).json()
@@ -102,7 +102,7 @@ def test_sending_needs_content_or_regenerate_and_a_model(gateway, node) -> None:
         "the user's turn is kept when no model can answer, ready to be sent again"
 
 
-def test_the_context_window_is_counted_by_the_models_tokenizer_part_by_part(gateway, node, model_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_context_window_is_counted_by_the_models_tokenizer_part_by_part(gateway, node, model_path) -> None:
     from llama_cpp import Llama
 
     headers = _chat_user(gateway, "fiona")

@@ -25,14 +25,14 @@ def _headers(api_key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
 
 
-def _one_token(gateway, api_key: str, timeout_s: float = 15) -> httpx.Response:  # type: ignore[no-untyped-def]
+def _one_token(gateway, api_key: str, timeout_s: float = 15) -> httpx.Response:
     """A 1-token chat: answered within seconds only while the model is free for everyone."""
     return httpx.post(gateway.url + "/v1/chat/completions", headers=_headers(api_key), timeout=timeout_s, json={
         "model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
 
 
 # -- 1. the worker pipe ------------------------------------------------------------
-def test_a_body_cannot_smuggle_a_request_onto_the_workers_pipe(gateway, node, api_key) -> None:  # type: ignore[no-untyped-def]
+def test_a_body_cannot_smuggle_a_request_onto_the_workers_pipe(gateway, node, api_key) -> None:
     smuggled = json.dumps({"op": "completion", "id": "INJ", "stream": False,
                            "body": {"prompt": "Once upon a time", "max_tokens": 100000}})
     body = ('{"model": "' + MODEL_ID + '", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, '
@@ -48,7 +48,7 @@ def test_a_body_cannot_smuggle_a_request_onto_the_workers_pipe(gateway, node, ap
 
 
 # -- 2. one request cannot fail the model --------------------------------------------
-def test_a_token_outside_the_vocabulary_is_400_and_the_model_stays_up(gateway, node, api_key) -> None:  # type: ignore[no-untyped-def]
+def test_a_token_outside_the_vocabulary_is_400_and_the_model_stays_up(gateway, node, api_key) -> None:
     for _ in range(4):  # the attack crashed the worker three times in a row, and the executor gave up
         response = httpx.post(gateway.url + "/v1/embeddings", headers=_headers(api_key), timeout=30,
                               json={"model": MODEL_ID, "input": [1000000000]})
@@ -59,7 +59,7 @@ def test_a_token_outside_the_vocabulary_is_400_and_the_model_stays_up(gateway, n
 
 
 # -- 3. messages over 1 MiB on the link ----------------------------------------------
-def test_messages_over_a_mebibyte_cross_the_link_and_another_stream_goes_on(gateway, node, api_key) -> None:  # type: ignore[no-untyped-def]
+def test_messages_over_a_mebibyte_cross_the_link_and_another_stream_goes_on(gateway, node, api_key) -> None:
     streamed: list[str] = []
 
     def stream() -> None:
@@ -84,7 +84,7 @@ def test_messages_over_a_mebibyte_cross_the_link_and_another_stream_goes_on(gate
 
 
 # -- 4. max_tokens and cancel, whatever text the tokens make ---------------------------
-def test_max_tokens_and_a_disconnect_hold_for_tokens_that_make_no_character(gateway, node, api_key) -> None:  # type: ignore[no-untyped-def]
+def test_max_tokens_and_a_disconnect_hold_for_tokens_that_make_no_character(gateway, node, api_key) -> None:
     body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "logit_bias": {"187": 100}}
     started = time.monotonic()
     with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers=_headers(api_key), timeout=30, json={
@@ -105,12 +105,12 @@ def test_max_tokens_and_a_disconnect_hold_for_tokens_that_make_no_character(gate
 
 
 # -- 5, 6. logins: throttled per address, on every way in, and never the account -------------
-def _from(address: str, gateway) -> httpx.Client:  # type: ignore[no-untyped-def]
+def _from(address: str, gateway) -> httpx.Client:
     """A client whose connections come from `address` (any 127.x reaches the gateway on 127.0.0.1)."""
     return httpx.Client(base_url=gateway.url, transport=httpx.HTTPTransport(local_address=address), timeout=30)
 
 
-def _make_user(gateway, username: str, kind: str) -> None:  # type: ignore[no-untyped-def]
+def _make_user(gateway, username: str, kind: str) -> None:
     subprocess.run([sys.executable, "manage.py", "create_user", username, "--type", kind], cwd=REPO,
                    env=gateway.env, input=PASSWORD + "\n", text=True, check=True, capture_output=True)
 
@@ -122,7 +122,7 @@ def _admin_login(client: httpx.Client, username: str, password: str) -> httpx.Re
         "next": "/admin/"})
 
 
-def test_admin_login_is_throttled_like_every_other_login(gateway, node) -> None:  # type: ignore[no-untyped-def]
+def test_admin_login_is_throttled_like_every_other_login(gateway, node) -> None:
     _make_user(gateway, "throttled-staff", "admin")
     with _from("127.0.0.21", gateway) as attacker:
         for _ in range(30):
@@ -136,7 +136,7 @@ def test_admin_login_is_throttled_like_every_other_login(gateway, node) -> None:
         assert _admin_login(owner, "throttled-staff", PASSWORD).status_code == 302, "the owner elsewhere gets in"
 
 
-def test_failed_logins_slow_the_attackers_address_not_the_victims_account(gateway, node) -> None:  # type: ignore[no-untyped-def]
+def test_failed_logins_slow_the_attackers_address_not_the_victims_account(gateway, node) -> None:
     _make_user(gateway, "victim", "user")
     with _from("127.0.0.31", gateway) as attacker:
         for _ in range(6):
@@ -158,7 +158,7 @@ def test_failed_logins_slow_the_attackers_address_not_the_victims_account(gatewa
 
 
 # -- 8. what a key may do --------------------------------------------------------------
-def test_a_key_does_inference_only_unless_granted_and_its_model_limit_holds_everywhere(gateway, node) -> None:  # type: ignore[no-untyped-def]
+def test_a_key_does_inference_only_unless_granted_and_its_model_limit_holds_everywhere(gateway, node) -> None:
     _make_user(gateway, "scoped-boss", "admin")
     limited = gateway.manage("create_api_key", "--name", "limited", "--user", "scoped-boss",
                              "--models", "some-other-model").strip()
@@ -186,7 +186,7 @@ def test_a_key_does_inference_only_unless_granted_and_its_model_limit_holds_ever
 
 
 # -- 10. data files ---------------------------------------------------------------------
-def test_the_database_and_its_folder_are_readable_by_their_owner_only(gateway, node) -> None:  # type: ignore[no-untyped-def]
+def test_the_database_and_its_folder_are_readable_by_their_owner_only(gateway, node) -> None:
     assert gateway.data_dir.stat().st_mode & 0o777 == 0o700
     files = list(gateway.data_dir.glob("optimagpt.sqlite3*"))
     assert files
@@ -195,7 +195,7 @@ def test_the_database_and_its_folder_are_readable_by_their_owner_only(gateway, n
 
 
 # -- 12. the smaller ones -----------------------------------------------------------------
-def test_bad_bodies_are_400s_in_openai_form_and_never_reach_the_model(gateway, node, api_key) -> None:  # type: ignore[no-untyped-def]
+def test_bad_bodies_are_400s_in_openai_form_and_never_reach_the_model(gateway, node, api_key) -> None:
     _make_user(gateway, "deep-boss", "admin")
     manager = gateway.manage("create_api_key", "--name", "deep-manager", "--user", "deep-boss",
                              "--scopes", "management").strip()
@@ -227,7 +227,7 @@ def test_bad_bodies_are_400s_in_openai_form_and_never_reach_the_model(gateway, n
 
 
 def test_messages_that_cannot_fit_the_window_are_refused_before_the_template_renders_them(
-        gateway, node, api_key) -> None:  # type: ignore[no-untyped-def]
+        gateway, node, api_key) -> None:
     started = time.monotonic()
     response = httpx.post(gateway.url + "/v1/chat/completions", headers=_headers(api_key), timeout=30, json={
         "model": MODEL_ID, "messages": [{"role": "user", "content": "x"}] * 4000, "max_tokens": 1})
@@ -265,7 +265,7 @@ def _resubmit_without(html: str, dropped: str) -> dict[str, list[str]]:
     return values
 
 
-def test_deactivating_a_user_ends_their_keys_requests_at_once(gateway, node) -> None:  # type: ignore[no-untyped-def]
+def test_deactivating_a_user_ends_their_keys_requests_at_once(gateway, node) -> None:
     _make_user(gateway, "leaver", "user")
     gateway.manage("shell", "--no-imports", "-c",
                    "from accounts.models import User; from django.contrib.auth.models import Permission; "

@@ -84,7 +84,7 @@ def test_websockets_open_only_from_this_gateways_own_origin(edge: Gateway) -> No
             asyncio.run(hello(origin))
 
 
-def test_the_docs_page_runs_from_our_own_files_under_a_policy(edge: Gateway, browser) -> None:  # type: ignore[no-untyped-def]
+def test_the_docs_page_runs_from_our_own_files_under_a_policy(edge: Gateway, browser) -> None:
     response = httpx.get(edge.url + "/docs", timeout=10)
     assert response.status_code == 200
     assert "script-src 'self'" in response.headers["content-security-policy"]

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 
 
 
-def listening(gateway: Gateway, models_dir: Path, state_dir: Path, port: int, **kwargs) -> NodeAgent:  # type: ignore[no-untyped-def]
+def listening(gateway: Gateway, models_dir: Path, state_dir: Path, port: int, **kwargs) -> NodeAgent:
     state_dir.mkdir(exist_ok=True)
     agent = NodeAgent(gateway=gateway, models_dir=models_dir, state_dir=state_dir,
                       extra_args=("--listen", f"127.0.0.1:{port}"), **kwargs)

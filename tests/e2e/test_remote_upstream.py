@@ -37,7 +37,7 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, s
         gateway.stop()
 
 
-def _api(gateway: Gateway, key: str, method: str, path: str, **kwargs) -> httpx.Response:  # type: ignore[no-untyped-def]
+def _api(gateway: Gateway, key: str, method: str, path: str, **kwargs) -> httpx.Response:
     return httpx.request(method, gateway.url + path, headers={"Authorization": f"Bearer {key}"}, timeout=60,
                          **kwargs)
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 ADMIN_PASSWORD = "revocation-admin-password-1"
 
 
-def test_revoking_a_key_ends_its_streaming_and_queued_requests(gateway, node, api_key) -> None:  # type: ignore[no-untyped-def]
+def test_revoking_a_key_ends_its_streaming_and_queued_requests(gateway, node, api_key) -> None:
     browser = gateway.admin_browser("revoker", ADMIN_PASSWORD)
     doomed = gateway.create_api_key("doomed")
     headers = {"Authorization": f"Bearer {doomed}"}

@@ -10,7 +10,7 @@ import pytest
 FUZZ = Path(__file__).resolve().parents[2] / "fuzz"
 
 
-def _fuzz_module():  # type: ignore[no-untyped-def]
+def _fuzz_module():
     spec = importlib.util.spec_from_file_location("optimagpt_fuzz", FUZZ / "fuzz.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -17,11 +17,11 @@ from tests.factories import akey_make
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-async def _key(**limits) -> tuple[ApiKey, str]:  # type: ignore[no-untyped-def]
+async def _key(**limits) -> tuple[ApiKey, str]:
     return await akey_make("limits", **limits)
 
 
-async def _chat(raw: str, model: str = "m"):  # type: ignore[no-untyped-def]
+async def _chat(raw: str, model: str = "m"):
     return await AsyncClient().post("/v1/chat/completions", {"model": model, "messages": [
         {"role": "user", "content": "hi"}]}, content_type="application/json",
         headers={"Authorization": f"Bearer {raw}"})

@@ -57,7 +57,7 @@ async def test_optima_endpoints_need_credentials() -> None:
         assert response.status_code == 401 and response.json()["error"]["code"] == "missing_api_key"
 
 
-async def test_a_remote_upstreams_key_that_no_header_can_carry_is_400_not_500(admin) -> None:  # type: ignore[no-untyped-def]
+async def test_a_remote_upstreams_key_that_no_header_can_carry_is_400_not_500(admin) -> None:
     """Found by the schemathesis run once /docs described the body: a non-ASCII key failed in the HTTP client."""
     _, raw = await akey_make("manager", owner=admin, scopes=["management"])
     for key in ("ключ", "two words", "tab\there"):

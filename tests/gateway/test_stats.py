@@ -18,7 +18,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture(autouse=True)
-def _fresh_stats(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def _fresh_stats(monkeypatch) -> None:
     monkeypatch.setattr(gateway_stats, "stats", ProcessStats())
 
 
@@ -48,7 +48,7 @@ def test_requests_delays_and_concurrency_are_counted_per_node() -> None:
     assert summary.node_share == [("b", 7, 0.7, 3), ("a", 3, 0.3, 3)]
 
 
-def test_the_nodes_page_shows_the_panel_and_the_share_only_with_two_nodes(admin) -> None:  # type: ignore[no-untyped-def]
+def test_the_nodes_page_shows_the_panel_and_the_share_only_with_two_nodes(admin) -> None:
     from django.test import Client
 
     client = Client()

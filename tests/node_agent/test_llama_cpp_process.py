@@ -37,7 +37,7 @@ async def _request(process: LlamaCppProcess, request: dict[str, Any]) -> list[di
 
 
 @pytest.fixture
-async def process(model_path: Path):  # type: ignore[no-untyped-def]
+async def process(model_path: Path):
     proc = LlamaCppProcess(ProcessConfig(model_path=str(model_path), n_ctx=2048, threads=2, n_gpu_layers=0),
                            on_state=lambda: None)
     proc.start()
@@ -87,7 +87,7 @@ async def test_a_killed_process_is_restarted_a_started_reply_fails_and_an_unansw
     streaming: list[dict[str, Any]] = []
     queued: list[dict[str, Any]] = []
 
-    async def sink_of(events: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
+    async def sink_of(events: list[dict[str, Any]]):
         async def sink(raw: str, event: dict[str, Any]) -> None:
             events.append(event)
         return sink
@@ -244,7 +244,8 @@ async def test_a_request_that_crashes_the_process_twice_fails_alone_and_never_fa
             while process._computing != culprit:
                 assert time.monotonic() < deadline, "the request was not begun"
                 await asyncio.sleep(0.005)
-            os.kill(process.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            assert process.pid is not None
+            os.kill(process.pid, signal.SIGKILL)
             await asyncio.sleep(0.2)
         deadline = time.monotonic() + 30
         while not events:

@@ -23,7 +23,7 @@ from tests.nodes.test_consumer import KEY, _communicator, _handshake
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def _console(user, query: str = "") -> WebsocketCommunicator:  # type: ignore[no-untyped-def]
+def _console(user, query: str = "") -> WebsocketCommunicator:
     communicator = WebsocketCommunicator(AuthMiddlewareStack(ConsoleConsumer.as_asgi()), "/ws/console/" + query)
     communicator.scope["user"] = user
     return communicator
@@ -62,7 +62,7 @@ async def test_a_linked_node_s_metrics_and_logs_are_kept_and_reach_the_console(a
     await only_other.disconnect()
 
 
-def test_a_malformed_sample_is_dropped_and_gpus_are_averaged(db) -> None:  # type: ignore[no-untyped-def]
+def test_a_malformed_sample_is_dropped_and_gpus_are_averaged(db) -> None:
     node = Node.objects.create(node_id=uuid.uuid4(), name="n")
     assert node_metrics_record(node_pk=node.pk, sample={"cpu_percent": "x"}) is None
     metric = node_metrics_record(node_pk=node.pk, sample={
@@ -73,7 +73,7 @@ def test_a_malformed_sample_is_dropped_and_gpus_are_averaged(db) -> None:  # typ
 
 
 @override_settings(OPTIMAGPT_METRICS_RETENTION_H=1, OPTIMAGPT_LOGS_RETENTION_H=2)
-def test_pruning_keeps_only_what_is_within_retention(db) -> None:  # type: ignore[no-untyped-def]
+def test_pruning_keeps_only_what_is_within_retention(db) -> None:
     from nodes.tasks import node_history_prune as task
 
     node = Node.objects.create(node_id=uuid.uuid4(), name="n")
@@ -86,7 +86,7 @@ def test_pruning_keeps_only_what_is_within_retention(db) -> None:  # type: ignor
     assert NodeMetric.objects.count() == 1 and NodeLog.objects.count() == 2
 
 
-def test_log_lines_from_the_future_are_kept_at_arrival_time(db) -> None:  # type: ignore[no-untyped-def]
+def test_log_lines_from_the_future_are_kept_at_arrival_time(db) -> None:
     node = Node.objects.create(node_id=uuid.uuid4(), name="n")
     (line,) = node_logs_record(node_pk=node.pk, records=[{"t": time.time() + 86400, "message": "x" * 5000}])
     assert line.at <= timezone.now() and len(line.message) == 4000
