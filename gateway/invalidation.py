@@ -33,7 +33,6 @@ GROUP = "optimagpt.invalidation"
 # Group membership expires on the Redis layer (a day by default); joining again renews it.
 REJOIN_S = 3600.0
 SEND_TIMEOUT_S = 5.0
-STOP_CHECK_S = 1.0  # how often the listener looks whether the process is stopping
 
 
 def _shared() -> bool:
@@ -94,27 +93,43 @@ async def invalidation_listen_forever(stop: asyncio.Event) -> None:
     """Apply the changes other gateway processes announce until `stop` is set (started by optimagpt/server.py).
 
     In the embedded default (one process, in-memory layer) there is nobody to hear from: it returns at once.
+    The receive stays pending across rejoins and is cancelled only at the end: on the Redis pub/sub layer a
+    cancelled receive unsubscribes the channel, and a change announced before the next one would be lost.
     """
     if not _shared():
         return
     layer = get_channel_layer()
     channel = await layer.new_channel("invalidation.")
-    joined_at = -REJOIN_S
-    loop = asyncio.get_running_loop()
-    while not stop.is_set():
-        try:
-            if loop.time() - joined_at >= REJOIN_S:
+    stopping = asyncio.ensure_future(stop.wait())
+    receiving: asyncio.Future[Any] | None = None
+    try:
+        while not stop.is_set():
+            try:
                 await asyncio.wait_for(layer.group_add(GROUP, channel), SEND_TIMEOUT_S)
-                joined_at = loop.time()
-            message = await asyncio.wait_for(layer.receive(channel), STOP_CHECK_S)
-        except TimeoutError:
-            continue
-        except Exception as exc:  # noqa: BLE001 - Redis away for a moment: try again shortly
-            log.warning("invalidation listener: %s", type(exc).__name__)
-            joined_at = -REJOIN_S
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
-            continue
-        _apply(message)
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(layer.group_discard(GROUP, channel), SEND_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - Redis away for a moment: try again shortly
+                log.warning("invalidation listener: %s", type(exc).__name__)
+                await asyncio.wait({stopping}, timeout=1.0)
+                continue
+            joined_at = asyncio.get_running_loop().time()
+            while not stop.is_set():
+                if receiving is None:
+                    receiving = asyncio.ensure_future(layer.receive(channel))
+                left = REJOIN_S - (asyncio.get_running_loop().time() - joined_at)
+                await asyncio.wait({receiving, stopping}, timeout=max(left, 0.0),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if not receiving.done():
+                    break  # stopping, or time to renew the group membership (the receive goes on)
+                done, receiving = receiving, None
+                try:
+                    _apply(done.result())
+                except Exception as exc:  # noqa: BLE001 - Redis away for a moment: join again
+                    log.warning("invalidation listener: %s", type(exc).__name__)
+                    break
+    finally:
+        stopping.cancel()
+        if receiving is not None:
+            receiving.cancel()
+            with contextlib.suppress(BaseException):
+                await receiving
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(layer.group_discard(GROUP, channel), SEND_TIMEOUT_S)
