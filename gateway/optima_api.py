@@ -6,6 +6,7 @@ owner's Executor Management permission. Errors use OpenAI's `{"error": {...}}` b
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -113,13 +114,12 @@ class NotReady(ApiError):
 
 # -- models and capabilities -----------------------------------------------------
 @database_sync_to_async
-def _ready_rows() -> list[dict[str, Any]]:
-    rows = Executor.objects.ready().values("model_id", "name", "embedding", "n_ctx", "embedding_length",
-                                           "description", "node_id", "base_url")
-    return [dict(row) for row in rows]
+def _ready_rows() -> list[Mapping[str, Any]]:
+    return list(Executor.objects.ready().values("model_id", "name", "embedding", "n_ctx", "embedding_length",
+                                                "description", "node_id", "base_url"))
 
 
-def _owner(row: dict[str, Any]) -> str:
+def _owner(row: Mapping[str, Any]) -> str:
     if row["node_id"] is None:
         return urlsplit(row["base_url"]).hostname or "remote"
     return "optimagpt"

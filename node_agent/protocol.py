@@ -133,15 +133,21 @@ def hello_message(gateway_nonce: str) -> dict[str, Any]:
     return {"type": "hello", "protocol": PROTOCOL_VERSION, "nonce": gateway_nonce}
 
 
+# Refusals that mean the other side does not speak this protocol at all (not: it holds another key).
+REFUSED_NOT_AUTH = "expected auth"
+REFUSED_SHORT_NONCE = "nonce too short"
+NOT_THE_PROTOCOL = frozenset({REFUSED_NOT_AUTH, REFUSED_SHORT_NONCE})
+
+
 def auth_refusal(auth: dict[str, Any], *, key: str, gateway_nonce: str) -> str | None:
     """Why the gateway refuses a node's `auth` answer to its hello, or None when the node proved the key."""
     if auth.get("type") != "auth":
-        return "expected auth"
+        return REFUSED_NOT_AUTH
     if not key:
         return "the gateway has no node access key configured"
     node_nonce = str(auth.get("nonce", ""))
     if len(node_nonce) < 32:
-        return "nonce too short"
+        return REFUSED_SHORT_NONCE
     if not proof_matches(node_proof(key, gateway_nonce, node_nonce, str(auth.get("node_id", ""))), auth.get("proof")):
         return "access key mismatch"
     return None

@@ -30,6 +30,7 @@ from node_agent.protocol import (
     CLOSE_AUTH_FAILED,
     HANDSHAKE_TIMEOUT_S,
     MAX_MESSAGE_BYTES,
+    NOT_THE_PROTOCOL,
     auth_refusal,
     hello_message,
     new_nonce,
@@ -131,7 +132,7 @@ async def node_probe(*, host: str, port: int, expected_fingerprint: str = "") ->
         auth = await _receive(ws)
         node_id = str(auth.get("node_id", ""))
         refusal = auth_refusal(auth, key=key, gateway_nonce=gateway_nonce)
-        if refusal in ("expected auth", "nonce too short"):
+        if refusal in NOT_THE_PROTOCOL:
             raise ProbeFailed("the other side does not speak the node protocol: is it an OptimaGPT node?")
         if refusal is not None:
             await ws.send(json.dumps({"type": "refused", "reason": refusal}))

@@ -226,9 +226,10 @@ def node_view(request: HttpRequest, pk: int) -> HttpResponse:
     points = [m.as_point() for m in reversed(node.metric_samples.order_by("-at")[:HISTORY_POINTS])]
     lines = [line.as_line() for line in reversed(node.log_lines.order_by("-at", "-pk")[:HISTORY_LINES])]
     hardware = node.hardware or {}
+    state = _node_state(node)
     return render(request, "nodes/node.html", {
-        "section": "nodes", "node": node, "status": node_status(node, _demand()), "hardware": hardware,
+        "section": "nodes", "node": node, "status": state["status"], "hardware": hardware,
         "gpus": hardware.get("gpus") or [],
         "vram_total": sum(int(g.get("vram_total") or 0) for g in hardware.get("gpus") or []),
-        "history": {"points": points, "lines": lines, "state": _node_state(node)},
+        "history": {"points": points, "lines": lines, "state": state},
     })

@@ -54,9 +54,6 @@ class ExpiringCache(Generic[K, V]):
 
         return await self._loads.load(key, load)
 
-    def values(self) -> list[tuple[K, V]]:
-        return [(key, value) for key, (_, value) in self._entries.items()]
-
     def _changed(self) -> None:
         self.generation += 1
         self._loads.clear()
