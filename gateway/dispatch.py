@@ -66,15 +66,28 @@ class InferenceCall(Call):
                  **timing: float) -> None:
         super().__init__(target, request_id, principal, **timing)
         self.reply_channel = reply_channel
+        # On the Redis pub/sub layer a cancelled receive unsubscribes the channel and drops what it
+        # had buffered: an event arriving as a wait timed out was lost. There a receive stays pending
+        # across waits; the in-memory layer's receive is safe to cancel, and cheaper so.
+        self._keep_receiving = isinstance(get_channel_layer(), RedisPubSubChannelLayer)
+        self._receiving: asyncio.Future[dict[str, Any]] | None = None
 
     async def revoke(self) -> None:
         await get_channel_layer().send(self.reply_channel, {"type": "node.event",
                                                             "raw": json.dumps(self._revoked_event())})
 
     async def _receive(self, timeout_s: float) -> dict[str, Any]:
-        async with asyncio.timeout(timeout_s):  # cheaper than wait_for: no task per event
-            message = await get_channel_layer().receive(self.reply_channel)
-        return json.loads(message["raw"])
+        if not self._keep_receiving:
+            async with asyncio.timeout(timeout_s):  # cheaper than wait_for: no task per event
+                message = await get_channel_layer().receive(self.reply_channel)
+            return json.loads(message["raw"])
+        if self._receiving is None:
+            self._receiving = asyncio.ensure_future(get_channel_layer().receive(self.reply_channel))
+        done, _ = await asyncio.wait({self._receiving}, timeout=timeout_s)
+        if not done:
+            raise TimeoutError
+        receiving, self._receiving = self._receiving, None
+        return json.loads(receiving.result()["raw"])
 
     async def _target_linked(self) -> bool:
         if link_held_here(self.target.channel_name) or self.target.node_pk is None:
@@ -83,6 +96,11 @@ class InferenceCall(Call):
             pk=self.target.node_pk, connected=True, channel_name=self.target.channel_name).exists)()
 
     async def _cancel(self) -> None:
+        if self._receiving is not None:
+            receiving, self._receiving = self._receiving, None
+            receiving.cancel()  # which unsubscribes: the channel is dropped
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await receiving
         await _drop_channel(self.reply_channel)
         if not self.finished:
             # The client left or we gave up: the node must stop generating for nobody.
