@@ -55,8 +55,16 @@ case "${1:-}" in
             (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
                 || echo "could not install chromium; the browser tests will say so" >&2
         fi
+        # Third-party MCP servers the tests run (exact versions and hashes from tests/mcp/package-lock.json).
+        if ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            (apt-get update -qq && apt-get install -y -qq nodejs npm) >/dev/null 2>&1 \
+                || echo "could not install npm; the tests of npm MCP servers will say so" >&2
+        fi
+        if command -v npm >/dev/null 2>&1; then
+            npm ci --prefix tests/mcp --no-audit --no-fund --silent || { echo "npm ci failed (above)" >&2; exit 1; }
+        fi
         # Security lint of the project's packages (findings fixed, or justified by a nosec comment on the line).
-        "$PY" -m bandit --quiet --configfile pyproject.toml --recursive accounts chat gateway nodes node_agent optimagpt \
+        "$PY" -m bandit --quiet --configfile pyproject.toml --recursive accounts chat gateway mcp_servers nodes node_agent optimagpt \
             || { echo "bandit found security issues (above)" >&2; exit 1; }
         # Lint (with import order) and types, as pyproject.toml configures them; either failing fails the run.
         "$PY" -m ruff check --quiet . || { echo "ruff found problems (above)" >&2; exit 1; }

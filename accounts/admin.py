@@ -73,7 +73,8 @@ class ApiKeyAdmin(ProductPermissionAdmin):
     search_fields = ("name", "prefix", "owner__username")
     readonly_fields = ("prefix", "created_at", "last_used_at")
     fields = ("name", "owner", "prefix", "created_at", "last_used_at", "expires_at", "allowed_models",
-              "requests_per_minute", "tokens_per_minute", "token_budget", "budget_period")
+              "allowed_mcp_servers", "default_mcp_servers", "requests_per_minute", "tokens_per_minute",
+              "token_budget", "budget_period")
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
         if change:

@@ -44,6 +44,11 @@ class ApiKeyCreateForm(forms.Form):
                                      widget=forms.DateTimeInput(attrs={"type": "datetime-local"}))
     allowed_models = forms.CharField(required=False, label="Models",
                                      help_text="model ids separated by commas; empty means all")
+    allowed_mcp_servers = forms.CharField(required=False, label="MCP servers",
+                                          help_text="MCP server names separated by commas; empty means all "
+                                                    "open to the API")
+    default_mcp_servers = forms.CharField(required=False, label="Default MCP servers",
+                                          help_text="used by requests that name none; empty means none")
     requests_per_minute = forms.IntegerField(required=False, min_value=1)
     tokens_per_minute = forms.IntegerField(required=False, min_value=1)
     token_budget = forms.IntegerField(required=False, min_value=1, label="Token budget")
@@ -58,6 +63,12 @@ class ApiKeyCreateForm(forms.Form):
 
     def clean_allowed_models(self) -> list[str]:
         return [m.strip() for m in self.cleaned_data["allowed_models"].split(",") if m.strip()]
+
+    def clean_allowed_mcp_servers(self) -> list[str]:
+        return [m.strip() for m in self.cleaned_data["allowed_mcp_servers"].split(",") if m.strip()]
+
+    def clean_default_mcp_servers(self) -> list[str]:
+        return [m.strip() for m in self.cleaned_data["default_mcp_servers"].split(",") if m.strip()]
 
     def clean_expires_at(self) -> datetime | None:
         return self.cleaned_data["expires_at"]

@@ -97,6 +97,11 @@ class ApiKey(models.Model):
                                      default="day")
     scopes = models.JSONField(default=default_scopes, blank=True,
                               help_text="what the key may do: inference, conversations, management")
+    allowed_mcp_servers = models.JSONField(default=list, blank=True,
+                                           help_text="MCP server names this key may use; empty means every "
+                                                     "server open to the API")
+    default_mcp_servers = models.JSONField(default=list, blank=True,
+                                           help_text="MCP servers a request of this key uses when it names none")
 
     objects = ApiKeyQuerySet.as_manager()
 
@@ -113,6 +118,9 @@ class ApiKey(models.Model):
 
     def allows_model(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
+
+    def allows_mcp_server(self, name: str) -> bool:
+        return not self.allowed_mcp_servers or name in self.allowed_mcp_servers
 
     def has_scope(self, scope: str) -> bool:
         return isinstance(self.scopes, list) and scope in self.scopes

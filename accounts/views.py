@@ -116,8 +116,8 @@ def api_keys_view(request: HttpRequest) -> HttpResponse:
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         key, new_key = ApiKey.create_with_raw_key(name=data["name"], owner=data["owner"], scopes=data["scopes"])
-        for field in ("expires_at", "allowed_models", "requests_per_minute", "tokens_per_minute", "token_budget",
-                      "budget_period"):
+        for field in ("expires_at", "allowed_models", "allowed_mcp_servers", "default_mcp_servers",
+                      "requests_per_minute", "tokens_per_minute", "token_budget", "budget_period"):
             setattr(key, field, data[field])
         key.save()
         form = ApiKeyCreateForm()

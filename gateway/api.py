@@ -23,7 +23,8 @@ from nodes.models import Executor
 from optimagpt.errors import ERRORS, ApiError, ModelNotFound
 
 from .auth import ApiKeyAuth
-from .dispatch import RoutedRequest, first_event, inference_start
+from .dispatch import RoutedRequest, Streamed, first_event, inference_start
+from .mcp_rounds import McpRounds, mcp_chat_start, mcp_selection
 from .principal import AuthedRequest
 from .schemas import (
     ChatCompletionIn,
@@ -44,7 +45,7 @@ def _node_body(request: HttpRequest) -> str:
     return request.body.decode()
 
 
-async def _collect(call: RoutedRequest) -> dict[str, Any]:
+async def _collect(call: Streamed) -> dict[str, Any]:
     """The `end` event of a request that is not streamed; the request is cancelled if we leave early."""
     try:
         event: dict[str, Any] = {}
@@ -90,8 +91,15 @@ def _finish_reason(event: dict[str, Any]) -> str:
 # -- chat ---------------------------------------------------------------------
 @router.post("/chat/completions", summary="Create a chat completion", response={200: ChatCompletionOut, **ERRORS})
 async def chat_completions(request: AuthedRequest, body: ChatCompletionIn) -> HttpResponseBase:
-    call = await inference_start(principal=request.auth, model=body.model, op=OP_CHAT, body_json=_node_body(request),
-                                 stream=body.stream)
+    call: RoutedRequest | McpRounds
+    wants_mcp = (body.tools is not None and bool(body.mcp_tools())) or bool(request.auth.default_mcp_servers())
+    selection = await mcp_selection(request.auth, body) if wants_mcp else None
+    if selection is None:
+        call = await inference_start(principal=request.auth, model=body.model, op=OP_CHAT,
+                                     body_json=_node_body(request), stream=body.stream)
+    else:
+        call = await mcp_chat_start(principal=request.auth, body=body, body_json=_node_body(request),
+                                    selection=selection)
     completion_id = "chatcmpl-" + uuid.uuid4().hex
     created = int(time.time())
     if not body.stream:
@@ -105,6 +113,7 @@ async def chat_completions(request: AuthedRequest, body: ChatCompletionIn) -> Ht
             "choices": [{"index": c["index"], "message": c["message"], "logprobs": None,
                          "finish_reason": _finish_reason(c)} for c in _choices(event)],
             "usage": event["usage"],
+            **({"mcp_calls": event["mcp_calls"]} if "mcp_calls" in event else {}),
         })
 
     events, first = await first_event(call)
@@ -124,6 +133,8 @@ async def chat_completions(request: AuthedRequest, body: ChatCompletionIn) -> Ht
             delta = {"role": "assistant", **({"content": None} if "tool_calls" in delta else {}), **delta}
             role_sent.add(index)
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+        if "mcp_calls" in event:  # what the gateway ran in the round that just ended (gateway/mcp_rounds.py)
+            return {**head, "choices": [choice], **usage_field, "mcp_calls": event["mcp_calls"]}
         return {**head, "choices": [choice], **usage_field}
 
     return StreamingHttpResponse(_stream(events, first, chunk, head if include_usage else None),

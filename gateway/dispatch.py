@@ -16,7 +16,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, Protocol
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
@@ -256,7 +256,15 @@ class RoutedRequest:
             await self.call.close()
 
 
-async def first_event(call: RoutedRequest) -> tuple[AsyncGenerator[dict[str, Any], None], dict[str, Any]]:
+class Streamed(Protocol):
+    """What the API reads a reply from: a RoutedRequest, or gateway/mcp_rounds.py's McpRounds."""
+
+    def events(self) -> AsyncGenerator[dict[str, Any], None]: ...
+
+    async def close(self) -> None: ...
+
+
+async def first_event(call: Streamed) -> tuple[AsyncGenerator[dict[str, Any], None], dict[str, Any]]:
     """Wait for the node's first event, so errors before any token still get a proper status code."""
     events = call.events()
     try:

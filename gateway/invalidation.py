@@ -1,4 +1,4 @@
-"""Telling every gateway process that a key or a user changed, over the channel layer.
+"""Telling every gateway process that a key, a user or an MCP server changed, over the channel layer.
 
 Each process caches verified keys and users (accounts.services, accounts.tokens)
 and tracks the requests it has in flight per key (gateway/revocation.py). A change
@@ -24,6 +24,8 @@ from django.dispatch import receiver
 from accounts import services as key_cache
 from accounts import tokens as user_cache
 from accounts.models import ApiKey, User
+from mcp_servers import runtime as mcp_runtime
+from mcp_servers.models import McpServer
 
 from .revocation import revoke_calls_of_key, revoke_calls_of_owner
 
@@ -65,6 +67,12 @@ def _key_changed(sender: type[ApiKey], instance: ApiKey, **kwargs: Any) -> None:
     _broadcast({"key_id": instance.pk, "digest": instance.digest, "deleted": "created" not in kwargs})
 
 
+@receiver(post_save, sender=McpServer)
+@receiver(post_delete, sender=McpServer)
+def _mcp_server_changed(sender: type[McpServer], instance: McpServer, **kwargs: Any) -> None:
+    _broadcast({"mcp_server": instance.pk, "mcp_deleted": "created" not in kwargs})
+
+
 @receiver(post_save, sender=User)
 @receiver(post_delete, sender=User)
 def _user_changed(sender: type[User], instance: User, **kwargs: Any) -> None:
@@ -78,6 +86,8 @@ def _permissions_changed(sender: object, instance: object, **kwargs: Any) -> Non
 
 
 def _apply(message: dict[str, Any]) -> None:
+    if "mcp_server" in message:
+        mcp_runtime.forget(message["mcp_server"], gone=bool(message.get("mcp_deleted")))
     if "digest" in message:
         key_cache.forget_key(message["digest"])
         if message.get("deleted"):

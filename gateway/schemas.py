@@ -61,6 +61,36 @@ class Tool(OpenAIIn):
     function: FunctionSpec
 
 
+class McpToolNames(OpenAIIn):
+    tool_names: list[Annotated[str, Field(min_length=1, max_length=128)]]
+
+
+class McpTool(OpenAIIn):
+    """An MCP server an admin registered, by name: its tools run on the gateway (the Responses API's form)."""
+
+    type: Literal["mcp"]
+    server_label: Annotated[str, Field(min_length=1, max_length=64)]
+    allowed_tools: list[Annotated[str, Field(min_length=1, max_length=128)]] | McpToolNames | None = None
+    require_approval: Literal["never"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _registered_only(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for given in ("server_url", "connector_id", "headers", "authorization"):
+                if data.get(given) is not None:
+                    raise ValueError(f"{given} is not accepted: only MCP servers an admin registered run, "
+                                     "named by server_label")
+        return data
+
+    def tool_names(self) -> set[str] | None:
+        """The server's own tool names the request allows; None: all of them."""
+        if self.allowed_tools is None:
+            return None
+        names = self.allowed_tools.tool_names if isinstance(self.allowed_tools, McpToolNames) else self.allowed_tools
+        return set(names)
+
+
 class NamedFunction(OpenAIIn):
     name: str
 
@@ -179,7 +209,7 @@ class ChatCompletionIn(SamplingIn):
     top_logprobs: int | None = None
     _refuse_logprobs = field_validator("logprobs", "top_logprobs")(classmethod(lambda cls, v: _no_logprobs(v)))
     max_completion_tokens: int | None = None
-    tools: list[Tool] | None = None
+    tools: list[Annotated[Tool | McpTool, Field(discriminator="type")]] | None = None
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
     response_format: ResponseFormat | None = None
 
@@ -187,10 +217,17 @@ class ChatCompletionIn(SamplingIn):
     def _tool_choice_needs_tools(self) -> ChatCompletionIn:
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise ValueError("tool_choice requires tools")
-        if isinstance(self.tool_choice, ToolChoiceFunction) and self.tools:
-            if self.tool_choice.function.name not in {t.function.name for t in self.tools}:
+        if isinstance(self.tool_choice, ToolChoiceFunction) and self.tools and not self.mcp_tools():
+            # (with MCP servers the function may be one of theirs: gateway/mcp_rounds.py checks it)
+            if self.tool_choice.function.name not in {t.function.name for t in self.function_tools()}:
                 raise ValueError(f"tool_choice names '{self.tool_choice.function.name}', which is not in tools")
         return self
+
+    def function_tools(self) -> list[Tool]:
+        return [t for t in self.tools or () if isinstance(t, Tool)]
+
+    def mcp_tools(self) -> list[McpTool]:
+        return [t for t in self.tools or () if isinstance(t, McpTool)]
 
 
 class CompletionIn(SamplingIn):

@@ -51,10 +51,38 @@ class Behaviour:
     token_rate: float = 0.0
     slots: int = 1
     reply: str = ""
+    # Scripted tool use: call the tool of the request named `tool_call` (or ending in "_<tool_call>") with
+    # `tool_args`, while the conversation holds fewer than `tool_rounds` tool results; after a tool result
+    # the reply is "Tool result: <its content>".
+    tool_call: str = ""
+    tool_args: str = "{}"
+    tool_rounds: int = 1
 
-    def pieces(self, max_tokens: int | None) -> list[str]:
-        words = re.findall(r"\S+\s*", self.reply) if self.reply else [f"t{i} " for i in range(self.tokens)]
+    def pieces(self, max_tokens: int | None, reply: str | None = None) -> list[str]:
+        reply = self.reply if reply is None else reply
+        words = re.findall(r"\S+\s*", reply) if reply else [f"t{i} " for i in range(self.tokens)]
         return words[: max(1, min(len(words), max_tokens or len(words)))]
+
+    def scripted_call(self, body: dict[str, Any]) -> str | None:
+        """The tool name to call now, if the script says to call one."""
+        if not self.tool_call:
+            return None
+        messages = body.get("messages") or []
+        if sum(1 for m in messages if m.get("role") == "tool") >= self.tool_rounds:
+            return None
+        for tool in body.get("tools") or []:
+            name = str((tool.get("function") or {}).get("name") or "")
+            if name == self.tool_call or name.endswith("_" + self.tool_call):
+                return name
+        return None
+
+    @staticmethod
+    def after_tool(body: dict[str, Any]) -> str | None:
+        """The reply to a conversation whose last turn is a tool result."""
+        messages = body.get("messages") or []
+        if messages and messages[-1].get("role") == "tool":
+            return "Tool result: " + str(messages[-1].get("content") or "")[:4000]
+        return None
 
 
 @dataclass
@@ -82,6 +110,20 @@ class SimProcess:
         if task is not None:
             task.cancel()
 
+    async def _tool_call(self, rid: str, name: str, stream: bool, sink: EventSink) -> None:
+        call_id = f"call_{uuid.uuid4().hex[:24]}"
+        arguments = self.behaviour.tool_args
+        if stream:
+            head = {"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+            await self._emit(sink, {"type": "delta", "id": rid, "delta": {"tool_calls": [head]}})
+            await self._emit(sink, {"type": "delta", "id": rid, "delta": {"tool_calls": [
+                {"index": 0, "function": {"arguments": arguments}}]}})
+        call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+        self.served += 1
+        await self._emit(sink, {"type": "end", "id": rid, "finish_reason": "tool_calls",
+                                "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
     async def _emit(self, sink: EventSink, event: dict[str, Any]) -> None:
         await sink(json.dumps(event, separators=(",", ":")), event)
 
@@ -89,7 +131,9 @@ class SimProcess:
         b = self.behaviour
         op, stream = request.get("op"), bool(request.get("stream"))
         body = request.get("body") or {}
-        pieces = b.pieces(int(body.get("max_tokens") or 0) or None)
+        called = b.scripted_call(body) if op == OP_CHAT else None
+        after_tool = b.after_tool(body) if op == OP_CHAT else None
+        pieces = b.pieces(int(body.get("max_tokens") or 0) or None, after_tool)
         tokens = len(pieces)
         try:
             async with self._slots:
@@ -110,6 +154,9 @@ class SimProcess:
                     await self._emit(sink, {"type": "end", "id": rid, "finish_reason": "stop", "counts": {
                         **counts, "prompt": sum(counts.values()), "window": 4096}})
                     return
+                if called is not None:
+                    await self._tool_call(rid, called, stream, sink)
+                    return
                 for piece in pieces:
                     if stream:
                         delta = {"delta": {"content": piece}} if op == OP_CHAT else {"text": piece}
@@ -118,7 +165,7 @@ class SimProcess:
                         await asyncio.sleep(1 / b.token_rate)
                 text = "".join(pieces)
                 usage = {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": tokens + 1}
-                finish = "stop" if b.reply and tokens == len(b.pieces(None)) else "length"
+                finish = "stop" if (after_tool or b.reply) and tokens == len(b.pieces(None, after_tool)) else "length"
                 end: dict[str, Any] = {"type": "end", "id": rid, "finish_reason": finish, "usage": usage}
                 if op == OP_CHAT:
                     end["message"] = {"role": "assistant", "content": "" if stream else text}
@@ -223,7 +270,8 @@ async def _main(args: argparse.Namespace) -> None:
         nodes = make_nodes(gateway_url=args.gateway_url, access_key=access_key, count=args.nodes, model=args.model,
                            models_per_node=args.models_per_node,
                            behaviour=Behaviour(delay_s=args.delay, tokens=args.tokens, token_rate=args.token_rate,
-                                               slots=args.slots, reply=args.reply),
+                                               slots=args.slots, reply=args.reply, tool_call=args.tool_call,
+                                               tool_args=args.tool_args, tool_rounds=args.tool_rounds),
                            state_dir=Path(state), heartbeat_interval_s=args.heartbeat_interval,
                            metrics_interval_s=args.metrics_interval, prefix=args.prefix)
         stop = asyncio.Event()
@@ -261,6 +309,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-interval", type=float, default=2.0)
     parser.add_argument("--prefix", default="sim", help="node names are PREFIX-0000, PREFIX-0001, ...")
     parser.add_argument("--reply", default="", help="answer with this text, a word per token (instead of --tokens)")
+    parser.add_argument("--tool-call", default="", help="call the request's tool of this name (or ending _NAME)")
+    parser.add_argument("--tool-args", default="{}", help="the scripted tool call's arguments (JSON text)")
+    parser.add_argument("--tool-rounds", type=int, default=1,
+                        help="call it while the conversation has fewer tool results than this")
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("OPTIMAGPT_NODE_LOG_LEVEL", "WARNING").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

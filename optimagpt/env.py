@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -53,6 +54,21 @@ def env_list(name: str, default: list[str]) -> list[str]:
     if not raw:
         return default
     return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def env_str_map(name: str) -> dict[str, str]:
+    """A JSON object of strings ({"time": "mcp-server-time"}); unset or empty means {}."""
+    raw = os.environ.get(name)
+    if not raw or not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a JSON object of strings, not {raw[:80]!r}") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
+                                              for k, v in value.items()):
+        raise ImproperlyConfigured(f"{name} must be a JSON object of names to command lines")
+    return value
 
 
 def env_secret(name: str, default: str = "") -> str:

@@ -123,8 +123,8 @@ def _time_out_slow_requests(http: Any) -> None:
 def _start_background_work() -> None:
     """Once daphne's reactor runs: dial the nodes that listen, publish this process's request counts (and,
     with Redis, its in-flight counts per executor for the other processes' routers, and listen for key and
-    user changes made in the others), prune old node history; on shutdown, hang up, give the leases back and
-    stop those loops."""
+    user changes made in the others), check the MCP servers, prune old node history; on shutdown, hang up,
+    give the leases back and stop those loops."""
     import asyncio
 
     import daphne.server  # noqa: F401 - installs the asyncio reactor, which must come before any other import of it
@@ -139,6 +139,7 @@ def _start_background_work() -> None:
         from gateway.invalidation import invalidation_listen_forever
         from gateway.routing.shared import share_forever
         from gateway.stats import publish_forever
+        from mcp_servers.services import mcp_check_forever
         from nodes.housekeeping import prune_forever
         from nodes.outbound import OWNER, dialer_start
 
@@ -146,7 +147,8 @@ def _start_background_work() -> None:
         stopping = asyncio.Event()
         loops = [asyncio.ensure_future(publish_forever(owner=OWNER, stop=stopping)),
                  asyncio.ensure_future(share_forever(owner=OWNER, stop=stopping)),
-                 asyncio.ensure_future(invalidation_listen_forever(stopping))]
+                 asyncio.ensure_future(invalidation_listen_forever(stopping)),
+                 asyncio.ensure_future(mcp_check_forever(stopping))]
         # With a Celery worker, its beat runs the pruning (CELERY_BEAT_SCHEDULE); without one, this process does.
         if not settings.CELERY_WORKER:
             loops.append(asyncio.ensure_future(prune_forever(stopping)))

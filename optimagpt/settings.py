@@ -16,7 +16,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from .env import env_bool, env_float, env_int, env_list, env_secret, env_str
+from .env import env_bool, env_float, env_int, env_list, env_secret, env_str, env_str_map
 from .files import restrict_to_owner
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -48,6 +48,7 @@ INSTALLED_APPS = [
     "nodes",
     "gateway",
     "chat",
+    "mcp_servers",
 ]
 
 MIDDLEWARE = [
@@ -202,6 +203,14 @@ OPTIMAGPT_QUEUE_MAX_WAIT_S = env_float("OPTIMAGPT_QUEUE_MAX_WAIT_S", 60.0)
 OPTIMAGPT_FAILOVER_ATTEMPTS = env_int("OPTIMAGPT_FAILOVER_ATTEMPTS", 2)
 # With Redis: how often gateway processes share their in-flight counts per executor.
 OPTIMAGPT_SHARED_LOAD_INTERVAL_S = env_float("OPTIMAGPT_SHARED_LOAD_INTERVAL_S", 0.1)
+# MCP servers (mcp_servers/): a tool call's time limit; the most characters of a result the model reads;
+# how often servers are checked again; tool rounds per request before the reply ends; and the stdio servers
+# the gateway may start, as a JSON object of names to command lines (never from a page: only from here).
+OPTIMAGPT_MCP_CALL_TIMEOUT_S = env_float("OPTIMAGPT_MCP_CALL_TIMEOUT_S", 30.0)
+OPTIMAGPT_MCP_RESULT_MAX_CHARS = env_int("OPTIMAGPT_MCP_RESULT_MAX_CHARS", 20000)
+OPTIMAGPT_MCP_CHECK_INTERVAL_S = env_float("OPTIMAGPT_MCP_CHECK_INTERVAL_S", 60.0)
+OPTIMAGPT_MCP_MAX_ROUNDS = env_int("OPTIMAGPT_MCP_MAX_ROUNDS", 8)
+OPTIMAGPT_MCP_STDIO_COMMANDS = env_str_map("OPTIMAGPT_MCP_STDIO_COMMANDS")
 
 # JWTs for applications and OptimaChat. Signed with JWT_SIGNING_KEY, or a key derived from
 # SECRET_KEY (never a default). A password change or deactivation invalidates a user's tokens.
@@ -244,5 +253,8 @@ LOGGING = {
         "django.channels.server": {"level": "WARNING"},
         # Every 4xx is a warning there; API clients get the reason in the body, the log keeps 5xx.
         "django.request": {"level": "ERROR"},
+        # The MCP SDK's HTTP client logs every request line, and the SDK its session ids: not for the console.
+        "httpx2": {"level": "WARNING"},
+        "mcp": {"level": "WARNING"},
     },
 }

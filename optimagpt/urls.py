@@ -13,6 +13,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include("accounts.urls")),
     path("", include("nodes.urls")),
+    path("", include("mcp_servers.urls")),
     path("", api.urls),
 ]
 

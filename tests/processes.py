@@ -213,7 +213,8 @@ class SimulatedNodes(Process):
 
     def __init__(self, *, gateway: Gateway, log_dir: Path, count: int = 1, model: str = "sim", delay_s: float = 0.0,
                  tokens: int = 1, token_rate: float = 0.0, slots: int = 1, prefix: str = "sim",
-                 heartbeat_interval_s: float = 2.0, metrics_interval_s: float = 2.0, reply: str = "") -> None:
+                 heartbeat_interval_s: float = 2.0, metrics_interval_s: float = 2.0, reply: str = "",
+                 tool_call: str = "", tool_args: str = "{}", tool_rounds: int = 1) -> None:
         super().__init__(log_dir / f"{prefix}.log")
         self.gateway = gateway
         self.count = count
@@ -221,7 +222,8 @@ class SimulatedNodes(Process):
                      "--model", model, "--delay", str(delay_s), "--tokens", str(tokens), "--token-rate",
                      str(token_rate), "--slots", str(slots), "--prefix", prefix,
                      "--heartbeat-interval", str(heartbeat_interval_s), "--metrics-interval", str(metrics_interval_s),
-                     "--reply", reply]
+                     "--reply", reply, "--tool-call", tool_call, "--tool-args", tool_args,
+                     "--tool-rounds", str(tool_rounds)]
         self.env = base_env()
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
@@ -232,3 +234,51 @@ class SimulatedNodes(Process):
             assert self.alive, f"simulator exited:\n{self.log()}"
             assert time.monotonic() < deadline, f"simulated nodes not linked in {timeout_s} s:\n{self.log()}"
             time.sleep(0.1)
+
+
+class McpTestServer(Process):
+    """tests/mcp/server.py: a real MCP server (the SDK's MCPServer over Streamable HTTP, or SSE) on a free port."""
+
+    def __init__(self, *, log_dir: Path, token: str = "", notes: Path | None = None, transport: str = "streamable-http",
+                 port: int | None = None) -> None:
+        super().__init__(log_dir / f"mcp-{transport}.log")
+        self.port = port or free_port()
+        self.path = "/sse" if transport == "sse" else "/mcp"
+        self.url = f"http://127.0.0.1:{self.port}{self.path}"
+        self.argv = [sys.executable, "-m", "tests.mcp.server", "--port", str(self.port), "--transport", transport]
+        if token:
+            self.argv += ["--token", token]
+        if notes is not None:
+            self.argv += ["--notes", str(notes)]
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        self._spawn(self.argv, base_env())
+
+        def listening() -> bool:
+            assert self.alive, f"MCP server exited:\n{self.log()}"
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(listening, timeout_s, "the MCP test server to listen")
+
+
+EVERYTHING = REPO / "tests/mcp/node_modules/@modelcontextprotocol/server-everything/dist/index.js"
+
+
+class EverythingServer(Process):
+    """@modelcontextprotocol/server-everything from npm (tests/mcp/package.json), in its Streamable HTTP mode."""
+
+    def __init__(self, *, log_dir: Path) -> None:
+        super().__init__(log_dir / "server-everything.log")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        self._spawn(["node", str(EVERYTHING), "streamableHttp"], base_env(PORT=str(self.port)))
+
+        def listening() -> bool:
+            assert self.alive, f"server-everything exited:\n{self.log()}"
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(listening, timeout_s, "server-everything to listen")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import uuid
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 from channels.db import database_sync_to_async
 from django.dispatch import receiver
@@ -27,6 +27,7 @@ from node_agent.protocol import OP_CHAT, OP_COMPLETION, OP_EMBEDDING, OP_TOKENIZ
 from nodes.models import Executor
 from nodes.signals import executors_changed
 from optimagpt.errors import UpstreamError
+from optimagpt.outbound import OutboundRefused, checked_pool, url_check_resolved
 from optimagpt.secrets import SecretUnreadable
 
 from ..calls import Call
@@ -67,9 +68,14 @@ def _client() -> httpx.AsyncClient:
     loop = asyncio.get_running_loop()
     client = _clients.get(loop)
     if client is None:
+        transport = httpx.AsyncHTTPTransport()
+        # Every connection goes to an address optimagpt/outbound.py checked, redirects and reconnections included.
+        transport._pool = checked_pool(httpcore.AsyncConnectionPool, httpcore.AnyIOBackend, httpcore.ConnectError,
+                                       httpx.create_ssl_context(),
+                                       max_connections=200, max_keepalive_connections=50)
         client = _clients[loop] = httpx.AsyncClient(
+            transport=transport,
             timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S),  # reads are bounded by Call.events
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
         )
     return client
 
@@ -234,40 +240,17 @@ async def remote_call_start(*, target: Target, principal: Principal, op: str, bo
 
 
 UNREACHABLE = "unreachable: no OpenAI-compatible API answered at this address"
-# Cloud metadata services outside the link-local ranges (those are refused whole).
-METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in ("100.100.100.200", "fd00:ec2::254"))
-
-
-class UpstreamAddressRefused(ValueError):
-    """A base URL the gateway will not call; the message says why, without probing anything."""
+UpstreamAddressRefused = OutboundRefused
 
 
 async def remote_address_check(base_url: str) -> None:
-    """Refuse URLs with credentials, and hosts that resolve to link-local or metadata addresses.
-
-    Checked after resolution, so every notation of an address is caught (2852039166, 0251.0376.0251.0376,
-    [::ffff:169.254.169.254] and names that resolve there alike). Loopback and private networks stay
-    allowed: a self-hosted upstream is often on the same machine or LAN.
-    """
-    parts = urlsplit(base_url)
-    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
-        raise UpstreamAddressRefused("base_url must not hold credentials; give the key as api_key")
-    host = parts.hostname
-    if not host or parts.scheme not in ("http", "https"):
-        raise UpstreamAddressRefused("base_url must be an http or https URL with a host")
+    """Refuse URLs with credentials, and hosts that resolve to link-local or metadata addresses (optimagpt/outbound.py),
+    with a message for the admin before anything is probed; every connection is checked again as it is made."""
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(host, port), PROBE_TIMEOUT_S)
-    except (TimeoutError, OSError, ValueError):
-        return  # an unknown name cannot reach anything; the probe will say it is unreachable
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        if address.is_link_local or address in METADATA_ADDRESSES or address.is_multicast \
-                or address.is_unspecified:
-            raise UpstreamAddressRefused("base_url points to a link-local, metadata or otherwise reserved "
-                                         "address, which the gateway does not call")
+        await url_check_resolved(base_url, name="base_url")
+    except OutboundRefused as exc:
+        message = str(exc).replace("must not hold credentials", "must not hold credentials; give the key as api_key")
+        raise OutboundRefused(message) from None
 
 
 def same_origin(first: str, second: str) -> bool:

@@ -14,6 +14,10 @@ class Command(BaseCommand):
         parser.add_argument("--name", required=True, help="what the key is for")
         parser.add_argument("--user", help="username of the key's owner (the key acts for them)")
         parser.add_argument("--models", nargs="+", default=[], help="model ids the key may use (default: all)")
+        parser.add_argument("--mcp-servers", nargs="+", default=[],
+                            help="MCP servers the key may use (default: all open to the API)")
+        parser.add_argument("--default-mcp-servers", nargs="+", default=[],
+                            help="MCP servers its requests use when they name none")
         parser.add_argument("--rpm", type=int, help="requests per minute")
         parser.add_argument("--tpm", type=int, help="tokens per minute")
         parser.add_argument("--budget", type=int, help="tokens per budget period")
@@ -24,7 +28,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, name: str, user: str | None, models: list[str], rpm: int | None,
                tpm: int | None, budget: int | None, budget_period: str, expires_in_days: float | None,
-               scopes: list[str], **options: Any) -> None:
+               scopes: list[str], mcp_servers: list[str], default_mcp_servers: list[str], **options: Any) -> None:
         owner = None
         if user:
             try:
@@ -36,6 +40,7 @@ class Command(BaseCommand):
                 raise CommandError(f"{flag} must be at least 1")
         key, raw = ApiKey.create_with_raw_key(name=name, owner=owner, scopes=sorted(set(scopes)))
         key.allowed_models = models
+        key.allowed_mcp_servers, key.default_mcp_servers = mcp_servers, default_mcp_servers
         key.requests_per_minute, key.tokens_per_minute, key.token_budget = rpm, tpm, budget
         key.budget_period = budget_period
         if expires_in_days is not None:
