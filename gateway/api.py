@@ -114,7 +114,7 @@ async def chat_completions(request: AuthedRequest, body: ChatCompletionIn) -> Ht
                          "finish_reason": _finish_reason(c)} for c in _choices(event)],
             "usage": event["usage"],
             **({"mcp_calls": event["mcp_calls"]} if "mcp_calls" in event else {}),
-        })
+        }, headers={"Server-Timing": call.server_timing()} if isinstance(call, McpRounds) else None)
 
     events, first = await first_event(call)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

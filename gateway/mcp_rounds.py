@@ -112,7 +112,10 @@ class McpRounds:
         self.calls: list[dict[str, Any]] = []  # what the gateway ran, for `mcp_calls`
         self.usage: dict[str, int] = {}
         self.rounds = 0
-        self.tool_s = 0.0  # time spent in tools (for the gateway's own time per round: bench/mcp.py)
+        self.tool_s = 0.0  # wall time in tool calls
+        # The gateway's own time in tool rounds: from a round's end to the next round sent, less the tools'
+        # time (Server-Timing on the answer; bench/mcp.py reads it).
+        self.own_s = 0.0
         self._round: RoutedRequest | None = None
 
     def _round_body(self) -> str:
@@ -162,6 +165,7 @@ class McpRounds:
                         out.append({**piece, "index": index})
                     if out:
                         yield {**event, "delta": {**event["delta"], "tool_calls": out}}
+                ended_at = time.monotonic()
                 await self._round.close()
                 self._round = None
                 if end is None:
@@ -187,9 +191,11 @@ class McpRounds:
                     text = (message.get("content") or "") + note
                     yield self._end(end, {"role": "assistant", "content": text}, ROUND_LIMIT_REASON)
                     return
+                tool_s = self.tool_s
                 reported = await self._tools_run(message, mine)
                 yield {"type": "delta", "index": 0, "delta": {}, "mcp_calls": reported}
                 await self._round_start()
+                self.own_s += time.monotonic() - ended_at - (self.tool_s - tool_s)
         finally:
             await self.close()
 
@@ -204,6 +210,10 @@ class McpRounds:
             call["function"]["name"] = function["name"]
         call["function"]["arguments"] += function.get("arguments") or ""
         return call
+
+    def server_timing(self) -> str:
+        """The Server-Timing header of an unstreamed answer: the gateway's own time in tool rounds, the tools'."""
+        return f"mcp;dur={self.own_s * 1000:.3f};desc=\"gateway\", tools;dur={self.tool_s * 1000:.3f}"
 
     def _end(self, end: dict[str, Any], message: dict[str, Any], finish: str) -> dict[str, Any]:
         if self.stream:

@@ -325,3 +325,12 @@ def test_a_keys_mcp_servers_limit_and_defaults_hold(stack: Stack) -> None:
     client = openai.OpenAI(base_url=stack.gateway.url + "/v1", api_key=defaulted, max_retries=0, timeout=60)
     reply = client.chat.completions.create(model="adder", messages=[{"role": "user", "content": "go"}])
     assert reply.choices[0].message.content == "Tool result: 42"  # the key's default server, unasked
+
+
+def test_the_answer_says_the_gateways_own_time_in_server_timing(stack: Stack) -> None:
+    raw = stack.client.chat.completions.with_raw_response.create(
+        model="adder", messages=[{"role": "user", "content": "go"}], tools=[CALC])
+    metrics = dict(part.strip().split(";")[:2] for part in raw.headers["server-timing"].split(","))
+    own, tools = float(metrics["mcp"].removeprefix("dur=")), float(metrics["tools"].removeprefix("dur="))
+    assert 0 < own < 1000 and 0 < tools < 10_000
+    assert raw.parse().model_extra["mcp_calls"][0]["duration_ms"] <= tools + 0.1  # the call, within the tools
