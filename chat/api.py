@@ -15,6 +15,7 @@ from ninja import Router
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.auth import ChatAuth
+from gateway.mcp_rounds import chat_tools
 from gateway.principal import AuthedRequest
 from gateway.sse import SSE_HEADERS, sse_frames
 from optimagpt.errors import ERRORS, InvalidRequest, PermissionDenied
@@ -81,6 +82,18 @@ class ConversationListOut(BaseModel):
 class ConversationSettingsOut(ConversationOut):
     systemPrompt: str
     temperature: float
+    mcpTools: list[str] = Field(description="MCP servers (all their tools) or tools (<server>_<tool>) it uses")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    round: int
+    server_label: str
+    name: str
+    arguments: str
+    output: str
+    error: bool
+    duration_ms: float
 
 
 class MessageOut(BaseModel):
@@ -91,6 +104,7 @@ class MessageOut(BaseModel):
     modelId: str
     createdAt: str
     error: str | None = Field(None, description="why the reply ended early, when it did")
+    toolCalls: list[ToolCallOut] | None = Field(None, description="the MCP tool calls made for this reply")
 
 
 class ConversationWithMessagesOut(ConversationSettingsOut):
@@ -163,16 +177,17 @@ class ChangeIn(BaseModel):
     modelId: Annotated[str, Field(max_length=200)] | None = None
     systemPrompt: Annotated[str, Field(max_length=100_000)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    mcpTools: Annotated[list[Annotated[str, Field(min_length=1, max_length=100)]], Field(max_length=64)] | None = None
 
 
 @router.patch("/{conversation_id}", summary="Rename a conversation or change its settings (system prompt, "
-              "temperature, model), which apply from the next message",
+              "temperature, model, MCP tools), which apply from the next message",
               response={200: ConversationSettingsOut, **ERRORS})
 async def conversations_change(request: AuthedRequest, conversation_id: str, body: ChangeIn) -> HttpResponse:
     user_id = _user_id(request)
     values = {k: v for k, v in body.model_dump(exclude_unset=True).items() if v is not None}
     if not values:
-        raise InvalidRequest("Send at least one of 'title', 'systemPrompt', 'temperature', 'modelId'.")
+        raise InvalidRequest("Send at least one of 'title', 'systemPrompt', 'temperature', 'modelId', 'mcpTools'.")
     if "title" in values:
         values["title"] = values["title"].strip()
         if not values["title"]:
@@ -244,3 +259,29 @@ async def preferences_get(request: AuthedRequest) -> HttpResponse:
 async def preferences_change(request: AuthedRequest, body: PreferencesIn) -> HttpResponse:
     user_id = _user_id(request)
     return JsonResponse(await preferences_update(user_id, body.model_dump()))
+
+
+chat_tools_router = Router(auth=ChatAuth(), tags=["OptimaChat"])
+
+
+class ChatToolOut(BaseModel):
+    name: str = Field(description="as the model sees it: <server>_<tool>")
+    tool: str
+    description: str
+
+
+class ChatToolServerOut(BaseModel):
+    server: str
+    tools: list[ChatToolOut]
+
+
+class ChatToolsOut(BaseModel):
+    object: Literal["list"]
+    data: list[ChatToolServerOut]
+
+
+@chat_tools_router.get("", summary="The MCP servers (Chat on, connected) and tools a conversation may use",
+                       response={200: ChatToolsOut, **ERRORS})
+async def chat_tools_list(request: AuthedRequest) -> HttpResponse:
+    _user_id(request)
+    return JsonResponse({"object": "list", "data": await chat_tools()})

@@ -66,7 +66,8 @@ def conversation_with_messages(user_id: int, conversation_id: str) -> dict[str, 
 @database_sync_to_async
 def conversation_change(user_id: int, conversation_id: str, values: dict[str, Any]) -> dict[str, Any]:
     conversation = conversation_of(user_id, conversation_id)
-    fields = {"title": "title", "modelId": "model_id", "systemPrompt": "system_prompt", "temperature": "temperature"}
+    fields = {"title": "title", "modelId": "model_id", "systemPrompt": "system_prompt", "temperature": "temperature",
+              "mcpTools": "mcp_tools"}
     for name, value in values.items():
         setattr(conversation, fields[name], value)
     if "title" in values:

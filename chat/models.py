@@ -31,6 +31,8 @@ class Conversation(models.Model):
     system_prompt = models.TextField(blank=True, default=DEFAULT_SYSTEM_PROMPT)
     temperature = models.FloatField(default=0.7)
     status = models.CharField(max_length=8, choices=Status.choices, default=Status.IDLE)
+    # MCP tools this conversation uses: server names (all their tools) or offered tool names (<server>_<tool>).
+    mcp_tools = models.JSONField(default=list, blank=True)
     # How many times the user has spoken: the number of user messages, kept with each one added.
     turn_count = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -61,6 +63,8 @@ class Message(models.Model):
     status = models.CharField(max_length=8, choices=Status.choices, default=Status.COMPLETE)
     error = models.TextField(blank=True, help_text="what ended the reply early; the partial text is kept")
     model_id = models.CharField(max_length=200, blank=True)
+    # The MCP tool calls the gateway made while writing this reply, with their inputs and outputs.
+    tool_calls = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -17,7 +17,8 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from gateway.dispatch import RoutedRequest, first_event, inference_start
+from gateway.dispatch import Streamed, first_event, inference_start
+from gateway.mcp_rounds import McpRounds, chat_mcp_selection
 from gateway.principal import Principal
 from node_agent.protocol import OP_CHAT, OP_TOKENIZE
 from optimagpt.errors import ApiError, InvalidRequest
@@ -41,7 +42,8 @@ def conversation_out(c: Conversation) -> dict[str, Any]:
 
 def conversation_settings_out(c: Conversation) -> dict[str, Any]:
     """A conversation with its settings (one conversation's view; lists leave them out)."""
-    return {**conversation_out(c), "systemPrompt": c.system_prompt, "temperature": c.temperature}
+    return {**conversation_out(c), "systemPrompt": c.system_prompt, "temperature": c.temperature,
+            "mcpTools": list(c.mcp_tools or [])}
 
 
 def message_out(m: Message) -> dict[str, Any]:
@@ -49,6 +51,8 @@ def message_out(m: Message) -> dict[str, Any]:
                            "modelId": m.model_id, "createdAt": m.created_at.isoformat()}
     if m.error:
         out["error"] = m.error
+    if m.tool_calls:
+        out["toolCalls"] = m.tool_calls
     return out
 
 
@@ -91,9 +95,10 @@ def _prompt(conversation: Conversation, history: list[Message]) -> list[dict[str
 
 
 @database_sync_to_async
-def turn_end(conversation: Conversation, *, text: str, model_id: str, status: str, error: str = "") -> Message:
+def turn_end(conversation: Conversation, *, text: str, model_id: str, status: str, error: str = "",
+             tool_calls: list[dict[str, Any]] | None = None) -> Message:
     message = Message.objects.create(conversation=conversation, role=Message.Role.ASSISTANT, content=text,
-                                     model_id=model_id, status=status, error=error)
+                                     model_id=model_id, status=status, error=error, tool_calls=tool_calls or [])
     Conversation.objects.filter(pk=conversation.pk).update(
         status=Conversation.Status.ERROR if status == Message.Status.ERROR else Conversation.Status.IDLE)
     conversation.save(update_fields=["updated_at"])
@@ -107,13 +112,24 @@ def turn_abandon(conversation: Conversation) -> None:
 
 
 async def reply_start(*, principal: Principal, conversation: Conversation, content: str, model_id: str,
-                      regenerate: bool) -> tuple[RoutedRequest, AsyncGenerator[dict[str, Any], None], dict[str, Any]]:
-    """Save the turn and start the reply; errors before the reply's first event raise ApiError."""
+                      regenerate: bool) -> tuple[Streamed, AsyncGenerator[dict[str, Any], None], dict[str, Any]]:
+    """Save the turn and start the reply; errors before the reply's first event raise ApiError.
+
+    With MCP tools chosen for the conversation, the gateway runs the model's calls of them between rounds
+    (gateway/mcp_rounds.py), as for an API caller that names MCP servers."""
     messages = await turn_begin(conversation, content=content, model_id=model_id, regenerate=regenerate)
     body = {"model": model_id, "messages": messages, "stream": True, "temperature": conversation.temperature}
     try:
-        call = await inference_start(principal=principal, model=model_id, op=OP_CHAT, body_json=json.dumps(body),
-                                     stream=True)
+        call: Streamed
+        selection = await chat_mcp_selection(conversation.mcp_tools) if conversation.mcp_tools else None
+        if selection is not None and selection.tools:
+            rounds = McpRounds(principal=principal, body=body, selection=selection, model=model_id, stream=True,
+                               announce=True)
+            await rounds.start()
+            call = rounds
+        else:
+            call = await inference_start(principal=principal, model=model_id, op=OP_CHAT,
+                                         body_json=json.dumps(body), stream=True)
         events, first = await first_event(call)
     except BaseException:
         await turn_abandon(conversation)
@@ -121,17 +137,20 @@ async def reply_start(*, principal: Principal, conversation: Conversation, conte
     return call, events, first
 
 
-async def reply_events(conversation: Conversation, model_id: str, call: RoutedRequest,
+async def reply_events(conversation: Conversation, model_id: str, call: Streamed,
                        events: AsyncGenerator[dict[str, Any], None],
                        first: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
     """The reply as events, which chat/api.py sends as server-sent events: `{"type": "delta", "content": ...}`
     per piece of text, then one `{"type": "done", "message": ...}` or `{"type": "error", "error": ...,
-    "message": ...}`.
+    "message": ...}`. With MCP tools, `{"type": "tool_start", "calls": [...]}` as the gateway starts a round's
+    calls and `{"type": "tool_result", "calls": [...]}` (with each call's output) when they are back; the
+    calls are saved with the reply (`toolCalls`).
 
     After the first complete reply the model titles the conversation: `{"type": "title", "title": ...}`.
     A client that closes the stream stops the generation on the node; the text so far is saved as stopped.
     """
     parts: list[str] = []
+    tool_calls: list[dict[str, Any]] = []
     status, error = Message.Status.STOPPED, ""
     failure: dict[str, Any] = {}
     try:
@@ -140,6 +159,11 @@ async def reply_events(conversation: Conversation, model_id: str, call: RoutedRe
             if event["type"] == "end":
                 status = Message.Status.COMPLETE
                 break
+            if event["type"] == "tools_start":
+                yield {"type": "tool_start", "calls": event["calls"]}
+            elif event.get("mcp_calls"):
+                tool_calls.extend(event["mcp_calls"])
+                yield {"type": "tool_result", "calls": event["mcp_calls"]}
             text = (event.get("delta") or {}).get("content")
             if text:
                 parts.append(text)
@@ -153,7 +177,8 @@ async def reply_events(conversation: Conversation, model_id: str, call: RoutedRe
         async def wrap_up() -> Message:
             await call.close()  # first: a reply nobody reads must stop on the node
             await events.aclose()
-            return await turn_end(conversation, text="".join(parts), model_id=model_id, status=status, error=error)
+            return await turn_end(conversation, text="".join(parts), model_id=model_id, status=status, error=error,
+                                  tool_calls=tool_calls)
 
         # Done even when the client has gone and this generator is being cancelled (again): shielded.
         message = await asyncio.shield(asyncio.ensure_future(wrap_up()))

@@ -259,6 +259,8 @@ class RoutedRequest:
 class Streamed(Protocol):
     """What the API reads a reply from: a RoutedRequest, or gateway/mcp_rounds.py's McpRounds."""
 
+    principal: Principal
+
     def events(self) -> AsyncGenerator[dict[str, Any], None]: ...
 
     async def close(self) -> None: ...

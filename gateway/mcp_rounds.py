@@ -84,6 +84,28 @@ async def mcp_selection(principal: Principal, body: ChatCompletionIn) -> McpSele
     return selection
 
 
+async def chat_mcp_selection(chosen: list[str]) -> McpSelection:
+    """The tools an OptimaChat conversation chose: whole servers by name, or single tools by offered name;
+    only servers with Chat on and connected. What is gone or turned off is left out."""
+    wanted = set(chosen)
+    selection = McpSelection()
+    for server in (await runtime.servers()).values():
+        if not (server.chat and server.connected):
+            continue
+        for tool in server.tools:
+            if server.name in wanted or tool.name in wanted:
+                selection.tools[tool.name] = tool
+    return selection
+
+
+async def chat_tools() -> list[dict[str, Any]]:
+    """What a chat user may choose from: Chat-enabled, connected servers and their tools' names and
+    descriptions (never a URL or a token)."""
+    return [{"server": s.name, "tools": [{"name": t.name, "tool": t.tool, "description": t.description}
+                                         for t in s.tools]}
+            for s in sorted((await runtime.servers()).values(), key=lambda s: s.name) if s.chat and s.connected]
+
+
 def _usage_add(total: dict[str, int], usage: dict[str, Any] | None) -> None:
     for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
         total[key] = total.get(key, 0) + int((usage or {}).get(key) or 0)
@@ -98,8 +120,9 @@ class McpRounds:
     """
 
     def __init__(self, *, principal: Principal, body: dict[str, Any], selection: McpSelection, model: str,
-                 stream: bool) -> None:
+                 stream: bool, announce: bool = False) -> None:
         self.principal = principal
+        self.announce = announce  # yield a `tools_start` event before running a round's calls (OptimaChat)
         self.model = model
         self.stream = stream
         self.selection = selection
@@ -192,6 +215,11 @@ class McpRounds:
                     yield self._end(end, {"role": "assistant", "content": text}, ROUND_LIMIT_REASON)
                     return
                 tool_s = self.tool_s
+                if self.announce:
+                    yield {"type": "tools_start", "calls": [
+                        {"id": c["id"], "server_label": self.selection.tools[c["function"]["name"]].server,
+                         "name": self.selection.tools[c["function"]["name"]].tool,
+                         "arguments": c["function"].get("arguments") or ""} for c in mine]}
                 reported = await self._tools_run(message, mine)
                 yield {"type": "delta", "index": 0, "delta": {}, "mcp_calls": reported}
                 await self._round_start()

@@ -11,7 +11,7 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from accounts.api import router as auth_router
-from chat.api import preferences_router
+from chat.api import chat_tools_router, preferences_router
 from chat.api import router as conversations_router
 from gateway.api import router as openai_router
 from gateway.optima_api import router as optima_router
@@ -24,6 +24,7 @@ api = NinjaAPI(title="OptimaGPT", version="1", description="OpenAI-compatible AP
 api.add_router("/v1", openai_router)
 optima_router.add_router("/conversations", conversations_router)
 optima_router.add_router("/preferences", preferences_router)
+optima_router.add_router("/chat/tools", chat_tools_router)
 api.add_router("/optima/v1", optima_router)
 api.add_router("/api/auth", auth_router)
 

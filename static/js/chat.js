@@ -101,6 +101,8 @@
     if (m.role === "assistant") {
       item.opened = new Set();
       item.text = m.content;
+      item.calls = new Map();
+      for (const c of m.toolCalls || []) drawCall(item, c, true);
       md.render(body, m.content, {finished: true, expand: preferences.expandBlocks, opened: item.opened});
       const tools = document.createElement("div");
       tools.className = "message-tools";
@@ -114,6 +116,35 @@
     mark(item, m);
     $("messages").append(item);
     return item;
+  }
+
+  // An MCP tool call the gateway made: a block that opens to its input and output, all put on the page as text.
+  function drawCall(item, c, finished) {
+    let list = item.querySelector(".tool-calls");
+    if (!list) {
+      list = Object.assign(document.createElement("div"), {className: "tool-calls"});
+      item.prepend(list);
+    }
+    let block = item.calls.get(c.id);
+    if (!block) {
+      block = document.createElement("details");
+      block.className = "tool-call";
+      block.open = preferences.expandBlocks;
+      block.append(document.createElement("summary"));
+      for (const label of ["Input", "Output"]) {
+        block.append(Object.assign(document.createElement("div"), {className: "small muted", textContent: label}));
+        block.append(document.createElement("pre"));
+      }
+      item.calls.set(c.id, block);
+      list.append(block);
+    }
+    const [input, output] = block.querySelectorAll("pre");
+    input.textContent = c.arguments || "{}";
+    const done = finished || c.output !== undefined;
+    output.textContent = done ? (c.output ?? "") : "…";
+    block.classList.toggle("failed", Boolean(c.error));
+    block.querySelector("summary").textContent = `${c.server_label} · ${c.name}` + (!done ? " (running…)"
+      : c.error ? " (failed)" : c.duration_ms !== undefined ? ` (${(c.duration_ms / 1000).toFixed(1)}s)` : "");
   }
 
   function redrawReplies() {
@@ -138,6 +169,8 @@
     notice("");
     drawList();
     drawSettings();
+    drawToolsCount();
+    if (!$("tools-panel").hidden) drawTools();
     loadContext();
   }
 
@@ -181,9 +214,12 @@
     const startedAt = performance.now();
     let state = {thinking: false, tools: 0, responding: false};
     let frame = 0;
+    let mcpRunning = 0;
     const draw = (finished, ending) => {
       frame = 0;
       state = md.render(content, reply.text, {finished, expand: preferences.expandBlocks, opened: reply.opened});
+      state.tools += reply.calls.size;  // the gateway's MCP calls, next to tool blocks in the text itself
+      if (mcpRunning) state.responding = false;
       status(state, startedAt, finished, ending);
     };
     // The reply is over (done, error or stopped): fold its blocks, mark it and free the composer. The model's
@@ -226,6 +262,14 @@
           if (event.type === "delta") {
             reply.text += event.content;
             if (!frame) frame = requestAnimationFrame(() => draw(false));
+          } else if (event.type === "tool_start") {
+            mcpRunning += event.calls.length;
+            for (const c of event.calls) drawCall(reply, c, false);
+            draw(false);
+          } else if (event.type === "tool_result") {
+            mcpRunning = Math.max(0, mcpRunning - event.calls.length);
+            for (const c of event.calls) drawCall(reply, c, true);
+            draw(false);
           } else if (event.type === "done") {
             settle(outcome = event.message);
           } else if (event.type === "error") {
@@ -368,6 +412,68 @@
     $("regenerate").hidden = true;
     await loadList();
   });
+  // -- the tools panel: which MCP servers (or single tools) this conversation uses -------------------------
+  async function drawTools() {
+    const box = $("mcp-tools");
+    const response = await call("GET", "/chat/tools");
+    box.replaceChildren();
+    if (!response.ok) { box.textContent = await errorText(response); return; }
+    const servers = (await response.json()).data;
+    if (!servers.length) { box.textContent = "No MCP servers are available to Chat."; return; }
+    const chosen = new Set(current ? current.mcpTools || [] : []);
+    for (const s of servers) {
+      const group = Object.assign(document.createElement("fieldset"), {className: "tool-server"});
+      const all = Object.assign(document.createElement("input"), {type: "checkbox", checked: chosen.has(s.server)});
+      all.dataset.choice = s.server;
+      const legend = document.createElement("label");
+      legend.className = "check";
+      legend.append(all, ` ${s.server} (all ${s.tools.length} tools)`);
+      group.append(legend);
+      for (const t of s.tools) {
+        const one = Object.assign(document.createElement("input"), {type: "checkbox",
+                                                                    checked: chosen.has(s.server) || chosen.has(t.name),
+                                                                    disabled: chosen.has(s.server)});
+        one.dataset.choice = t.name;
+        const label = Object.assign(document.createElement("label"), {className: "check small", title: t.description});
+        label.append(one, ` ${t.tool}`);
+        const about = Object.assign(document.createElement("div"), {className: "muted small tool-about",
+                                                                    textContent: t.description});
+        group.append(label, about);
+      }
+      box.append(group);
+    }
+  }
+
+  async function saveTools() {
+    if (!current) await newChat();
+    if (!current) return;
+    const chosen = [];
+    for (const input of $("mcp-tools").querySelectorAll("input[data-choice]:checked:not(:disabled)")) {
+      chosen.push(input.dataset.choice);
+    }
+    const response = await call("PATCH", "/conversations/" + current.id, {mcpTools: chosen});
+    if (!response.ok) { $("tools-saved").textContent = await errorText(response); return; }
+    Object.assign(current, await response.json());
+    $("tools-saved").textContent = chosen.length ? "Saved: the model may use these from the next message."
+                                                 : "Saved: no tools.";
+    drawToolsCount();
+    await drawTools();
+  }
+
+  function drawToolsCount() {
+    const n = current && current.mcpTools ? current.mcpTools.length : 0;
+    $("tools-toggle").textContent = n ? `Tools (${n})` : "Tools";
+  }
+
+  $("mcp-tools").addEventListener("change", (e) => { if (e.target.dataset.choice) saveTools(); });
+  $("tools-toggle").addEventListener("click", () => {
+    const panel = $("tools-panel");
+    panel.hidden = !panel.hidden;
+    $("tools-toggle").setAttribute("aria-expanded", String(!panel.hidden));
+    $("tools-saved").textContent = "";
+    if (!panel.hidden) drawTools();
+  });
+
   $("settings-toggle").addEventListener("click", () => {
     const panel = $("settings");
     panel.hidden = !panel.hidden;
