@@ -1,5 +1,6 @@
 from typing import Any
 
+from asgiref.sync import async_to_sync
 from django import forms
 from django.contrib import admin
 from django.http import HttpRequest
@@ -7,7 +8,7 @@ from django.http import HttpRequest
 from accounts.admin import ProductPermissionAdmin
 
 from .models import McpServer
-from .names import server_name_problem
+from .services import McpServerInvalid, ServerInput, server_input_check
 
 
 class McpServerAdminForm(forms.ModelForm):
@@ -21,12 +22,17 @@ class McpServerAdminForm(forms.ModelForm):
         model = McpServer
         fields = ("name", "transport", "url", "command", "chat_enabled", "api_enabled")
 
-    def clean_name(self) -> str:
-        name = self.cleaned_data["name"]
-        problem = server_name_problem(name)
-        if problem:
-            raise forms.ValidationError(problem)
-        return str(name)
+    def clean(self) -> dict[str, Any]:
+        """The same checks as the MCP servers page (mcp_servers/services.py): name, URL, stdio allowlist."""
+        data = super().clean() or {}
+        try:
+            async_to_sync(server_input_check)(ServerInput(
+                name=data.get("name") or "", transport=data.get("transport") or McpServer.Transport.HTTP,
+                url=data.get("url") or "", command=data.get("command") or ""), pk=self.instance.pk)
+        except McpServerInvalid as exc:
+            field = exc.field if exc.field in self.fields else None
+            self.add_error(field, str(exc))
+        return data
 
 
 @admin.register(McpServer)

@@ -132,6 +132,8 @@ def failure_reason(exc: BaseException, witness: _Witness | None = None) -> str:
             return "refused: nothing accepted the connection at this address"
     if failed:
         return f"not an MCP server: the endpoint answered HTTP {failed[-1]}"
+    if any(300 <= s < 400 for s in statuses):
+        return "refused: the endpoint redirects elsewhere, which is not followed (register that address instead)"
     for error in seen:
         if isinstance(error, FileNotFoundError | PermissionError):
             return f"the stdio command could not be started ({type(error).__name__})"

@@ -240,7 +240,7 @@ class McpTestServer(Process):
     """tests/mcp/server.py: a real MCP server (the SDK's MCPServer over Streamable HTTP, or SSE) on a free port."""
 
     def __init__(self, *, log_dir: Path, token: str = "", notes: Path | None = None, transport: str = "streamable-http",
-                 port: int | None = None) -> None:
+                 port: int | None = None, redirect_to: str = "") -> None:
         super().__init__(log_dir / f"mcp-{transport}.log")
         self.port = port or free_port()
         self.path = "/sse" if transport == "sse" else "/mcp"
@@ -250,6 +250,8 @@ class McpTestServer(Process):
             self.argv += ["--token", token]
         if notes is not None:
             self.argv += ["--notes", str(notes)]
+        if redirect_to:
+            self.argv += ["--redirect-to", redirect_to]
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
         self._spawn(self.argv, base_env())

@@ -12,6 +12,7 @@ PAGES = {
     "/admin/accounts/apikey/": "accounts.manage_api_keys",
     "/admin/nodes/node/": "accounts.manage_nodes",
     "/admin/nodes/executor/": "accounts.manage_executors",
+    "/admin/mcp_servers/mcpserver/": "accounts.manage_mcp",
 }
 
 

@@ -334,3 +334,38 @@ def test_the_answer_says_the_gateways_own_time_in_server_timing(stack: Stack) ->
     own, tools = float(metrics["mcp"].removeprefix("dur=")), float(metrics["tools"].removeprefix("dur="))
     assert 0 < own < 1000 and 0 < tools < 10_000
     assert raw.parse().model_extra["mcp_calls"][0]["duration_ms"] <= tools + 0.1  # the call, within the tools
+
+
+def test_a_redirect_to_another_origin_is_not_followed_and_the_token_stays(stack: Stack) -> None:
+    """The redirect points to a real MCP server that accepts the token: had the token been carried there,
+    the server would show Connected."""
+    lure = McpTestServer(log_dir=stack.gateway.data_dir, redirect_to=stack.server.url.replace("127.0.0.1",
+                                                                                               "localhost"))
+    lure.start()
+    try:
+        added = server_add(stack.gateway, stack.browser, "lure", lure.url, TOKEN)
+        assert added["status"] == "failed" and "redirects elsewhere" in added["error"], added
+    finally:
+        lure.stop()
+
+
+def test_while_a_tool_runs_the_nodes_slot_serves_others(stack: Stack) -> None:
+    """The sleeper's node takes one request at a time; its MCP request spends 2 s in a tool (the timeout),
+    and plain requests to the same node are answered meanwhile."""
+    result: dict = {}
+    caller = threading.Thread(target=lambda: result.update(reply=ask(stack, "sleeper")))
+    started = time.monotonic()
+    caller.start()
+    time.sleep(0.5)
+    served_at = []
+    for _ in range(3):
+        reply = stack.client.chat.completions.create(model="sleeper", messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content == "t0 t1 "
+        served_at.append(time.monotonic() - started)
+    caller.join(30)
+    assert result["reply"].model_extra["mcp_calls"][0]["error"] is True  # it did sleep past its timeout
+    assert max(served_at) < 2.0, served_at  # all three before the tool's 2 s were up
+
+
+def test_the_token_never_reaches_the_gateways_log(stack: Stack) -> None:
+    assert TOKEN not in stack.gateway.log()

@@ -140,3 +140,45 @@ def test_gateway_a_counts_the_requests_gateway_b_has_on_a_node(
         node.stop()
         gateway_a.stop()
         gateway_b.stop()
+
+
+def test_an_mcp_server_deleted_on_gateway_a_is_gone_on_gateway_b_at_once(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Gateway B keeps the MCP catalogue in memory; the delete made through A reaches it through Redis, not
+    after its cache lifetime (30 s)."""
+    from tests.e2e.test_mcp import server_add
+    from tests.processes import McpTestServer, SimulatedNodes
+
+    env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    gateway_a = Gateway(data_dir=tmp_path / "a", port=free_port(), **env)
+    gateway_b = Gateway(data_dir=tmp_path / "b", port=free_port(), **env)
+    node = SimulatedNodes(gateway=gateway_b, log_dir=tmp_path, model="adder", tool_call="add",
+                          tool_args='{"a": 1, "b": 2}')
+    server = McpTestServer(log_dir=tmp_path)
+    try:
+        gateway_a.start()
+        gateway_b.start(migrate=False)
+        node.start()
+        server.start()
+        browser = gateway_a.admin_browser("boss", "a-long-admin-password-9")
+        pk = server_add(gateway_a, browser, "calc", server.url)["id"]
+        key = gateway_a.create_api_key("mcp")
+        client = openai.OpenAI(base_url=gateway_b.url + "/v1", api_key=key, max_retries=0, timeout=30)
+        ask = {"model": "adder", "messages": [{"role": "user", "content": "go"}],
+               "tools": [{"type": "mcp", "server_label": "calc"}]}
+        assert client.chat.completions.create(**ask).choices[0].message.content == "Tool result: 3"
+        deleted = browser.post(f"/manage/mcp-servers/{pk}/delete/",
+                               data={"csrfmiddlewaretoken": browser.cookies["csrftoken"]})
+        assert deleted.status_code == 302
+        time.sleep(1.0)
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(**ask)
+        assert exc.value.body["code"] == "mcp_server_not_found"
+    finally:
+        server.stop()
+        node.stop()
+        gateway_b.stop()
+        gateway_a.stop()

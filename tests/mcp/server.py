@@ -2,7 +2,8 @@
 
 Tools: add, echo, note (appends to --notes, a side effect the tests read), sleep (past the gateway's
 timeout), fail (raises), big (a result of N characters). With --token, requests without
-`Authorization: Bearer <token>` get 401. --transport sse serves the older SSE transport instead.
+`Authorization: Bearer <token>` get 401. --transport sse serves the older SSE transport instead; --redirect-to
+answers everything with a redirect.
 """
 
 from __future__ import annotations
@@ -50,6 +51,19 @@ def make_server(notes: Path | None) -> MCPServer:
     return server
 
 
+class RedirectAll:
+    """Every request answered 307 to another place (a server that moved, or one luring the token elsewhere)."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 307, "headers": [(b"location", self.location)]})
+        await send({"type": "http.response.body", "body": b""})
+
+
 class BearerOnly:
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app, self.expected = app, f"Bearer {token}".encode()
@@ -69,9 +83,12 @@ def main() -> None:
     parser.add_argument("--token", default="")
     parser.add_argument("--notes", type=Path)
     parser.add_argument("--transport", choices=("streamable-http", "sse"), default="streamable-http")
+    parser.add_argument("--redirect-to", default="", help="answer every request with a 307 to this URL")
     args = parser.parse_args()
     server = make_server(args.notes)
     app: ASGIApp = server.sse_app() if args.transport == "sse" else server.streamable_http_app()
+    if args.redirect_to:
+        app = RedirectAll(args.redirect_to)
     if args.token:
         app = BearerOnly(app, args.token)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
