@@ -254,6 +254,8 @@ class EmbeddingIn(OpenAIIn):
 
 # -- answers ------------------------------------------------------------------------------------------
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"] | None
+# mcp_round_limit: the gateway stopped after OPTIMAGPT_MCP_MAX_ROUNDS rounds of MCP tool calls.
+ChatFinishReason = Literal["stop", "length", "tool_calls", "cancelled", "mcp_round_limit"] | None
 
 
 class UsageOut(BaseModel):
@@ -278,7 +280,20 @@ class ChatChoiceOut(BaseModel):
     index: int
     message: AssistantMessageOut
     logprobs: None = None
-    finish_reason: FinishReason
+    finish_reason: ChatFinishReason
+
+
+class McpCallOut(BaseModel):
+    """One MCP tool call the gateway ran for the request (gateway/mcp_rounds.py)."""
+
+    id: str
+    round: int
+    server_label: str
+    name: str = Field(description="the tool's own name on its server")
+    arguments: str
+    output: str
+    error: bool
+    duration_ms: float
 
 
 class ChatCompletionOut(BaseModel):
@@ -292,6 +307,8 @@ class ChatCompletionOut(BaseModel):
     system_fingerprint: str | None
     choices: list[ChatChoiceOut]
     usage: UsageOut
+    mcp_calls: list[McpCallOut] | None = Field(
+        None, description="only when the request named MCP servers: the tool calls the gateway ran")
 
 
 class CompletionChoiceOut(BaseModel):

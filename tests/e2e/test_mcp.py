@@ -369,3 +369,16 @@ def test_while_a_tool_runs_the_nodes_slot_serves_others(stack: Stack) -> None:
 
 def test_the_token_never_reaches_the_gateways_log(stack: Stack) -> None:
     assert TOKEN not in stack.gateway.log()
+
+
+def test_an_sse_only_server_is_reached_through_the_fallback(stack: Stack) -> None:
+    old = McpTestServer(log_dir=stack.gateway.data_dir, transport="sse")
+    old.start()
+    try:
+        added = server_add(stack.gateway, stack.browser, "old-sse", old.url)
+        assert added["status"] == "connected" and added["tool_count"] == 6, added
+        reply = stack.client.chat.completions.create(model="adder", messages=[{"role": "user", "content": "go"}],
+                                                     tools=[{"type": "mcp", "server_label": "old-sse"}])
+        assert reply.choices[0].message.content == "Tool result: 42"
+    finally:
+        old.stop()

@@ -4,6 +4,7 @@ status line and the expandable call show, also after a reload. Screenshots go to
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from tests.processes import REPO, Gateway, McpTestServer, SimulatedNodes, free_p
 pytestmark = pytest.mark.e2e
 
 PASSWORD = "a-long-browser-password-7"
+XSS = '<img src=x onerror="window.__xss = 1"><script>window.__xss = 2</script>'
 TIMEOUT_MS = 30_000
 
 
@@ -24,18 +26,22 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Mc
     base = tmp_path_factory.mktemp("mcp-browser")
     gateway = Gateway(data_dir=base, port=free_port())
     server = McpTestServer(log_dir=base)
-    sim = SimulatedNodes(gateway=gateway, log_dir=base, model="toolsmith", prefix="toolsmith", tool_call="add",
-                         tool_args='{"a": 19, "b": 23}', token_rate=20)
+    sims = [SimulatedNodes(gateway=gateway, log_dir=base, model="toolsmith", prefix="toolsmith", tool_call="add",
+                           tool_args='{"a": 19, "b": 23}', token_rate=20),
+            SimulatedNodes(gateway=gateway, log_dir=base, model="echoer", prefix="echoer", tool_call="echo",
+                           tool_args=json.dumps({"text": XSS}))]
     try:
         gateway.start()
         server.start()
-        sim.start()
+        for sim in sims:
+            sim.start()
         for name, kind in (("mcpadmin", "admin"), ("chatuser", "user")):
             subprocess.run([sys.executable, "manage.py", "create_user", name, "--type", kind], cwd=REPO,
                            env=gateway.env, input=PASSWORD + "\n", text=True, check=True, capture_output=True)
         yield gateway, server
     finally:
-        sim.stop()
+        for sim in sims:
+            sim.stop()
         server.stop()
         gateway.stop()
 
@@ -122,6 +128,33 @@ def test_an_admin_adds_a_server_and_a_chat_user_uses_its_tool(browser, site) -> 
         again.locator("summary").click()  # folded after a reload, like the reply's other blocks; it opens
         assert again.locator("pre").nth(1).inner_text() == "42"
         assert page.inner_text("#tools-toggle") == "Tools (1)"
+        assert not problems, problems
+    finally:
+        context.close()
+
+
+def test_a_tools_output_is_shown_as_text_never_run(browser, site) -> None:
+    """The echo tool hands back markup; the call's block and the reply show it as text, and nothing runs."""
+    gateway, server = site
+    problems: list[str] = []
+    context, page = _page(browser, gateway, "chatuser", problems)
+    try:
+        page.goto(gateway.url + "/")
+        page.wait_for_function("() => [...document.querySelectorAll('#model option')].some(o => o.value === 'echoer')")
+        page.click("#new-chat")
+        page.wait_for_function("() => document.querySelector('#title').textContent === 'New chat'")
+        page.select_option("#model", "echoer")
+        page.click("#tools-toggle")
+        page.locator("#mcp-tools input[data-choice=calc_echo]").check()
+        page.locator("#tools-saved", has_text="Saved").wait_for()
+        page.fill("#input", "Echo this.")
+        page.keyboard.press("Enter")
+        page.locator("#send:not([hidden])").wait_for(timeout=60_000)
+        call = page.locator("#messages li.assistant").last.locator("details.tool-call")
+        call.locator("summary").click()
+        assert call.locator("pre").nth(1).inner_text() == XSS
+        assert page.locator("#messages img").count() == 0
+        assert page.evaluate("() => window.__xss") is None
         assert not problems, problems
     finally:
         context.close()
