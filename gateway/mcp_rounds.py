@@ -168,15 +168,19 @@ class McpRounds:
         try:
             while True:
                 assert self._round is not None, "start() first"
-                end, mine, theirs = None, [], []
+                end = None
+                text: list[str] = []  # the round's streamed text (a streamed `end` carries none)
                 streamed: dict[int, dict[str, Any]] = {}  # tool-call index -> the call, assembled from deltas
                 forwarded: dict[int, int] = {}  # the round's index of a client tool call -> the client's index
                 async for event in self._round.events():
                     if event["type"] == "end":
                         end = event  # the last event: the loop ends with it
                         continue
-                    calls = event.get("delta", {}).get("tool_calls")
+                    delta = event.get("delta", {})
+                    calls = delta.get("tool_calls")
                     if not calls:
+                        if delta.get("content"):
+                            text.append(delta["content"])
                         yield event
                         continue
                     out = []
@@ -195,6 +199,8 @@ class McpRounds:
                     return
                 _usage_add(self.usage, end.get("usage"))
                 message = dict(end.get("message") or {"role": "assistant", "content": ""})
+                if text and not message.get("content"):
+                    message["content"] = "".join(text)  # so the next round's history has what was said
                 tool_calls = message.get("tool_calls") or list(streamed.values())
                 mine = [c for c in tool_calls if c["function"]["name"] in self.selection.tools]
                 theirs = [c for c in tool_calls if c["function"]["name"] not in self.selection.tools]
@@ -211,8 +217,8 @@ class McpRounds:
                             f"(OPTIMAGPT_MCP_MAX_ROUNDS).]")
                     if self.stream:
                         yield {"type": "delta", "index": 0, "delta": {"content": note}}
-                    text = (message.get("content") or "") + note
-                    yield self._end(end, {"role": "assistant", "content": text}, ROUND_LIMIT_REASON)
+                    yield self._end(end, {"role": "assistant", "content": (message.get("content") or "") + note},
+                                    ROUND_LIMIT_REASON)
                     return
                 tool_s = self.tool_s
                 if self.announce:
