@@ -30,7 +30,14 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.processes import Gateway, McpTestServer, SimulatedNodes, free_port  # noqa: E402
+from tests.processes import (  # noqa: E402
+    Gateway,
+    McpTestServer,
+    SimulatedNodes,
+    free_port,
+    mcp_server_add,
+    mcp_server_delete,
+)
 
 PLAIN = {"model": "plain", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
 TOOL = {"model": "adder", "max_tokens": 1, "messages": [{"role": "user", "content": "add"}],
@@ -68,20 +75,9 @@ def server_timing(response: httpx.Response) -> dict[str, float]:
 
 
 def server_add(browser: httpx.Client, name: str, url: str) -> int:
-    response = browser.post("/manage/mcp-servers/", data={"name": name, "url": url,
-                                                         "csrfmiddlewaretoken": browser.cookies["csrftoken"]})
-    assert response.status_code == 302, response.text
-    pk = next(s["id"] for s in browser.get("/manage/mcp-servers/?format=json").json()["data"] if s["name"] == name)
-    checked = browser.post(f"/manage/mcp-servers/{pk}/refresh/", headers={
-        "Accept": "application/json", "X-CSRFToken": browser.cookies["csrftoken"]}).json()
+    checked = mcp_server_add(browser, name, url=url)
     assert checked["status"] == "connected", checked
-    return int(pk)
-
-
-def server_delete(browser: httpx.Client, pk: int) -> None:
-    response = browser.post(f"/manage/mcp-servers/{pk}/delete/",
-                            data={"csrfmiddlewaretoken": browser.cookies["csrftoken"]})
-    assert response.status_code == 302
+    return int(checked["id"])
 
 
 def main() -> None:
@@ -124,14 +120,14 @@ def main() -> None:
                 # Both sides come after the same admin work (three servers added and checked), so that its
                 # aftermath (the probes' garbage, say) weighs on both alike; only one side keeps them.
                 for pk in [server_add(browser, f"extra-{i}", s.url) for i, s in enumerate(extra)]:
-                    server_delete(browser, pk)
+                    mcp_server_delete(browser, pk)
                 time.sleep(SETTLE_S)
                 none = [timed(client, headers, PLAIN)[0] for _ in range(per_block)]
                 pks = [server_add(browser, f"extra-{i}", s.url) for i, s in enumerate(extra)]
                 time.sleep(SETTLE_S)
                 three = [timed(client, headers, PLAIN)[0] for _ in range(per_block)]
                 for pk in pks:
-                    server_delete(browser, pk)
+                    mcp_server_delete(browser, pk)
                 none_ms += none
                 three_ms += three
                 block_diffs.append(statistics.median(three) - statistics.median(none))

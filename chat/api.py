@@ -15,9 +15,9 @@ from ninja import Router
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.auth import ChatAuth
-from gateway.mcp_rounds import chat_tools
 from gateway.principal import AuthedRequest
 from gateway.sse import SSE_HEADERS, sse_frames
+from mcp_servers.runtime import chat_tools
 from optimagpt.errors import ERRORS, InvalidRequest, PermissionDenied
 
 from .conversations import (

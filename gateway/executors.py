@@ -18,9 +18,9 @@ from nodes.models import Executor
 from nodes.services import executor_reported
 from nodes.signals import executors_changed
 from optimagpt.errors import Conflict, InvalidRequest
+from optimagpt.outbound import OutboundRefused
 
 from .connectors.remote import (
-    UpstreamAddressRefused,
     remote_address_check,
     remote_probe,
     same_origin,
@@ -102,7 +102,7 @@ async def executor_remote_update(*, executor: Executor, changes: dict[str, Any])
 async def _check_address(base_url: str) -> None:
     try:
         await remote_address_check(base_url)
-    except UpstreamAddressRefused as exc:
+    except OutboundRefused as exc:
         raise InvalidRequest(str(exc), param="base_url") from None
 
 

@@ -98,14 +98,6 @@ async def chat_mcp_selection(chosen: list[str]) -> McpSelection:
     return selection
 
 
-async def chat_tools() -> list[dict[str, Any]]:
-    """What a chat user may choose from: Chat-enabled, connected servers and their tools' names and
-    descriptions (never a URL or a token)."""
-    return [{"server": s.name, "tools": [{"name": t.name, "tool": t.tool, "description": t.description}
-                                         for t in s.tools]}
-            for s in sorted((await runtime.servers()).values(), key=lambda s: s.name) if s.chat and s.connected]
-
-
 def _usage_add(total: dict[str, int], usage: dict[str, Any] | None) -> None:
     for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
         total[key] = total.get(key, 0) + int((usage or {}).get(key) or 0)

@@ -103,6 +103,14 @@ async def servers() -> dict[str, ServerEntry]:
     return await _catalogue.get_or_load("all", database_sync_to_async(_entries))
 
 
+async def chat_tools() -> list[dict[str, Any]]:
+    """What a chat user may choose from: Chat-enabled, connected servers and their tools' names and
+    descriptions (never a URL or a token)."""
+    return [{"server": s.name, "tools": [{"name": t.name, "tool": t.tool, "description": t.description}
+                                         for t in s.tools]}
+            for s in sorted((await servers()).values(), key=lambda s: s.name) if s.chat and s.connected]
+
+
 def forget(server_pk: int, *, gone: bool = False) -> None:
     """A server changed (read the catalogue again) or went away (close its open session too); from any thread.
 

@@ -60,6 +60,16 @@ class Process:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def _wait_listening(self, port: int, timeout_s: float) -> None:
+        """Wait until something accepts connections on 127.0.0.1:`port`; fail the test if the process exits."""
+
+        def listening() -> bool:
+            assert self.alive, f"{self.log_path.name}: the process exited:\n{self.log()}"
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_for(listening, timeout_s, f"port {port} to listen ({self.log_path.name})")
+
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """SIGTERM and wait; a process that does not stop in time is killed (and the test sees the code)."""
         if self.proc is None:
@@ -255,13 +265,7 @@ class McpTestServer(Process):
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
         self._spawn(self.argv, base_env())
-
-        def listening() -> bool:
-            assert self.alive, f"MCP server exited:\n{self.log()}"
-            with socket.socket() as probe:
-                return probe.connect_ex(("127.0.0.1", self.port)) == 0
-
-        wait_for(listening, timeout_s, "the MCP test server to listen")
+        self._wait_listening(self.port, timeout_s)
 
 
 EVERYTHING = REPO / "tests/mcp/node_modules/@modelcontextprotocol/server-everything/dist/index.js"
@@ -277,10 +281,29 @@ class EverythingServer(Process):
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
         self._spawn(["node", str(EVERYTHING), "streamableHttp"], base_env(PORT=str(self.port)))
+        self._wait_listening(self.port, timeout_s)
 
-        def listening() -> bool:
-            assert self.alive, f"server-everything exited:\n{self.log()}"
-            with socket.socket() as probe:
-                return probe.connect_ex(("127.0.0.1", self.port)) == 0
 
-        wait_for(listening, timeout_s, "server-everything to listen")
+# -- the MCP servers page, as an admin uses it (the browser: Gateway.admin_browser) ----------------------------
+def mcp_server_id(browser: httpx.Client, name: str) -> int:
+    listed = browser.get("/manage/mcp-servers/?format=json").json()["data"]
+    return int(next(s["id"] for s in listed if s["name"] == name))
+
+
+def mcp_server_add(browser: httpx.Client, name: str, **fields: str) -> dict[str, Any]:
+    """Add an MCP server on the page (`url` and `token`, or a stdio `command`), and have it checked at once, as
+    the page's script asks; what the check answered (the server as the page's script sees it)."""
+    response = browser.post("/manage/mcp-servers/", data={
+        "name": name, **fields, "csrfmiddlewaretoken": browser.cookies["csrftoken"]})
+    assert response.status_code == 302, response.text
+    checked = browser.post(f"/manage/mcp-servers/{mcp_server_id(browser, name)}/refresh/", headers={
+        "Accept": "application/json", "X-CSRFToken": browser.cookies["csrftoken"]})
+    assert checked.status_code == 200, checked.text
+    answer: dict[str, Any] = checked.json()
+    return answer
+
+
+def mcp_server_delete(browser: httpx.Client, pk: int) -> None:
+    response = browser.post(f"/manage/mcp-servers/{pk}/delete/",
+                            data={"csrfmiddlewaretoken": browser.cookies["csrftoken"]})
+    assert response.status_code == 302

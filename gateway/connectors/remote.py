@@ -240,8 +240,6 @@ async def remote_call_start(*, target: Target, principal: Principal, op: str, bo
 
 
 UNREACHABLE = "unreachable: no OpenAI-compatible API answered at this address"
-UpstreamAddressRefused = OutboundRefused
-
 
 async def remote_address_check(base_url: str) -> None:
     """Refuse URLs with credentials, and hosts that resolve to link-local or metadata addresses (optimagpt/outbound.py),

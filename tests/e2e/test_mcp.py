@@ -17,7 +17,17 @@ import openai
 import pytest
 
 from tests.conftest import MODEL_ID
-from tests.processes import REPO, Gateway, McpTestServer, SimulatedNodes, free_port, wait_for
+from tests.processes import (
+    REPO,
+    Gateway,
+    McpTestServer,
+    SimulatedNodes,
+    free_port,
+    mcp_server_add,
+    mcp_server_delete,
+    mcp_server_id,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -33,19 +43,6 @@ class Stack:
     client: openai.OpenAI
     key: str
     notes: Path
-
-
-def server_add(gateway: Gateway, browser: httpx.Client, name: str, url: str, token: str = "") -> dict:
-    """Add an MCP server on the page, as an admin would, and have it checked (what the page's script asks for)."""
-    response = browser.post("/manage/mcp-servers/", data={
-        "name": name, "url": url, "token": token, "csrfmiddlewaretoken": browser.cookies["csrftoken"]})
-    assert response.status_code == 302, response.text
-    listed = browser.get("/manage/mcp-servers/?format=json").json()["data"]
-    pk = next(s["id"] for s in listed if s["name"] == name)
-    checked = browser.post(f"/manage/mcp-servers/{pk}/refresh/", headers={
-        "Accept": "application/json", "X-CSRFToken": browser.cookies["csrftoken"]})
-    assert checked.status_code == 200, checked.text
-    return checked.json()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +73,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         browser = gateway.admin_browser("mcp-admin", "a-long-admin-password-9")
         key = gateway.create_api_key("mcp")
         client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=60)
-        added = server_add(gateway, browser, "calc", server.url, TOKEN)
+        added = mcp_server_add(browser, "calc", url=server.url, token=TOKEN)
         assert added["status"] == "connected", added
         yield Stack(gateway, server, browser, client, key, notes)
     finally:
@@ -201,7 +198,7 @@ def test_a_server_killed_mid_call_ends_the_call_cleanly_and_is_marked_failed(sta
     doomed = McpTestServer(log_dir=stack.gateway.data_dir, transport="streamable-http")
     doomed.start()
     try:
-        assert server_add(stack.gateway, stack.browser, "doomed", doomed.url)["status"] == "connected"
+        assert mcp_server_add(stack.browser, "doomed", url=doomed.url)["status"] == "connected"
         result: dict = {}
 
         def call() -> None:
@@ -223,7 +220,7 @@ def test_a_server_killed_mid_call_ends_the_call_cleanly_and_is_marked_failed(sta
             listed = stack.browser.get("/manage/mcp-servers/?format=json").json()["data"]
             return any(s["name"] == "doomed" and s["status"] == "failed" for s in listed)
 
-        stack.browser.post(f"/manage/mcp-servers/{_pk_of(stack.browser, 'doomed')}/refresh/",
+        stack.browser.post(f"/manage/mcp-servers/{mcp_server_id(stack.browser, 'doomed')}/refresh/",
                            headers={"X-CSRFToken": stack.browser.cookies["csrftoken"]})
         wait_for(failed, 10, "the killed server to show Failed")
         # Its tools are no longer offered: the scripted model finds nothing to call and just answers.
@@ -238,13 +235,11 @@ def test_a_deleted_server_is_gone_at_once(stack: Stack) -> None:
     other = McpTestServer(log_dir=stack.gateway.data_dir)
     other.start()
     try:
-        assert server_add(stack.gateway, stack.browser, "brief", other.url)["status"] == "connected"
+        assert mcp_server_add(stack.browser, "brief", url=other.url)["status"] == "connected"
         reply = stack.client.chat.completions.create(model="adder", messages=[{"role": "user", "content": "go"}],
                                                      tools=[{"type": "mcp", "server_label": "brief"}])
         assert reply.choices[0].message.content == "Tool result: 42"
-        deleted = stack.browser.post(f"/manage/mcp-servers/{_pk_of(stack.browser, 'brief')}/delete/",
-                                     data={"csrfmiddlewaretoken": stack.browser.cookies["csrftoken"]})
-        assert deleted.status_code == 302
+        mcp_server_delete(stack.browser, mcp_server_id(stack.browser, "brief"))
         with pytest.raises(openai.BadRequestError):
             stack.client.chat.completions.create(model="adder", messages=[{"role": "user", "content": "go"}],
                                                  tools=[{"type": "mcp", "server_label": "brief"}])
@@ -253,13 +248,13 @@ def test_a_deleted_server_is_gone_at_once(stack: Stack) -> None:
 
 
 def test_servers_that_cannot_be_used_fail_with_the_reason_in_words(stack: Stack) -> None:
-    wrong = server_add(stack.gateway, stack.browser, "wrong-token", stack.server.url, "not-the-token")
+    wrong = mcp_server_add(stack.browser, "wrong-token", url=stack.server.url, token="not-the-token")
     assert wrong["status"] == "failed" and wrong["error"] == "401: the server refused the bearer token"
-    none = server_add(stack.gateway, stack.browser, "no-token", stack.server.url)
+    none = mcp_server_add(stack.browser, "no-token", url=stack.server.url)
     assert none["error"] == "401: the server needs a bearer token"
-    refused = server_add(stack.gateway, stack.browser, "nobody-home", f"http://127.0.0.1:{free_port()}/mcp")
+    refused = mcp_server_add(stack.browser, "nobody-home", url=f"http://127.0.0.1:{free_port()}/mcp")
     assert refused["error"] == "refused: nothing accepted the connection at this address"
-    not_mcp = server_add(stack.gateway, stack.browser, "not-mcp", stack.gateway.url + "/no-such-page/")
+    not_mcp = mcp_server_add(stack.browser, "not-mcp", url=stack.gateway.url + "/no-such-page/")
     assert not_mcp["status"] == "failed" and not_mcp["error"].startswith("not an MCP server")
     page = stack.browser.get("/manage/mcp-servers/")
     assert "state-failed" in page.text and "refused the bearer token" in page.text and "not-the-token" not in page.text
@@ -300,7 +295,7 @@ def test_the_real_model_calls_an_mcp_tool_when_forced(gateway: Gateway, node, ap
     server.start()
     browser = gateway.admin_browser("mcp-real-admin", "a-long-admin-password-9")
     try:
-        assert server_add(gateway, browser, "realcalc", server.url)["status"] == "connected"
+        assert mcp_server_add(browser, "realcalc", url=server.url)["status"] == "connected"
         client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=api_key, max_retries=0, timeout=120)
         reply = client.chat.completions.create(
             model=MODEL_ID, max_tokens=24, seed=1,
@@ -314,14 +309,8 @@ def test_the_real_model_calls_an_mcp_tool_when_forced(gateway: Gateway, node, ap
         assert reply.usage.prompt_tokens > 0 and reply.choices[0].finish_reason in ("stop", "length",
                                                                                      "mcp_round_limit")
     finally:
-        browser.post(f"/manage/mcp-servers/{_pk_of(browser, 'realcalc')}/delete/",
-                     data={"csrfmiddlewaretoken": browser.cookies["csrftoken"]})
+        mcp_server_delete(browser, mcp_server_id(browser, "realcalc"))
         server.stop()
-
-
-def _pk_of(browser: httpx.Client, name: str) -> int:
-    listed = browser.get("/manage/mcp-servers/?format=json").json()["data"]
-    return next(s["id"] for s in listed if s["name"] == name)
 
 
 def test_a_keys_mcp_servers_limit_and_defaults_hold(stack: Stack) -> None:
@@ -352,7 +341,7 @@ def test_a_redirect_to_another_origin_is_not_followed_and_the_token_stays(stack:
                                                                                                "localhost"))
     lure.start()
     try:
-        added = server_add(stack.gateway, stack.browser, "lure", lure.url, TOKEN)
+        added = mcp_server_add(stack.browser, "lure", url=lure.url, token=TOKEN)
         assert added["status"] == "failed" and "redirects elsewhere" in added["error"], added
     finally:
         lure.stop()
@@ -384,7 +373,7 @@ def test_an_sse_only_server_is_reached_through_the_fallback(stack: Stack) -> Non
     old = McpTestServer(log_dir=stack.gateway.data_dir, transport="sse")
     old.start()
     try:
-        added = server_add(stack.gateway, stack.browser, "old-sse", old.url)
+        added = mcp_server_add(stack.browser, "old-sse", url=old.url)
         assert added["status"] == "connected" and added["tool_count"] == 6, added
         reply = stack.client.chat.completions.create(model="adder", messages=[{"role": "user", "content": "go"}],
                                                      tools=[{"type": "mcp", "server_label": "old-sse"}])

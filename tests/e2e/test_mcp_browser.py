@@ -12,13 +12,12 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import ARTIFACTS
+from tests.e2e.test_chat_browser import PASSWORD, _signed_in
 from tests.processes import REPO, Gateway, McpTestServer, SimulatedNodes, free_port
 
 pytestmark = pytest.mark.e2e
 
-PASSWORD = "a-long-browser-password-7"
 XSS = '<img src=x onerror="window.__xss = 1"><script>window.__xss = 2</script>'
-TIMEOUT_MS = 30_000
 
 
 @pytest.fixture(scope="module")
@@ -46,24 +45,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Mc
         gateway.stop()
 
 
-def _page(browser, gateway: Gateway, username: str, problems: list[str]):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.on("console", lambda m: problems.append(m.text) if "Content Security Policy" in m.text else None)
-    page.on("pageerror", lambda e: problems.append(f"script error: {e}"))
-    page.goto(gateway.url + "/login/")
-    page.fill("input[name=username]", username)
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_load_state()
-    return context, page
-
-
 def test_an_admin_adds_a_server_and_a_chat_user_uses_its_tool(browser, site) -> None:
     gateway, server = site
     problems: list[str] = []
-    context, page = _page(browser, gateway, "mcpadmin", problems)
+    context, page = _signed_in(browser, gateway, "mcpadmin", problems, width=1280)
     try:
         page.click("text=MCP servers")
         page.wait_for_url("**/manage/mcp-servers/")
@@ -94,7 +79,7 @@ def test_an_admin_adds_a_server_and_a_chat_user_uses_its_tool(browser, site) -> 
         context.close()
 
     problems = []
-    context, page = _page(browser, gateway, "chatuser", problems)
+    context, page = _signed_in(browser, gateway, "chatuser", problems, width=1280)
     try:
         page.goto(gateway.url + "/")
         page.wait_for_function(
@@ -137,7 +122,7 @@ def test_a_tools_output_is_shown_as_text_never_run(browser, site) -> None:
     """The echo tool hands back markup; the call's block and the reply show it as text, and nothing runs."""
     gateway, server = site
     problems: list[str] = []
-    context, page = _page(browser, gateway, "chatuser", problems)
+    context, page = _signed_in(browser, gateway, "chatuser", problems, width=1280)
     try:
         page.goto(gateway.url + "/")
         page.wait_for_function("() => [...document.querySelectorAll('#model option')].some(o => o.value === 'echoer')")

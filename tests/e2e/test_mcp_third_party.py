@@ -14,8 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.test_mcp import server_add
-from tests.processes import EVERYTHING, EverythingServer, Gateway, SimulatedNodes, free_port
+from tests.processes import EVERYTHING, EverythingServer, Gateway, SimulatedNodes, free_port, mcp_server_add
 
 pytestmark = pytest.mark.e2e
 
@@ -57,7 +56,7 @@ def test_server_everything_from_npm_over_streamable_http(gateway, tmp_path) -> N
     server = EverythingServer(log_dir=tmp_path)
     server.start()
     try:
-        added = server_add(gw, browser, "everything", server.url)
+        added = mcp_server_add(browser, "everything", url=server.url)
         assert added["status"] == "connected", added
         assert added["tool_count"] >= 5
         reply = client.chat.completions.create(model="summer", messages=[{"role": "user", "content": "2+3?"}],
@@ -72,13 +71,7 @@ def test_server_everything_from_npm_over_streamable_http(gateway, tmp_path) -> N
 
 def test_mcp_server_time_over_stdio_from_the_operators_list(gateway) -> None:
     gw, browser, client = gateway
-    response = browser.post("/manage/mcp-servers/", data={
-        "name": "clock", "command": "time", "csrfmiddlewaretoken": browser.cookies["csrftoken"]})
-    assert response.status_code == 302, response.text
-    listed = browser.get("/manage/mcp-servers/?format=json").json()["data"]
-    pk = next(s["id"] for s in listed if s["name"] == "clock")
-    checked = browser.post(f"/manage/mcp-servers/{pk}/refresh/", headers={
-        "Accept": "application/json", "X-CSRFToken": browser.cookies["csrftoken"]}).json()
+    checked = mcp_server_add(browser, "clock", command="time")
     assert checked["status"] == "connected", checked
     assert checked["where"] == "stdio: time"
     reply = client.chat.completions.create(model="clock", messages=[{"role": "user", "content": "time?"}],

@@ -147,8 +147,7 @@ def test_an_mcp_server_deleted_on_gateway_a_is_gone_on_gateway_b_at_once(
 ) -> None:
     """Gateway B keeps the MCP catalogue in memory; the delete made through A reaches it through Redis, not
     after its cache lifetime (30 s)."""
-    from tests.e2e.test_mcp import server_add
-    from tests.processes import McpTestServer, SimulatedNodes
+    from tests.processes import McpTestServer, SimulatedNodes, mcp_server_add, mcp_server_delete
 
     env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
     for name in ("a", "b"):
@@ -164,15 +163,13 @@ def test_an_mcp_server_deleted_on_gateway_a_is_gone_on_gateway_b_at_once(
         node.start()
         server.start()
         browser = gateway_a.admin_browser("boss", "a-long-admin-password-9")
-        pk = server_add(gateway_a, browser, "calc", server.url)["id"]
+        pk = mcp_server_add(browser, "calc", url=server.url)["id"]
         key = gateway_a.create_api_key("mcp")
         client = openai.OpenAI(base_url=gateway_b.url + "/v1", api_key=key, max_retries=0, timeout=30)
         ask = {"model": "adder", "messages": [{"role": "user", "content": "go"}],
                "tools": [{"type": "mcp", "server_label": "calc"}]}
         assert client.chat.completions.create(**ask).choices[0].message.content == "Tool result: 3"
-        deleted = browser.post(f"/manage/mcp-servers/{pk}/delete/",
-                               data={"csrfmiddlewaretoken": browser.cookies["csrftoken"]})
-        assert deleted.status_code == 302
+        mcp_server_delete(browser, pk)
         time.sleep(1.0)
         with pytest.raises(openai.BadRequestError) as exc:
             client.chat.completions.create(**ask)
