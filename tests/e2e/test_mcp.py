@@ -111,6 +111,7 @@ def test_a_request_that_names_the_server_gets_the_tools_result(stack: Stack) -> 
     # Both rounds count: the scripted call (1 prompt + 1 completion) and the answer (1 + 3 words).
     assert reply.usage.prompt_tokens == 2 and reply.usage.completion_tokens == 4
     assert stack.notes.read_text() == before
+    assert TOKEN not in reply.model_dump_json() and TOKEN not in json.dumps(reply.model_extra)
 
 
 def test_a_streamed_request_streams_the_answer_and_reports_the_call(stack: Stack) -> None:
@@ -286,6 +287,16 @@ def test_only_mcp_management_sees_the_page(stack: Stack) -> None:
     assert user.get("/manage/mcp-servers/").status_code == 403
     assert user.get("/manage/mcp-servers/?format=json").status_code == 403
     assert "/manage/mcp-servers/" not in user.get("/").text  # no link to it either
+    pk = mcp_server_id(stack.browser, "calc")
+    csrf = {"csrfmiddlewaretoken": user.cookies["csrftoken"]}
+    assert user.get(f"/manage/mcp-servers/{pk}/").status_code == 403
+    for action, extra in (("refresh", {}), ("toggle", {"toggle": "api"}), ("delete", {})):
+        assert user.post(f"/manage/mcp-servers/{pk}/{action}/", data={**csrf, **extra}).status_code == 403, action
+    assert user.post("/manage/mcp-servers/", data={**csrf, "name": "mine", "url": "http://127.0.0.1:9/"}) \
+        .status_code == 403
+    listed = stack.browser.get("/manage/mcp-servers/?format=json").json()["data"]
+    assert any(s["name"] == "calc" and s["api_enabled"] for s in listed)  # nothing the user sent changed it
+    assert not any(s["name"] == "mine" for s in listed)
 
 
 def test_the_real_model_calls_an_mcp_tool_when_forced(gateway: Gateway, node, api_key: str,
