@@ -214,7 +214,9 @@ class McpRounds:
                     return
                 tool_s = self.tool_s
                 if self.announce:
-                    yield {"type": "tools_start", "calls": [
+                    # Unstreamed, what the model said before its calls is known only now: it rides along.
+                    said = {} if self.stream or not message.get("content") else {"content": message["content"]}
+                    yield {"type": "tools_start", **said, "calls": [
                         {"id": c["id"], "server_label": self.selection.tools[c["function"]["name"]].server,
                          "name": self.selection.tools[c["function"]["name"]].tool,
                          "arguments": c["function"].get("arguments") or ""} for c in mine]}

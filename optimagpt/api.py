@@ -16,12 +16,14 @@ from chat.api import router as conversations_router
 from gateway.api import router as openai_router
 from gateway.optima_api import router as optima_router
 from optimagpt.errors import ApiError, error_body
+from responses_api.api import router as responses_router
 
 log = logging.getLogger("optimagpt.api")
 
 api = NinjaAPI(title="OptimaGPT", version="1", description="OpenAI-compatible API of the OptimaGPT gateway",
                urls_namespace="api")
 api.add_router("/v1", openai_router)
+api.add_router("/v1/responses", responses_router)
 optima_router.add_router("/conversations", conversations_router)
 optima_router.add_router("/preferences", preferences_router)
 optima_router.add_router("/chat/tools", chat_tools_router)
@@ -46,7 +48,7 @@ def on_api_error(request: HttpRequest, exc: ApiError) -> HttpResponse:
 @api.exception_handler(ValidationError)
 def on_validation_error(request: HttpRequest, exc: ValidationError) -> HttpResponse:
     first = exc.errors[0] if exc.errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "payload")]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "payload", "query", "path")]
     # Union types report one error per branch; the first says enough, with where it is.
     param = ".".join(loc) or None
     message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}" if param else first.get("msg", "invalid")

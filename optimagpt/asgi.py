@@ -18,7 +18,7 @@ from django.core.asgi import get_asgi_application
 from django.core.exceptions import DisallowedHost, ImproperlyConfigured, RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
-from django.http import HttpResponse
+from django.http import HttpResponse, HttpResponseNotAllowed
 from django.urls import set_script_prefix
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "optimagpt.settings")
@@ -83,6 +83,11 @@ class ApiHandler(ASGIHandler):
 
         async def process_request() -> Any:
             response = await self.run_get_response(request)
+            if isinstance(response, HttpResponseNotAllowed):  # django-ninja's is plain text
+                allowed = response["Allow"]
+                response = _json_error(405, f"{request.method} is not allowed on {request.path}; it takes {allowed}.",
+                                       "method_not_allowed")
+                response["Allow"] = allowed
             try:
                 await self.send_response(response, send)
             except asyncio.CancelledError:

@@ -142,6 +142,9 @@ def _start_background_work() -> None:
         from mcp_servers.services import mcp_check_forever
         from nodes.housekeeping import prune_forever
         from nodes.outbound import OWNER, dialer_start
+        from responses_api.background import background_stop_all
+        from responses_api.services import responses_written
+        from responses_api.tasks import responses_prune
 
         dialer = dialer_start()
         stopping = asyncio.Event()
@@ -151,10 +154,12 @@ def _start_background_work() -> None:
                  asyncio.ensure_future(mcp_check_forever(stopping))]
         # With a Celery worker, its beat runs the pruning (CELERY_BEAT_SCHEDULE); without one, this process does.
         if not settings.CELERY_WORKER:
-            loops.append(asyncio.ensure_future(prune_forever(stopping)))
+            loops.append(asyncio.ensure_future(prune_forever(stopping, [responses_prune])))
 
         async def stop_all() -> None:
             stopping.set()
+            await background_stop_all()  # each is stored as failed: nobody is left to finish it
+            await responses_written()
             await dialer.stop()
             await asyncio.gather(*loops)
 
@@ -200,10 +205,26 @@ def _forget_links_of_a_previous_run() -> None:
         logging.getLogger("optimagpt.server").debug("no node links to forget: %s", exc)
 
 
+def _fail_responses_of_a_previous_run() -> None:
+    """Background responses that a stopped gateway process was making are failed, never left in progress:
+    with the in-memory layer (this is the only process) all of them, with Redis those gone stale."""
+    from django.conf import settings
+    from django.db import DatabaseError
+
+    from responses_api.services import responses_fail_stopped
+
+    try:
+        responses_fail_stopped(
+            every=settings.CHANNEL_LAYERS["default"]["BACKEND"] == "channels.layers.InMemoryChannelLayer")
+    except DatabaseError as exc:  # not migrated yet: there is nothing to fail
+        logging.getLogger("optimagpt.server").debug("no responses to fail: %s", exc)
+
+
 def main(argv: list[str]) -> None:
     from daphne.cli import CommandLineInterface
 
     _forget_links_of_a_previous_run()  # sets Django up, whose settings the patches below read
+    _fail_responses_of_a_previous_run()
     _speed_up_twisted()
     _start_background_work()
     # No access log unless asked for (OPTIMAGPT_ACCESS_LOG: a path, or - for stdout):
@@ -224,6 +245,12 @@ def main(argv: list[str]) -> None:
         usage_flush_sync()
     except Exception:
         logging.getLogger("optimagpt.server").exception("could not write the last usage")
+    try:
+        from responses_api.services import responses_write_sync
+
+        responses_write_sync()
+    except Exception:
+        logging.getLogger("optimagpt.server").exception("could not write the last stored responses")
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

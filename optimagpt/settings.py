@@ -49,6 +49,7 @@ INSTALLED_APPS = [
     "gateway",
     "chat",
     "mcp_servers",
+    "responses_api",
 ]
 
 MIDDLEWARE = [
@@ -168,8 +169,11 @@ OPTIMAGPT_METRICS_RETENTION_H = env_float("OPTIMAGPT_METRICS_RETENTION_H", 24.0)
 OPTIMAGPT_LOGS_RETENTION_H = env_float("OPTIMAGPT_LOGS_RETENTION_H", 168.0)
 # Seconds between prunings of old metrics and logs (a Celery periodic task; in-process without a worker).
 OPTIMAGPT_PRUNE_INTERVAL_S = env_float("OPTIMAGPT_PRUNE_INTERVAL_S", 600.0)
+# Stored responses of the Responses API (store: true, the default) are deleted this many days after they were made.
+OPTIMAGPT_RESPONSES_RETENTION_DAYS = env_float("OPTIMAGPT_RESPONSES_RETENTION_DAYS", 30.0)
 CELERY_BEAT_SCHEDULE = {
     "prune-node-history": {"task": "nodes.tasks.node_history_prune", "schedule": OPTIMAGPT_PRUNE_INTERVAL_S},
+    "prune-responses": {"task": "responses_api.tasks.responses_prune", "schedule": OPTIMAGPT_PRUNE_INTERVAL_S},
 }
 # With no node registered at all, try a node listening at this address and register it as "Local Node";
 # empty turns it off.

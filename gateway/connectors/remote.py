@@ -132,7 +132,8 @@ class RemoteCall(Call):
         if op == OP_TOKENIZE:  # OpenAI's API has no tokenizer: estimated, and said to be
             self._queue.put_nowait(_estimated_counts(self.request_id, body))
             return
-        body = {**body, "model": upstream.model}
+        # `truncation` is OptimaGPT's (the Responses API's, done by our nodes): an upstream's window is unknown here.
+        body = {**{k: v for k, v in body.items() if k != "truncation"}, "model": upstream.model}
         if op == OP_EMBEDDING:
             body["encoding_format"] = "float"
         if stream:

@@ -105,6 +105,12 @@ def _routable_rows_query(model: str) -> list[Row]:
     return out
 
 
+async def model_known(model: str) -> bool:
+    """Whether any node serves or ever served `model` (what ModelNotFound means), asked without routing."""
+    return bool(await routable_rows(model)) or await database_sync_to_async(
+        Executor.objects.filter(model_id=model).exists)()
+
+
 async def executor_select(*, model: str, exclude_nodes: frozenset[int] = frozenset(),
                           avoid_executors: frozenset[int] = frozenset()) -> Target | None:
     """A free executor of `model` by the strategy, or None when all are busy.

@@ -58,7 +58,11 @@ MIN_TOKENS_PER_TURN = 2
 
 
 class RequestError(Exception):
-    """A request the model cannot serve as asked: reported to the client as a 400."""
+    """A request the model cannot serve as asked: reported to the client as a 400 (with `code`, if given)."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _is_cancelled(rid: str) -> bool:
@@ -184,7 +188,7 @@ class Worker:
             else:
                 raise RequestError(f"unknown operation {op!r}")
         except RequestError as exc:
-            self.out.send(_error(rid, str(exc), "invalid_request_error", 400))
+            self.out.send(_error(rid, str(exc), "invalid_request_error", 400, code=exc.code))
         except ValueError as exc:
             # llama-cpp-python reports requests that do not fit (prompt longer than
             # the context window, a bad grammar) as ValueError.
@@ -203,8 +207,8 @@ class Worker:
         room = self.llm.n_ctx() - n_prompt
         if room <= 0:
             raise RequestError(
-                f"the prompt is {n_prompt} tokens, which fills this model's context window of {self.llm.n_ctx()} tokens"
-            )
+                f"the prompt is {n_prompt} tokens, which fills this model's context window of "
+                f"{self.llm.n_ctx()} tokens", code="context_length_exceeded")
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         max_tokens = room if max_tokens is None else min(int(max_tokens), room)
         if self.args.max_tokens_cap:
@@ -323,11 +327,27 @@ class Worker:
             grammar = _grammar(json.dumps(forced["schema"], sort_keys=True))
         else:
             grammar = _response_format_grammar(body.get("response_format"))
-        if tools and not self.template_knows_tools:
-            messages = _with_tool_instructions(messages, tools)
         assert self.formatter is not None, "a chat model has a formatter"
-        formatted = self.formatter(messages=messages, tools=tools, tool_choice=tool_choice if tools else None)
-        prompt = self.llm.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True)
+
+        def rendered(turns: list[dict[str, Any]]) -> tuple[Any, list[int]]:
+            if tools and not self.template_knows_tools:
+                turns = _with_tool_instructions(turns, tools)
+            assert self.formatter is not None
+            formatted = self.formatter(messages=turns, tools=tools, tool_choice=tool_choice if tools else None)
+            return formatted, self.llm.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special,
+                                                special=True)
+
+        formatted, prompt = rendered(messages)
+        if body.get("truncation") == "auto":
+            # OptimaGPT's extension (the Responses API's truncation): the oldest turns go until the prompt leaves
+            # room for the reply asked for (at most half the window), the system turns and the last turn stay.
+            wanted = min(int(body.get("max_completion_tokens") or body.get("max_tokens") or 1), self.llm.n_ctx() // 2)
+            while len(prompt) + wanted > self.llm.n_ctx():
+                shorter = _without_oldest_turn(messages)
+                if shorter is None:
+                    break
+                messages = shorter
+                formatted, prompt = rendered(messages)
         params = self._sampling(body, len(prompt))
         if formatted.stop:
             extra = [formatted.stop] if isinstance(formatted.stop, str) else list(formatted.stop)
@@ -613,6 +633,18 @@ def _normalize_message(message: dict[str, Any]) -> dict[str, Any]:
     if message.get("name"):
         normalized["name"] = message["name"]
     return normalized
+
+
+def _without_oldest_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The conversation without its oldest turn (from the first message after the system ones up to the next user
+    message: a tool call never loses its result, nor a result its call); None when only one turn is left."""
+    start = 0
+    while start < len(messages) and messages[start]["role"] in ("system", "developer"):
+        start += 1
+    following = next((i for i in range(start + 1, len(messages)) if messages[i]["role"] == "user"), None)
+    if following is None:
+        return None
+    return messages[:start] + messages[following:]
 
 
 TOOL_INSTRUCTIONS = (

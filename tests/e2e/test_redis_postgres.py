@@ -179,3 +179,63 @@ def test_an_mcp_server_deleted_on_gateway_a_is_gone_on_gateway_b_at_once(
         node.stop()
         gateway_b.stop()
         gateway_a.stop()
+
+
+def test_a_background_response_is_polled_and_cancelled_through_the_other_gateway(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Stored on PostgreSQL: a background response running on A, polled and cancelled through B."""
+    from tests.processes import SimulatedNodes, wait_for
+
+    env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    gateway_a = Gateway(data_dir=tmp_path / "a", port=free_port(), **env)
+    gateway_b = Gateway(data_dir=tmp_path / "b", port=free_port(), **env)
+    node = SimulatedNodes(gateway=gateway_b, log_dir=tmp_path, model="sim", reply="ok " * 80, token_rate=10.0)
+    try:
+        gateway_a.start()
+        gateway_b.start(migrate=False)
+        node.start()
+        key = gateway_a.create_api_key("responses")
+        a, b = (openai.OpenAI(base_url=g.url + "/v1", api_key=key, max_retries=0, timeout=60)
+                for g in (gateway_a, gateway_b))
+        queued = a.responses.create(model="sim", input="long", background=True)
+        wait_for(lambda: b.responses.retrieve(queued.id).output, 20, "output polled through B", interval_s=0.2)
+        assert b.responses.cancel(queued.id).status == "cancelled"
+        time.sleep(3)  # A's task notices at its next heartbeat (every 2 s) and stops
+        stopped = a.responses.retrieve(queued.id)
+        assert stopped.status == "cancelled"
+        length = len(stopped.output_text)
+        time.sleep(2)
+        assert len(a.responses.retrieve(queued.id).output_text) == length, "nothing more was generated"
+        assert length < len("ok " * 80)
+        assert not [line for line in gateway_a.log().splitlines() if "ERROR" in line]
+    finally:
+        node.stop()
+        gateway_b.stop()
+        gateway_a.stop()
+
+
+def test_a_response_chain_alternating_between_the_gateways_is_rebuilt_whole(
+    database_url: str, redis_url: str, models_dir: Path, tmp_path: Path
+) -> None:
+    """Each turn continues, at once, one the other gateway stored (one recursive query on PostgreSQL): the
+    model is given exactly the turns sent by hand."""
+    env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
+    with two_gateways_and_a_node(tmp_path, models_dir, env, node_on="b") as (gateway_a, gateway_b):
+        key = gateway_a.create_api_key("chain")
+        a, b = (openai.OpenAI(base_url=g.url + "/v1", api_key=key, max_retries=0, timeout=60)
+                for g in (gateway_a, gateway_b))
+        previous, turns = None, []
+        for turn in range(4):
+            client = a if turn % 2 == 0 else b
+            reply = client.responses.create(model=MODEL_ID, input=f"Say the number {turn}.", max_output_tokens=4,
+                                            temperature=0, **({"previous_response_id": previous} if previous else {}))
+            turns += [{"role": "user", "content": f"Say the number {turn}."},
+                      {"role": "assistant", "content": reply.output_text}]
+            previous = reply.id
+        by_hand = a.responses.create(model=MODEL_ID, input=[*turns[:-1]], max_output_tokens=4, temperature=0,
+                                     store=False)
+        assert reply.usage.input_tokens == by_hand.usage.input_tokens
+        assert reply.output_text == by_hand.output_text

@@ -88,6 +88,30 @@ def test_a_remote_upstream_is_listed_and_routed_like_a_local_executor(
     assert api_key not in listing.text
 
 
+def test_a_remote_upstream_answers_the_responses_api_through_chat_completions(
+        front: tuple[Gateway, str], gateway: Gateway, node: NodeAgent, api_key: str) -> None:
+    """The gateway speaks chat completions to the upstream (here another gateway, which could be any
+    OpenAI-compatible server) and Responses to its client, history and streaming included."""
+    front_gw, admin_key = front
+    if _api(front_gw, admin_key, "GET", "/v1/models").json()["data"] == []:
+        assert _api(front_gw, admin_key, "POST", "/optima/v1/executors", json={
+            "name": "gateway-a", "model_id": "cloud-smol", "base_url": gateway.url + "/v1",
+            "upstream_model": MODEL_ID, "api_key": api_key}).status_code == 201
+    client = openai.OpenAI(base_url=front_gw.url + "/v1", api_key=admin_key, max_retries=0, timeout=60)
+    first = client.responses.create(model="cloud-smol", input="Hi", max_output_tokens=4, temperature=0)
+    assert first.model == "cloud-smol" and first.output_text and 0 < first.usage.output_tokens <= 4
+    second = client.responses.create(model="cloud-smol", input="And again?", previous_response_id=first.id,
+                                     max_output_tokens=4, temperature=0)
+    assert second.usage.input_tokens > first.usage.input_tokens, "the first turn went along"
+    with client.responses.stream(model="cloud-smol", input="Hi", max_output_tokens=6, temperature=0,
+                                 truncation="auto") as stream:
+        events = list(stream)
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text.startswith(first.output_text), "same model, same greedy tokens"
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    assert events[-1].response.usage.output_tokens <= 6
+
+
 def test_an_upstream_that_refuses_the_key_is_marked_failed_with_the_reason_and_not_routed(
         front: tuple[Gateway, str], gateway: Gateway, node: NodeAgent) -> None:
     front_gw, admin_key = front

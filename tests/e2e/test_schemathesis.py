@@ -103,5 +103,5 @@ def test_no_generated_request_gets_a_server_error(stack: Stack) -> None:
     assert min(counts.values()) >= EXAMPLES, counts
     # Not only refusals: generated requests reached the simulated nodes and the conversation store.
     for answered in ("POST /v1/chat/completions 200", "POST /v1/completions 200", "POST /v1/embeddings 200",
-                     "POST /optima/v1/conversations 201"):
+                     "POST /optima/v1/conversations 201", "POST /v1/responses 200"):
         assert statuses[answered], statuses
