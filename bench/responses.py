@@ -126,13 +126,13 @@ def main() -> None:
                           "input": STORY}
             streamed_rate(client, "/v1/chat/completions", story_chat)  # the prompt evaluated once, for both
             lengths = set()
-            for _ in range(args.streams):
-                rate, tokens = streamed_rate(client, "/v1/chat/completions", story_chat)
-                figures["chat_tps"].append(rate)
-                lengths.add(tokens)
-                rate, tokens = streamed_rate(client, "/v1/responses", story_resp)
-                figures["resp_tps"].append(rate)
-                lengths.add(tokens)
+            for i in range(args.streams):
+                # Which path goes first alternates, so that neither always follows the other.
+                sides = [("chat_tps", "/v1/chat/completions", story_chat), ("resp_tps", "/v1/responses", story_resp)]
+                for name, path, body in sides if i % 2 == 0 else sides[::-1]:
+                    rate, tokens = streamed_rate(client, path, body)
+                    figures[name].append(rate)
+                    lengths.add(tokens)
 
             previous = None
             for turn in range(args.chain):

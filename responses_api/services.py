@@ -8,7 +8,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from channels.db import database_sync_to_async
@@ -53,9 +53,9 @@ def _not_found(response_id: str, param: str | None = None) -> ResponseNotFound:
 
 
 def _fields(run: ResponseRun) -> dict[str, Any]:
+    completed = datetime.fromtimestamp(run.completed_at, UTC) if run.completed_at is not None else None
     return {"status": run.status, "output": run.output, "usage": run.usage, "error": run.error,
-            "incomplete_details": run.incomplete_details,
-            "completed_at": timezone.now() if run.completed_at is not None else None, "updated_at": timezone.now()}
+            "incomplete_details": run.incomplete_details, "completed_at": completed, "updated_at": timezone.now()}
 
 
 def _new_row(run: ResponseRun) -> StoredResponse:
@@ -64,7 +64,7 @@ def _new_row(run: ResponseRun) -> StoredResponse:
         id=run.id, user_id=principal.user_id,
         api_key_id=principal.api_key.pk if principal.user_id is None and principal.api_key is not None else None,
         model=run.model, background=run.background, previous_id=run.previous_id, settings=run.settings,
-        input_items=run.own_items, **_fields(run))
+        input_items=run.own_items, created_at=datetime.fromtimestamp(run.created_at, UTC), **_fields(run))
 
 
 @database_sync_to_async

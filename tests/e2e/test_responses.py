@@ -58,6 +58,7 @@ def test_a_response_is_made_stored_listed_and_deleted(client: openai.OpenAI) -> 
 
     again = client.responses.retrieve(reply.id)
     assert again.output_text == reply.output_text and again.usage == reply.usage and again.status == reply.status
+    assert again.created_at == reply.created_at and again.completed_at == reply.completed_at >= reply.created_at
     items = client.responses.input_items.list(reply.id)
     assert [(i.type, i.role, i.content[0].text) for i in items.data] == [("message", "user", "Say hello.")]
     assert items.data[0].id.startswith("msg_")
