@@ -85,9 +85,11 @@ async def _stream(run: ResponseRun, store: bool) -> AsyncIterator[bytes]:
         async for event in events:
             yield _frame(event)
     finally:
-        await events.aclose()
-        if store:
-            services.response_store(run)  # also when the client left: what it got so far, cancelled
+        try:
+            await events.aclose()
+        finally:
+            if store:
+                services.response_store(run)  # also when the client left: what it got so far, cancelled
 
 
 async def _listen(run: ResponseRun, queue: asyncio.Queue[dict[str, Any] | None]) -> AsyncIterator[bytes]:
