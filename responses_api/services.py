@@ -78,6 +78,7 @@ def response_create(run: ResponseRun) -> None:
 _unsaved: dict[str, StoredResponse] = {}
 _writing: asyncio.Task[None] | None = None
 WRITE_ATTEMPTS = 3
+WRITE_RETRY_S = 1.0
 
 
 def response_store(run: ResponseRun) -> None:
@@ -106,21 +107,37 @@ def _insert_sql() -> str:
     return f"INSERT INTO {StoredResponse._meta.db_table} ({columns}) VALUES ({', '.join(['%s'] * len(fields))})"  # nosec B608
 
 
+def _insert_each(rows: list[StoredResponse]) -> list[StoredResponse]:
+    """Each row on its own, after their batch failed: the rows that fail alone (one bad row, say of a key
+    deleted meanwhile, must not lose the others)."""
+    failed = []
+    for row in rows:
+        try:
+            _insert([row])
+        except Exception:  # noqa: BLE001 - reported by the caller, with the row's id
+            failed.append(row)
+    return failed
+
+
 async def _write_unsaved() -> None:
-    failures = 0
+    attempts: dict[str, int] = {}
     while _unsaved:
         batch = list(_unsaved.values())
         try:
             await database_sync_to_async(_insert)(batch)
-        except Exception:
-            failures += 1
-            if failures < WRITE_ATTEMPTS:
-                log.warning("could not store %d responses; trying again", len(batch), exc_info=True)
-                await asyncio.sleep(failures)
-                continue
-            log.exception("could not store %d responses: they are lost", len(batch))
+            failed: list[StoredResponse] = []
+        except Exception:  # noqa: BLE001 - the rows are tried one by one
+            failed = await database_sync_to_async(_insert_each)(batch)
         for row in batch:
-            _unsaved.pop(row.id, None)
+            if row not in failed:
+                _unsaved.pop(row.id, None)
+        for row in failed:
+            attempts[row.id] = attempts.get(row.id, 0) + 1
+            if attempts[row.id] >= WRITE_ATTEMPTS:
+                log.error("could not store response %s after %d attempts: it is lost", row.id, WRITE_ATTEMPTS)
+                _unsaved.pop(row.id, None)
+        if failed and _unsaved:
+            await asyncio.sleep(WRITE_RETRY_S)
 
 
 async def responses_written() -> None:

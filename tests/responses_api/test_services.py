@@ -103,3 +103,16 @@ async def _sync(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 async def _key(name: str, owner: Any = None) -> Any:
     return await _sync(lambda: key_make(name, owner=owner))
+
+
+async def test_a_row_that_cannot_be_written_does_not_lose_the_others(monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    key, _ = await _key("writes")
+    monkeypatch.setattr(services, "WRITE_RETRY_S", 0.0)
+    for rid, key_id in (("good-1", key.pk), ("orphan", 10**9), ("good-2", key.pk)):  # no key 10**9: refused
+        services._unsaved[rid] = StoredResponse(id=rid, api_key_id=key_id, model="m", status="completed")
+    await services._write_unsaved()
+    assert not services._unsaved
+    stored = await _sync(lambda: set(StoredResponse.objects.values_list("id", flat=True)))
+    assert stored == {"good-1", "good-2"}
+    assert "could not store response orphan after 3 attempts" in caplog.text
