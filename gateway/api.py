@@ -18,13 +18,13 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from django.http.response import HttpResponseBase
 from ninja import Router
 
-from node_agent.protocol import OP_CHAT, OP_COMPLETION, OP_EMBEDDING
+from node_agent.protocol import OP_COMPLETION, OP_EMBEDDING
 from nodes.models import Executor
 from optimagpt.errors import ERRORS, ApiError, ModelNotFound
 
 from .auth import ApiKeyAuth
-from .dispatch import RoutedRequest, Streamed, first_event, inference_start
-from .mcp_rounds import McpRounds, mcp_chat_start, mcp_selection
+from .dispatch import Streamed, first_event, inference_start
+from .mcp_rounds import McpRounds, chat_start
 from .principal import AuthedRequest
 from .schemas import (
     ChatCompletionIn,
@@ -91,15 +91,7 @@ def _finish_reason(event: dict[str, Any]) -> str:
 # -- chat ---------------------------------------------------------------------
 @router.post("/chat/completions", summary="Create a chat completion", response={200: ChatCompletionOut, **ERRORS})
 async def chat_completions(request: AuthedRequest, body: ChatCompletionIn) -> HttpResponseBase:
-    call: RoutedRequest | McpRounds
-    wants_mcp = (body.tools is not None and bool(body.mcp_tools())) or bool(request.auth.default_mcp_servers())
-    selection = await mcp_selection(request.auth, body) if wants_mcp else None
-    if selection is None:
-        call = await inference_start(principal=request.auth, model=body.model, op=OP_CHAT,
-                                     body_json=_node_body(request), stream=body.stream)
-    else:
-        call = await mcp_chat_start(principal=request.auth, body=body, body_json=_node_body(request),
-                                    selection=selection)
+    call = await chat_start(principal=request.auth, body=body, body_json=_node_body(request))
     completion_id = "chatcmpl-" + uuid.uuid4().hex
     created = int(time.time())
     if not body.stream:

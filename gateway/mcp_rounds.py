@@ -278,12 +278,21 @@ class McpRounds:
         return raw, await runtime.tool_call(self.selection.tools[call["function"]["name"]], arguments)
 
 
-async def mcp_chat_start(*, principal: Principal, body: ChatCompletionIn, body_json: str,
-                         selection: McpSelection) -> McpRounds:
+async def chat_start(*, principal: Principal, body: ChatCompletionIn, body_json: str,
+                     announce: bool = False) -> RoutedRequest | McpRounds:
+    """Start a chat completion: through MCP rounds when the request (or, naming none, the key's defaults) uses
+    MCP servers, else as one routed request, exactly as before MCP. `body_json` is `body` as JSON text: it
+    goes to the node as it is. With `announce`, MCP rounds yield `tools_start` before running calls."""
+    wants_mcp = bool(body.mcp_tools()) or bool(principal.default_mcp_servers())
+    selection = await mcp_selection(principal, body) if wants_mcp else None
+    if selection is None:
+        return await inference_start(principal=principal, model=body.model, op=OP_CHAT, body_json=body_json,
+                                     stream=body.stream)
     try:
         raw = json.loads(body_json)
     except ValueError:
         raise ApiError("The body is not JSON.") from None
-    rounds = McpRounds(principal=principal, body=raw, selection=selection, model=body.model, stream=body.stream)
+    rounds = McpRounds(principal=principal, body=raw, selection=selection, model=body.model, stream=body.stream,
+                       announce=announce)
     await rounds.start()
     return rounds

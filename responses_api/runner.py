@@ -9,21 +9,18 @@ unstreamed request reads the same events and keeps only the result.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from gateway.dispatch import Streamed, first_event, inference_start
-from gateway.mcp_rounds import McpRounds, McpSelection, mcp_selection
+from gateway.dispatch import Streamed, first_event
+from gateway.mcp_rounds import McpRounds, McpSelection, chat_start
 from gateway.principal import Principal
 from gateway.schemas import ChatCompletionIn
-from node_agent.protocol import OP_CHAT
 from optimagpt.errors import ApiError, InvalidRequest
 
 from .items import CUSTOM_INPUT, ChatTools, new_id, response_object, usage_object
 
-log = logging.getLogger("optimagpt.responses")
 
 class ResponseRun:
     """One response being made. `prepare()` sends it (errors before any reply raise, for a proper status code);
@@ -83,22 +80,14 @@ class ResponseRun:
     # -- sending ----------------------------------------------------------------------------------------
     async def prepare(self) -> None:
         """Admit, route and send the request and wait for its first event; ApiError if it fails before that."""
-        wants_mcp = bool(self.tools.mcp) or bool(self.principal.default_mcp_servers())
-        if wants_mcp:
-            try:
-                checked = ChatCompletionIn.model_validate(self.chat)
-            except ValueError as exc:
-                raise InvalidRequest(f"The request cannot be made with these tools: {exc}", param="tools") from None
-            self._selection = await mcp_selection(self.principal, checked)
-        body_json = json.dumps(self.chat, ensure_ascii=False)
-        if self._selection is None:
-            self._call = await inference_start(principal=self.principal, model=self.model, op=OP_CHAT,
-                                               body_json=body_json, stream=self.stream)
-        else:
-            rounds = McpRounds(principal=self.principal, body=self.chat, selection=self._selection,
-                               model=self.model, stream=self.stream, announce=True)
-            await rounds.start()
-            self._call = rounds
+        try:
+            checked = ChatCompletionIn.model_validate(self.chat)
+        except ValueError as exc:
+            raise InvalidRequest(f"The request cannot be made as a chat completion: {exc}") from None
+        self._call = await chat_start(principal=self.principal, body=checked,
+                                      body_json=json.dumps(self.chat, ensure_ascii=False), announce=True)
+        if isinstance(self._call, McpRounds):
+            self._selection = self._call.selection
         self._chat_events, self._first = await first_event(self._call)
         self.status = "in_progress"
 
