@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -25,9 +24,8 @@ from .items import chat_request, chat_tools, echoed, new_id, response_object, st
 from .runner import ResponseRun
 from .schemas import InputItemListOut, ResponseDeletedOut, ResponseIn, ResponseOut
 
-log = logging.getLogger("optimagpt.responses")
-
 router = Router(auth=ApiKeyAuth(), tags=["OpenAI"])
+
 
 def _frame(event: dict[str, Any]) -> bytes:
     return f"event: {event['type']}\ndata: {dumps(event)}\n\n".encode()

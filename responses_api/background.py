@@ -77,8 +77,7 @@ def background_start(run: ResponseRun, listen: bool = False) -> tuple[Background
             except asyncio.CancelledError:
                 run.status = "cancelled" if job.stop_reason == "cancelled" else "failed"
                 if run.status == "failed":
-                    run.error = {"code": "gateway_stopped",
-                                 "message": "The gateway process running this response stopped before it finished."}
+                    run.error = services.STOPPED_ERROR
                     job.publish(run._event("response.failed", response=run.object()))
                 run.completed_at = int(time.time())
             except Exception:

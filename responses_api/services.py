@@ -74,7 +74,7 @@ def response_create(run: ResponseRun) -> None:
 
 
 # Finished responses not written yet (written behind the answer, as usage is: a thread hop and a write per
-# request cost the answer a millisecond); reads in this process wait for them (`_written`).
+# request cost the answer a millisecond); reads in this process wait for them (`_read`).
 _unsaved: dict[str, StoredResponse] = {}
 _writing: asyncio.Task[None] | None = None
 WRITE_ATTEMPTS = 3
@@ -170,9 +170,14 @@ def response_touch(run: ResponseRun) -> bool:
         status=run.status, output=run.output, updated_at=timezone.now()))
 
 
+def _stopped(status: str, updated_at: datetime) -> bool:
+    """Whether a row claims to be running but its process stopped touching it."""
+    return status in ACTIVE and updated_at < timezone.now() - timedelta(seconds=STALE_S)
+
+
 def _checked(row: StoredResponse) -> StoredResponse:
-    """`row`, marked failed if it claims to be running but its process stopped touching it."""
-    if row.active and row.updated_at < timezone.now() - timedelta(seconds=STALE_S):
+    """`row`, marked failed if its process stopped making it."""
+    if _stopped(row.status, row.updated_at):
         now = timezone.now()
         if StoredResponse.objects.filter(pk=row.pk, status__in=ACTIVE).update(
                 status="failed", error=STOPPED_ERROR, completed_at=now, updated_at=now):
@@ -248,10 +253,9 @@ def _history(principal: Principal, previous_id: str) -> list[dict[str, Any]]:
     status, updated_at = rows[-1][2], rows[-1][3]
     if isinstance(updated_at, str):  # SQLite: text, in UTC
         updated_at = parse_datetime(updated_at)
-    if updated_at is not None and timezone.is_naive(updated_at):
+    if timezone.is_naive(updated_at):
         updated_at = timezone.make_aware(updated_at, UTC)
-    if status in ACTIVE and updated_at is not None and \
-            updated_at >= timezone.now() - timedelta(seconds=STALE_S):
+    if status in ACTIVE and not _stopped(status, updated_at):
         raise ApiError(f"Response '{previous_id}' is still {status.replace('_', ' ')}; continue it once it "
                        "has finished.", param="previous_response_id")
     return [item for input_items, output, _, _ in rows for item in _json(input_items) + _json(output)]
