@@ -12,6 +12,7 @@ from typing import Protocol
 from django.conf import settings
 
 from optimagpt.addresses import address_block
+from optimagpt.errors import RateLimited
 
 REDIS_TIMEOUT_S = 2.0
 
@@ -118,3 +119,32 @@ async def login_retry_after(*, address: str, username: str) -> int:
 async def login_failed(*, address: str, username: str) -> None:
     for key, _ in _login_limits(address, username):
         await counter().add(key, 1, settings.OPTIMAGPT_LOGIN_WINDOW_S)
+
+
+# -- per client address (the API) ----------------------------------------------------------------------
+ADDRESS_WINDOW_S = 60
+
+
+async def address_admit(address: str) -> None:
+    """OPTIMAGPT_IP_REQUESTS_PER_MINUTE, when set: the address's API requests this minute. Raises RateLimited."""
+    limit = settings.OPTIMAGPT_IP_REQUESTS_PER_MINUTE
+    if not limit:
+        return
+    key = f"ip:requests:{address_block(address)}"
+    if await counter().add(key, 1, ADDRESS_WINDOW_S) > limit:
+        retry = max(1, await counter().ttl(key))
+        raise RateLimited(f"Too many requests from this address: {limit} a minute; try again in {retry} s.",
+                          retry_after=retry, code="address_rate_limit_exceeded")
+
+
+async def authentication_failed(address: str) -> None:
+    """Count a failed authentication of the address; past OPTIMAGPT_IP_AUTH_FAILURES_PER_MINUTE raises RateLimited.
+
+    Only unauthenticated attempts are refused so: a valid key from the same (office) address still passes.
+    """
+    limit = settings.OPTIMAGPT_IP_AUTH_FAILURES_PER_MINUTE
+    key = f"ip:auth-failures:{address_block(address)}"
+    if await counter().add(key, 1, ADDRESS_WINDOW_S) > limit:
+        retry = max(1, await counter().ttl(key))
+        raise RateLimited(f"Too many failed authentications from this address; try again in {retry} s.",
+                          retry_after=retry, code="too_many_authentication_failures")

@@ -20,6 +20,7 @@ from ninja import Router
 
 from node_agent.protocol import OP_COMPLETION, OP_EMBEDDING
 from nodes.models import Executor
+from operations.record import note_error
 from optimagpt.errors import ERRORS, ApiError, ModelNotFound
 
 from .auth import ApiKeyAuth
@@ -73,6 +74,7 @@ async def _stream(events: AsyncGenerator[dict[str, Any], None], first: dict[str,
                 return
             event = await anext(events, None)
     except ApiError as exc:
+        note_error(exc.code)
         yield sse(exc.body())
     finally:
         await events.aclose()

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import time
+
 from channels.db import database_sync_to_async
 from django.http import HttpRequest
 from django.utils import timezone
 from ninja.security.base import AuthBase
 
 from accounts.models import KEY_PREFIX, SCOPE_CONVERSATIONS, SCOPE_INFERENCE, SCOPE_MANAGEMENT, User
+from accounts.ratelimit import address_admit, authentication_failed
 from accounts.services import api_key_authenticate
 from accounts.tokens import TokenRefused, access_token_user
+from operations.record import note_auth
+from optimagpt.addresses import client_address
 from optimagpt.errors import AuthenticationFailed, PermissionDenied
 
 from .principal import Principal
@@ -35,6 +40,19 @@ class ApiKeyAuth(AuthBase):
     scopes: tuple[str, ...] = (SCOPE_INFERENCE,)
 
     async def __call__(self, request: HttpRequest) -> Principal:
+        """The caller; failed attempts are counted per client address, and refused with 429 past its limit."""
+        started = time.time_ns()
+        address = client_address(request)
+        await address_admit(address)
+        try:
+            principal = await self._authenticate(request)
+        except AuthenticationFailed:
+            await authentication_failed(address)
+            raise
+        note_auth(started, principal)
+        return principal
+
+    async def _authenticate(self, request: HttpRequest) -> Principal:
         raw = raw_key_from_headers(request)
         if raw is None:
             raise AuthenticationFailed(
@@ -100,14 +118,24 @@ class ManagementAuth(ApiKeyAuth):
     (403), whatever they sent."""
 
     scopes = (SCOPE_MANAGEMENT,)
+    permission = "accounts.manage_executors"
+    refusal = "Managing executors needs the Executor Management permission."
 
     async def __call__(self, request: HttpRequest) -> Principal:
         principal = await super().__call__(request)
-        if not await database_sync_to_async(_manages_executors)(principal.user_id):
-            raise PermissionDenied("Managing executors needs the Executor Management permission.")
+        if not await database_sync_to_async(_holds)(principal.user_id, self.permission):
+            raise PermissionDenied(self.refusal)
         return principal
 
 
-def _manages_executors(user_id: int | None) -> bool:
+class SettingsAuth(ManagementAuth):
+    """The gateway's operations endpoints (the request log): a management key or a JWT, of a user with
+    Settings Access."""
+
+    permission = "accounts.access_settings"
+    refusal = "This needs the Settings Access permission."
+
+
+def _holds(user_id: int | None, permission: str) -> bool:
     user = User.objects.filter(pk=user_id, is_active=True).first() if user_id else None
-    return user is not None and user.has_perm("accounts.manage_executors")
+    return user is not None and user.has_perm(permission)

@@ -15,6 +15,7 @@ from typing import Any
 from django.conf import settings
 
 from node_agent.protocol import error_event
+from operations.record import note_error, note_event, note_usage
 from optimagpt.errors import ApiError, UpstreamError, UpstreamTimeout
 
 from . import stats as gateway_stats
@@ -118,10 +119,14 @@ class Call:
                     # A revoked request is still running: close() must cancel it.
                     self.finished = not event.get("revoked")
                     close = False
-                    raise event_error(event)
+                    error = event_error(event)
+                    note_error(error.code)
+                    raise error
+                note_event(str(kind))
                 if kind == "end":
                     self.finished = True
                     if event.get("usage"):
+                        note_usage(event["usage"])
                         await principal_record(principal=self.principal, usage=event["usage"])
                     yield event
                     return

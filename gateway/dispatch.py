@@ -26,6 +26,7 @@ from django.conf import settings
 from node_agent.protocol import OP_CONFIGURE
 from nodes.consumers import link_held_here
 from nodes.models import Node
+from operations.record import note_attempt_start, note_model, routed
 from optimagpt.errors import ApiError, NoCapacity, UpstreamTimeout
 
 from .calls import Call, event_error, revoked_event
@@ -146,6 +147,8 @@ class RoutedRequest:
         self._avoid_executors: set[int] = set()
         key = principal.api_key
         self.queue_key = f"key:{key.pk}" if key is not None else f"user:{principal.user_id}"
+        self._routed = False
+        note_model(model, stream)
 
     async def start(self) -> None:
         """Route and send the first attempt; raises ModelNotFound, NoCapacity or QueueFull."""
@@ -155,6 +158,8 @@ class RoutedRequest:
         except BaseException:
             await self.close()
             raise
+        self._routed = True
+        routed(self.model, 1)
 
     async def revoke(self) -> None:
         """End the request because its API key was revoked, whether queued or streaming."""
@@ -165,6 +170,7 @@ class RoutedRequest:
 
     async def _attempt(self) -> Call:
         self.attempts += 1
+        noted = note_attempt_start()
         try:
             target = await route(model=self.model, key=self.queue_key, deadline=self.deadline,
                                  exclude_nodes=frozenset(self._exclude_nodes),
@@ -176,8 +182,14 @@ class RoutedRequest:
         if self._abandon.done():  # revoked as its slot came
             release(target)
             raise event_error(revoked_event())
+        if noted is not None:
+            noted.granted = time.time_ns()
+            noted.node_pk, noted.node_name, noted.executor = target.node_pk, target.node_name, target.executor_key
+            noted.sha256 = target.sha256
         timing = {"since": self.since, "deadline": self.deadline}
         if target.remote:
+            if noted is not None:
+                noted.sent = time.time_ns()
             try:
                 return await remote_call_start(target=target, principal=self.principal, op=self.op,
                                                body_json=self.body_json, stream=self.stream, **timing)
@@ -218,6 +230,8 @@ class RoutedRequest:
             call.finished = True
             await call.close()
             raise
+        if noted is not None:
+            noted.sent = time.time_ns()
         return call
 
     async def events(self) -> AsyncGenerator[dict[str, Any], None]:
@@ -252,8 +266,16 @@ class RoutedRequest:
 
     async def close(self) -> None:
         untrack(self)
+        if self._routed:
+            self._routed = False
+            routed(self.model, -1)
         if self.call is not None:
             await self.call.close()
+
+    @property
+    def target(self) -> Target | None:
+        """What serves the request now (the provenance headers name it)."""
+        return self.call.target if self.call is not None else None
 
 
 class Streamed(Protocol):

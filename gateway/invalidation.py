@@ -1,4 +1,4 @@
-"""Telling every gateway process that a key, a user or an MCP server changed, over the channel layer.
+"""Telling every gateway process that a key, a user, an MCP server or a setting changed, over the channel layer.
 
 Each process caches verified keys and users (accounts.services, accounts.tokens)
 and tracks the requests it has in flight per key (gateway/revocation.py). A change
@@ -16,6 +16,7 @@ import logging
 from typing import Any
 
 from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.db import transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
@@ -26,6 +27,8 @@ from accounts import tokens as user_cache
 from accounts.models import ApiKey, User
 from mcp_servers import runtime as mcp_runtime
 from mcp_servers.models import McpServer
+from operations.config import settings_apply
+from operations.models import GatewaySetting
 
 from .revocation import revoke_calls_of_key, revoke_calls_of_owner
 
@@ -71,6 +74,12 @@ def _key_changed(sender: type[ApiKey], instance: ApiKey, **kwargs: Any) -> None:
 @receiver(post_delete, sender=McpServer)
 def _mcp_server_changed(sender: type[McpServer], instance: McpServer, **kwargs: Any) -> None:
     _broadcast({"mcp_server": instance.pk, "mcp_deleted": "created" not in kwargs})
+
+
+@receiver(post_save, sender=GatewaySetting)
+@receiver(post_delete, sender=GatewaySetting)
+def _setting_changed(sender: type[GatewaySetting], instance: GatewaySetting, **kwargs: Any) -> None:
+    _broadcast({"settings": instance.name})
 
 
 @receiver(post_save, sender=User)
@@ -131,7 +140,10 @@ async def invalidation_listen_forever(stop: asyncio.Event) -> None:
                     break  # stopping, or time to renew the group membership (the receive goes on)
                 done, receiving = receiving, None
                 try:
-                    _apply(done.result())
+                    message = done.result()
+                    if "settings" in message:  # the Configuration page's values, read again in a thread
+                        await database_sync_to_async(settings_apply)()
+                    _apply(message)
                 except Exception as exc:  # noqa: BLE001 - Redis away for a moment: join again
                     log.warning("invalidation listener: %s", type(exc).__name__)
                     break

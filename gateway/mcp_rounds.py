@@ -31,6 +31,7 @@ from django.conf import settings
 from mcp_servers import runtime
 from mcp_servers.runtime import OfferedTool
 from node_agent.protocol import OP_CHAT
+from operations.record import note_tool_start
 from optimagpt.errors import ApiError, InvalidRequest
 
 from .dispatch import RoutedRequest, inference_start
@@ -267,15 +268,21 @@ class McpRounds:
         return reported
 
     async def _tool_run(self, call: dict[str, Any]) -> tuple[str, runtime.ToolOutcome]:
+        tool = self.selection.tools[call["function"]["name"]]
+        noted = note_tool_start(tool.server, tool.tool)  # for the metrics and the trace
         raw = call["function"].get("arguments") or "{}"
         try:
             arguments = json.loads(raw)
             if not isinstance(arguments, dict):
                 raise ValueError("not an object")
         except ValueError:
-            return raw, runtime.ToolOutcome("The arguments were not a JSON object; call the tool again with "
-                                            "valid JSON arguments.", True, 0.0)
-        return raw, await runtime.tool_call(self.selection.tools[call["function"]["name"]], arguments)
+            outcome = runtime.ToolOutcome("The arguments were not a JSON object; call the tool again with "
+                                          "valid JSON arguments.", True, 0.0)
+        else:
+            outcome = await runtime.tool_call(tool, arguments)
+        if noted is not None:
+            noted.end, noted.error = time.time_ns(), outcome.is_error
+        return raw, outcome
 
 
 async def chat_start(*, principal: Principal, body: ChatCompletionIn, body_json: str,

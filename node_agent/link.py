@@ -128,7 +128,7 @@ class NodeSession:
             raise HandshakeRefused(f"unexpected greeting {hello.get('type')!r}, protocol {hello.get('protocol')!r}")
         gateway_nonce = str(hello.get("nonce", ""))
         node_nonce = new_nonce()
-        key = self.settings.access_key
+        key = self.settings.current_access_key()
         store = NodeSecret(self.settings.state_dir)
         secret = await asyncio.to_thread(store.load)
         auth = auth_message(key=key, hello=hello, node_id=self.node_id, node_nonce=node_nonce,

@@ -61,6 +61,17 @@ class AgentSettings:
     rescan_interval_s: float
     metrics_interval_s: float
     ca_file: str | None
+    access_key_file: str = ""  # where the key was read from, if a file: read again before each handshake
+
+    def current_access_key(self) -> str:
+        """The key to prove now: a key file is read again, so a key the gateway rotated (and wrote there for its
+        local node) is taken without a restart; the key read at start if the file cannot be read."""
+        if self.access_key_file:
+            try:
+                return Path(self.access_key_file).read_text().strip() or self.access_key
+            except OSError:
+                return self.access_key
+        return self.access_key
 
     @property
     def link_url(self) -> str:
@@ -157,4 +168,5 @@ def parse_settings(argv: list[str] | None = None) -> AgentSettings:
         rescan_interval_s=args.rescan_interval,
         metrics_interval_s=args.metrics_interval,
         ca_file=args.ca_file,
+        access_key_file=os.environ.get("OPTIMAGPT_NODE_ACCESS_KEY_FILE", ""),
     )

@@ -25,7 +25,6 @@ from node_agent.protocol import (
     CLOSE_REPLACED,
     HANDSHAKE_TIMEOUT_S,
     MAX_MESSAGE_BYTES,
-    auth_refusal,
     error_event,
     hello_message,
     identity_proof,
@@ -34,6 +33,7 @@ from node_agent.protocol import (
     watch_silence,
     welcome_message,
 )
+from operations.nodekeys import handshake_key, key_accepted
 
 from . import services
 
@@ -80,6 +80,7 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         self.last_seen_saved = 0.0
         self.heartbeat_interval_s = settings.OPTIMAGPT_HEARTBEAT_INTERVAL_S
         self.closing = False
+        self.link_key = ""  # the node access key this link was made with: closed once it is no longer accepted
         self.authenticated = asyncio.Event()
         await self.accept()
         await self._send(hello_message(self.gateway_nonce))
@@ -206,8 +207,8 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
 
     async def _authenticate(self, message: dict[str, Any]) -> None:
         node_id = str(message.get("node_id", ""))
-        key = settings.OPTIMAGPT_NODE_ACCESS_KEY
-        refusal = auth_refusal(message, key=key, gateway_nonce=self.gateway_nonce)
+        # The current node access key, or the one before it during its grace period (operations/nodekeys.py).
+        key, _, refusal = handshake_key(message, gateway_nonce=self.gateway_nonce)
         if refusal is not None:
             await self._refuse(refusal, node_id)
             return
@@ -229,6 +230,7 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         if opened.replaced:
             await self.channel_layer.send(opened.replaced, {"type": "node.replaced"})
         self.node_pk = opened.node.pk
+        self.link_key = key
         _live_links.add(self.channel_name)
         await self._to_console({"kind": "link", "connected": True})
         await self._send(welcome_message(key=key, gateway_nonce=self.gateway_nonce, auth=message,
@@ -236,6 +238,12 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         self.authenticated.set()  # after the welcome: the watchdog's first ping must not come before it
 
     async def _mark_seen(self) -> None:
+        if not key_accepted(self.link_key):
+            log.warning("node %s linked with a node access key that was rotated and whose grace period has "
+                        "ended; closing its link", self.node_pk)
+            await self._lost("the node access key it linked with was rotated and its grace period ended")
+            await self.close(CLOSE_AUTH_FAILED)
+            return
         now = time.monotonic()
         if now - self.last_seen_saved >= self.heartbeat_interval_s * 0.9:
             self.last_seen_saved = now

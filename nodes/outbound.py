@@ -31,7 +31,6 @@ from node_agent.protocol import (
     HANDSHAKE_TIMEOUT_S,
     MAX_MESSAGE_BYTES,
     NOT_THE_PROTOCOL,
-    auth_refusal,
     hello_message,
     new_nonce,
     redial_delay,
@@ -39,6 +38,7 @@ from node_agent.protocol import (
 )
 from node_agent.settings import LINK_PATH
 from node_agent.tls import fingerprint_of_der, pinning_client_context
+from operations.nodekeys import current_key, handshake_key
 
 from . import services
 from .consumers import NodeLinkConsumer
@@ -118,8 +118,7 @@ async def node_probe(*, host: str, port: int, expected_fingerprint: str = "") ->
     Proves that the node holds our access key and that we hold its, without
     registering anything. Raises ProbeFailed with the cause.
     """
-    key = settings.OPTIMAGPT_NODE_ACCESS_KEY
-    if not key:
+    if not current_key():
         raise ProbeFailed("this gateway has no node access key configured (OPTIMAGPT_NODE_ACCESS_KEY)")
     ws = await _open(host, port)
     try:
@@ -131,7 +130,7 @@ async def node_probe(*, host: str, port: int, expected_fingerprint: str = "") ->
         await ws.send(json.dumps(hello_message(gateway_nonce)))
         auth = await _receive(ws)
         node_id = str(auth.get("node_id", ""))
-        refusal = auth_refusal(auth, key=key, gateway_nonce=gateway_nonce)
+        key, _, refusal = handshake_key(auth, gateway_nonce=gateway_nonce)
         if refusal in NOT_THE_PROTOCOL:
             raise ProbeFailed("the other side does not speak the node protocol: is it an OptimaGPT node?")
         if refusal is not None:

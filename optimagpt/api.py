@@ -15,6 +15,8 @@ from chat.api import chat_tools_router, preferences_router
 from chat.api import router as conversations_router
 from gateway.api import router as openai_router
 from gateway.optima_api import router as optima_router
+from operations.api import router as operations_router
+from operations.record import note_error
 from optimagpt.errors import ApiError, error_body
 from responses_api.api import router as responses_router
 
@@ -27,6 +29,7 @@ api.add_router("/v1/responses", responses_router)
 optima_router.add_router("/conversations", conversations_router)
 optima_router.add_router("/preferences", preferences_router)
 optima_router.add_router("/chat/tools", chat_tools_router)
+optima_router.add_router("/requests", operations_router)
 api.add_router("/optima/v1", optima_router)
 api.add_router("/api/auth", auth_router)
 
@@ -38,6 +41,7 @@ def error_response(status: int, message: str, *, type: str = "invalid_request_er
 
 @api.exception_handler(ApiError)
 def on_api_error(request: HttpRequest, exc: ApiError) -> HttpResponse:
+    note_error(exc.code)
     response = JsonResponse(exc.body(), status=exc.status)
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:

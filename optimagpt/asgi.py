@@ -25,10 +25,14 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "optimagpt.settings")
 django_asgi_app = get_asgi_application()
 
 from gateway.checks import check_secret_key  # noqa: E402
+from operations.record import request_finished, request_open  # noqa: E402
+from optimagpt.addresses import client_address  # noqa: E402
 from optimagpt.errors import error_body  # noqa: E402
 
 for _error in check_secret_key(None):
     raise ImproperlyConfigured(f"{_error.msg} {_error.hint}")
+
+CLIENT_CLOSED = 499  # the request log's status for a client that left before its answer was sent (as nginx's)
 
 # Paths served by the lean handler: the OpenAI API and OptimaGPT's own, both authenticated by key or JWT.
 API_PREFIXES = ("/v1/", "/optima/v1/")
@@ -81,6 +85,8 @@ class ApiHandler(ASGIHandler):
             error_response.close()
             return
 
+        record = request_open(method=request.method or "", path=request.path, client=client_address(request))
+
         async def process_request() -> Any:
             response = await self.run_get_response(request)
             if isinstance(response, HttpResponseNotAllowed):  # django-ninja's is plain text
@@ -88,6 +94,11 @@ class ApiHandler(ASGIHandler):
                 response = _json_error(405, f"{request.method} is not allowed on {request.path}; it takes {allowed}.",
                                        "method_not_allowed")
                 response["Allow"] = allowed
+            attempt = record.attempt
+            if attempt is not None and attempt.node_name and settings.OPTIMAGPT_PROVENANCE_HEADERS:
+                response["x-optimagpt-node"] = attempt.node_name  # which node and weights answered
+                if attempt.sha256:
+                    response["x-optimagpt-model-sha256"] = attempt.sha256
             try:
                 await self.send_response(response, send)
             except asyncio.CancelledError:
@@ -110,9 +121,12 @@ class ApiHandler(ASGIHandler):
             response = tasks[1].result()
         except asyncio.CancelledError:
             signals.request_finished.send(sender=self.__class__)
+            status = CLIENT_CLOSED
         else:
             response.close()
+            status = response.status_code
         body_file.close()
+        request_finished(record, status)
 
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402

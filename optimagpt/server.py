@@ -142,6 +142,10 @@ def _start_background_work() -> None:
         from mcp_servers.services import mcp_check_forever
         from nodes.housekeeping import prune_forever
         from nodes.outbound import OWNER, dialer_start
+        from operations.diagnostics import gateway_logs_forever
+        from operations.requestlog import request_log_forever
+        from operations.tasks import request_log_prune
+        from operations.tracing import tracing_forever
         from responses_api.background import background_stop_all
         from responses_api.services import responses_written
         from responses_api.tasks import responses_prune
@@ -151,10 +155,13 @@ def _start_background_work() -> None:
         loops = [asyncio.ensure_future(publish_forever(owner=OWNER, stop=stopping)),
                  asyncio.ensure_future(share_forever(owner=OWNER, stop=stopping)),
                  asyncio.ensure_future(invalidation_listen_forever(stopping)),
-                 asyncio.ensure_future(mcp_check_forever(stopping))]
+                 asyncio.ensure_future(mcp_check_forever(stopping)),
+                 asyncio.ensure_future(request_log_forever(stopping)),
+                 asyncio.ensure_future(tracing_forever(stopping)),
+                 asyncio.ensure_future(gateway_logs_forever(stopping))]
         # With a Celery worker, its beat runs the pruning (CELERY_BEAT_SCHEDULE); without one, this process does.
         if not settings.CELERY_WORKER:
-            loops.append(asyncio.ensure_future(prune_forever(stopping, [responses_prune])))
+            loops.append(asyncio.ensure_future(prune_forever(stopping, [responses_prune, request_log_prune])))
 
         async def stop_all() -> None:
             stopping.set()
@@ -220,10 +227,24 @@ def _fail_responses_of_a_previous_run() -> None:
         logging.getLogger("optimagpt.server").debug("no responses to fail: %s", exc)
 
 
+def _apply_stored_settings() -> None:
+    """The Configuration page's values over the environment's; System Tracing off, as after every restart."""
+    from django.db import DatabaseError
+
+    from operations.config import settings_apply, tracing_off_at_start
+
+    try:
+        tracing_off_at_start()
+        settings_apply()
+    except DatabaseError as exc:  # not migrated yet: nothing is stored
+        logging.getLogger("optimagpt.server").debug("no stored settings: %s", exc)
+
+
 def main(argv: list[str]) -> None:
     from daphne.cli import CommandLineInterface
 
     _forget_links_of_a_previous_run()  # sets Django up, whose settings the patches below read
+    _apply_stored_settings()
     _fail_responses_of_a_previous_run()
     _speed_up_twisted()
     _start_background_work()
@@ -245,6 +266,12 @@ def main(argv: list[str]) -> None:
         usage_flush_sync()
     except Exception:
         logging.getLogger("optimagpt.server").exception("could not write the last usage")
+    try:
+        from operations.requestlog import request_log_write_sync
+
+        request_log_write_sync()
+    except Exception:
+        logging.getLogger("optimagpt.server").exception("could not write the last request log entries")
     try:
         from responses_api.services import responses_write_sync
 

@@ -50,6 +50,7 @@ INSTALLED_APPS = [
     "chat",
     "mcp_servers",
     "responses_api",
+    "operations",
 ]
 
 MIDDLEWARE = [
@@ -171,10 +172,32 @@ OPTIMAGPT_LOGS_RETENTION_H = env_float("OPTIMAGPT_LOGS_RETENTION_H", 168.0)
 OPTIMAGPT_PRUNE_INTERVAL_S = env_float("OPTIMAGPT_PRUNE_INTERVAL_S", 600.0)
 # Stored responses of the Responses API (store: true, the default) are deleted this many days after they were made.
 OPTIMAGPT_RESPONSES_RETENTION_DAYS = env_float("OPTIMAGPT_RESPONSES_RETENTION_DAYS", 30.0)
+# The request log (every API request's figures, never its prompt or reply; /manage/requests/): on or off, how
+# often its buffer is written, and how many days entries are kept.
+OPTIMAGPT_REQUEST_LOG = env_bool("OPTIMAGPT_REQUEST_LOG", True)
+OPTIMAGPT_REQUEST_LOG_FLUSH_S = env_float("OPTIMAGPT_REQUEST_LOG_FLUSH_S", 1.0)
+OPTIMAGPT_REQUEST_LOG_RETENTION_DAYS = env_float("OPTIMAGPT_REQUEST_LOG_RETENTION_DAYS", 30.0)
 CELERY_BEAT_SCHEDULE = {
     "prune-node-history": {"task": "nodes.tasks.node_history_prune", "schedule": OPTIMAGPT_PRUNE_INTERVAL_S},
     "prune-responses": {"task": "responses_api.tasks.responses_prune", "schedule": OPTIMAGPT_PRUNE_INTERVAL_S},
+    "prune-request-log": {"task": "operations.tasks.request_log_prune", "schedule": OPTIMAGPT_PRUNE_INTERVAL_S},
 }
+# Prometheus metrics at /metrics: counted at all, the bearer token a scraper must send, or open to anyone
+# who reaches the gateway (only when said so: the figures name models, nodes and clients' load).
+OPTIMAGPT_METRICS = env_bool("OPTIMAGPT_METRICS", True)
+OPTIMAGPT_METRICS_TOKEN = env_secret("OPTIMAGPT_METRICS_TOKEN")
+OPTIMAGPT_METRICS_OPEN = env_bool("OPTIMAGPT_METRICS_OPEN", False)
+# System Tracing (switched on on the Configuration page) switches itself off after this many seconds; each
+# channel of the Diagnostics page keeps this many traces. OTEL_EXPORTER_OTLP_ENDPOINT also sends them to a collector.
+OPTIMAGPT_TRACING_MAX_S = env_float("OPTIMAGPT_TRACING_MAX_S", 3600.0)
+OPTIMAGPT_TRACES_KEPT = env_int("OPTIMAGPT_TRACES_KEPT", 200)
+# Inference answers name the node and the SHA-256 of the model file that made them (x-optimagpt-node,
+# x-optimagpt-model-sha256).
+OPTIMAGPT_PROVENANCE_HEADERS = env_bool("OPTIMAGPT_PROVENANCE_HEADERS", True)
+# Per client address, on the API: failed authentications a minute before its unauthenticated attempts get 429
+# (a valid key from the same address still passes), and requests a minute (0: no limit).
+OPTIMAGPT_IP_AUTH_FAILURES_PER_MINUTE = env_int("OPTIMAGPT_IP_AUTH_FAILURES_PER_MINUTE", 20)
+OPTIMAGPT_IP_REQUESTS_PER_MINUTE = env_int("OPTIMAGPT_IP_REQUESTS_PER_MINUTE", 0)
 # With no node registered at all, try a node listening at this address and register it as "Local Node";
 # empty turns it off.
 OPTIMAGPT_AUTO_CONNECT_ADDRESS = env_str("OPTIMAGPT_AUTO_CONNECT_ADDRESS", "localhost:8022")
@@ -249,8 +272,10 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO").upper()},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"},
+                 # The gateway's lines on the Diagnostics page (operations/diagnostics.py).
+                 "diagnostics": {"class": "operations.diagnostics.DiagnosticsHandler"}},
+    "root": {"handlers": ["console", "diagnostics"], "level": env_str("LOG_LEVEL", "INFO").upper()},
     "loggers": {
         # daphne logs every request line at INFO; keep the console for what matters.
         "daphne": {"level": "WARNING"},

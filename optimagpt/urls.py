@@ -14,6 +14,7 @@ urlpatterns = [
     path("", include("accounts.urls")),
     path("", include("nodes.urls")),
     path("", include("mcp_servers.urls")),
+    path("", include("operations.urls")),
     path("", api.urls),
 ]
 

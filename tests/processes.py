@@ -17,6 +17,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 NODE_ACCESS_KEY = "e2e-node-access-key"
+METRICS_TOKEN = "e2e-metrics-token-0123456789"
 START_TIMEOUT_S = 60.0
 
 
@@ -97,7 +98,9 @@ def base_env(**extra: str) -> dict[str, str]:
                # No gateway of the test run adopts a node listening on localhost:8022 unless its test asks.
                OPTIMAGPT_AUTO_CONNECT_ADDRESS="",
                # The test nodes dial in with new ids all the time; the approval test turns this off.
-               OPTIMAGPT_NODE_AUTO_APPROVE="true")
+               OPTIMAGPT_NODE_AUTO_APPROVE="true",
+               # Prometheus scrapes with this token (closed without one: tests/operations/test_endpoints.py).
+               OPTIMAGPT_METRICS_TOKEN=METRICS_TOKEN)
     env.update(extra)
     return env
 

@@ -39,6 +39,7 @@ from django.dispatch import receiver
 
 from nodes.models import Executor
 from nodes.signals import executors_changed
+from operations.record import note_queued
 from optimagpt.cache import ExpiringCache
 from optimagpt.errors import ApiError, ModelNotFound, NoCapacity, QueueFull
 
@@ -58,6 +59,8 @@ class Row(NamedTuple):
     online: bool
     node_pk: int | None
     slots: int  # processes that can take requests
+    node_name: str = ""  # for the provenance headers and the request log
+    sha256: str = ""  # the served file's, once the node has hashed it
 
 
 # model id -> its routable executors. A database query costs a thread hop per request; changes
@@ -72,6 +75,8 @@ class Target:
     channel_name: str  # the node link's consumer; empty for a remote upstream, which this gateway calls itself
     node_pk: int | None = None
     model: str = ""
+    node_name: str = ""
+    sha256: str = ""
 
     @property
     def remote(self) -> bool:
@@ -97,11 +102,12 @@ async def routable_rows(model: str) -> list[Row]:
 
 def _routable_rows_query(model: str) -> list[Row]:
     rows = Executor.objects.routable(model=model).values_list(
-        "pk", "key", "node__channel_name", "state", "node_id", "replicas", "replicas_online")
+        "pk", "key", "node__channel_name", "state", "node_id", "replicas", "replicas_online", "node__name", "sha256")
     out = []
-    for pk, key, channel, state, node, replicas, replicas_online in rows:
+    for pk, key, channel, state, node, replicas, replicas_online, node_name, sha256 in rows:
         online = state == Executor.State.ONLINE
-        out.append(Row(pk, key, channel or "", online, node, replicas_online if online else replicas))
+        out.append(Row(pk, key, channel or "", online, node, replicas_online if online else replicas,
+                       node_name or "", sha256 if len(sha256 or "") == 64 else ""))
     return out
 
 
@@ -147,7 +153,7 @@ async def executor_select(*, model: str, exclude_nodes: frozenset[int] = frozens
         return None
     _last_pick[row.pk] = next(_ticket)
     return Target(executor_pk=row.pk, executor_key=row.key, channel_name=row.channel, node_pk=row.node_pk,
-                  model=model)
+                  model=model, node_name=row.node_name, sha256=row.sha256)
 
 
 def acquire(target: Target) -> None:
@@ -214,6 +220,11 @@ class ModelQueue:
 _queues: dict[str, ModelQueue] = {}
 
 
+def queued_models() -> list[str]:
+    """The models with requests waiting in this process."""
+    return sorted(model for model, queue in _queues.items() if queue.length)
+
+
 def queued(model: str | None = None) -> int:
     """Requests waiting for a slot in this process: for one model, or all."""
     if model is not None:
@@ -248,6 +259,7 @@ async def route(*, model: str, key: str, deadline: float, exclude_nodes: frozens
     loop = asyncio.get_running_loop()
     waiter = _Waiter(key, exclude_nodes, avoid_executors, loop.create_future())
     queue.add(waiter)
+    note_queued()
     if queue.granter is None or queue.granter.done():
         queue.granter = asyncio.ensure_future(_grant(queue))
     wait_s = min(settings.OPTIMAGPT_QUEUE_MAX_WAIT_S, deadline - loop.time())

@@ -239,3 +239,89 @@ def test_a_response_chain_alternating_between_the_gateways_is_rebuilt_whole(
                                      store=False)
         assert reply.usage.input_tokens == by_hand.usage.input_tokens
         assert reply.output_text == by_hand.output_text
+
+
+def test_settings_changed_on_gateway_a_apply_on_gateway_b_and_both_share_traces_and_logs(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """A value saved on A's Configuration page reaches B through Redis within seconds; traces and log lines
+    made by B show in A's Diagnostics (one shared, bounded store)."""
+    env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    gateway_a = Gateway(data_dir=tmp_path / "a", port=free_port(), **env)
+    gateway_b = Gateway(data_dir=tmp_path / "b", port=free_port(), **env)
+    try:
+        gateway_a.start()
+        gateway_b.start(migrate=False)
+        browser = gateway_a.admin_browser("configurer", "a-long-admin-password-9")
+        key = gateway_a.create_api_key("settings")
+        forwarded = f"10.77.{uuid_octet()}.{uuid_octet()}"  # Redis counts outlive a test: an address of its own
+
+        def models_on_b() -> int:
+            with gateway_b.http() as http:
+                return http.get("/v1/models", headers={"Authorization": f"Bearer {key}",
+                                                       "X-Forwarded-For": forwarded}).status_code
+
+        saved = browser.post("/manage/settings/", data={"action": "save", "OPTIMAGPT_IP_REQUESTS_PER_MINUTE": "3",
+                                                        "csrfmiddlewaretoken": browser.cookies["csrftoken"]})
+        assert saved.status_code == 302
+        # B is not behind a trusted proxy here, so it counts the peer's own address: wait for the limit to bite.
+        deadline = time.monotonic() + 5
+        while models_on_b() != 429:
+            assert time.monotonic() < deadline, "gateway B never applied the limit saved on A"
+            time.sleep(0.1)
+
+        browser.post("/manage/settings/", data={"action": "reset:OPTIMAGPT_IP_REQUESTS_PER_MINUTE",
+                                                "csrfmiddlewaretoken": browser.cookies["csrftoken"]})
+        browser.post("/manage/settings/", data={"action": "tracing", "tracing": "on",
+                                                "csrfmiddlewaretoken": browser.cookies["csrftoken"]})
+        deadline = time.monotonic() + 5
+        while models_on_b() != 200:  # the reset applied on B too
+            assert time.monotonic() < deadline, "gateway B kept a limit reset on A"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        with gateway_b.http() as http:
+            assert http.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+        def traced_by_b() -> list[dict[str, object]]:
+            traces = browser.get("/manage/diagnostics/traces/", params={"channel": "API"}).json()["traces"]
+            return [t for t in traces if str(t["attributes"]["optimagpt.process"]).endswith(f":{gateway_b.proc.pid}")]
+
+        deadline = time.monotonic() + 5
+        while not traced_by_b():
+            assert time.monotonic() < deadline, "B's trace never showed in A's viewer"
+            time.sleep(0.2)
+        lines = browser.get("/manage/diagnostics/logs/").json()["lines"]
+        processes = {line["process"].rsplit(":", 1)[1] for line in lines if line["source"] == "gateway"}
+        assert str(gateway_b.proc.pid) in processes and str(gateway_a.proc.pid) in processes
+    finally:
+        gateway_b.stop()
+        gateway_a.stop()
+
+
+def uuid_octet() -> int:
+    import random
+
+    return random.randint(1, 254)  # noqa: S311 - an address for a test, not a secret
+
+
+def test_readyz_says_503_when_the_database_is_gone_and_healthz_still_answers(
+    database_url: str, tmp_path: Path
+) -> None:
+    import psycopg
+
+    gateway = Gateway(data_dir=tmp_path, port=free_port(), DATABASE_URL=database_url)
+    try:
+        gateway.start()
+        with gateway.http() as http:
+            ready = http.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
+            with psycopg.connect(database_url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE "{database_url.rsplit("/", 1)[1]}" WITH (FORCE)')
+            gone = http.get("/readyz", timeout=10)
+            assert gone.status_code == 503 and gone.json()["checks"]["database"].startswith("unreachable")
+            assert gone.json()["status"] == "unavailable"
+            assert http.get("/healthz").json() == {"status": "ok"}
+    finally:
+        gateway.stop()
