@@ -66,28 +66,40 @@ def _model_label(record: RequestRecord) -> str:
     return record.model[:200]
 
 
+_children: dict[tuple[Any, ...], Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(PROCESS, *labels)`, kept: labels() takes a lock and builds a key on every call."""
+    key = (id(metric), *labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(PROCESS, *labels)
+    return child
+
+
 def metrics_record(record: RequestRecord) -> None:
     """Count a finished request (a finisher of operations/record.py)."""
     model = _model_label(record)
-    REQUESTS.labels(PROCESS, model, record.operation, str(record.status)).inc()
-    LATENCY.labels(PROCESS, model, record.operation).observe((record.done - record.start) / 1e9)
+    _child(REQUESTS, model, record.operation, str(record.status)).inc()
+    _child(LATENCY, model, record.operation).observe((record.done - record.start) / 1e9)
     for tool in record.tools:
-        MCP_CALLS.labels(PROCESS, tool.server, tool.tool).inc()
+        _child(MCP_CALLS, tool.server, tool.tool).inc()
         if tool.error:
-            MCP_ERRORS.labels(PROCESS, tool.server, tool.tool).inc()
+            _child(MCP_ERRORS, tool.server, tool.tool).inc()
     if not record.attempts:
         return
     waited = sum((a.granted - a.route_start) / 1e9 for a in record.attempts if a.granted and a.queued)
-    QUEUE_WAIT.labels(PROCESS, model).observe(waited)
+    _child(QUEUE_WAIT, model).observe(waited)
     if record.prompt_tokens:
-        PROMPT_TOKENS.labels(PROCESS, model).inc(record.prompt_tokens)
+        _child(PROMPT_TOKENS, model).inc(record.prompt_tokens)
     if record.completion_tokens:
-        COMPLETION_TOKENS.labels(PROCESS, model).inc(record.completion_tokens)
+        _child(COMPLETION_TOKENS, model).inc(record.completion_tokens)
     ttft = record.ttft_s()
     if ttft is not None:
-        TTFT.labels(PROCESS, model).observe(ttft)
+        _child(TTFT, model).observe(ttft)
     if record.gaps:
-        itl = ITL.labels(PROCESS, model)
+        itl = _child(ITL, model)
         for gap in record.gaps:
             itl.observe(gap)
 

@@ -16,9 +16,11 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.db import connection
 from django.utils import timezone
 
 from accounts.models import User
+from optimagpt.inserts import rows_insert
 
 from .models import RequestLogEntry
 from .record import RequestRecord
@@ -45,26 +47,28 @@ def _take() -> list[RequestRecord]:
     return taken
 
 
-def _entry(record: RequestRecord, usernames: dict[int, str]) -> RequestLogEntry:
+COLUMNS = ("at", "key_prefix", "user", "client", "method", "path", "operation", "model", "stream", "status",
+           "error_code", "latency_ms", "ttft_ms", "prompt_tokens", "completion_tokens", "node")
+
+
+def _values(record: RequestRecord, usernames: dict[int, str]) -> tuple[Any, ...]:
+    """One row, in COLUMNS' order, as the database takes it (no model instance: see optimagpt/inserts.py)."""
     ttft = record.ttft_s()
-    return RequestLogEntry(
-        at=datetime.fromtimestamp(record.start / 1e9, tz=UTC), key_prefix=record.key_prefix,
-        user=usernames.get(record.user_id, "") if record.user_id is not None else "",
-        client=record.client[:64], method=record.method[:8], path=record.path[:200], operation=record.operation,
-        model=record.model[:200], stream=record.stream, status=record.status, error_code=record.error_code[:64],
-        latency_ms=round((record.done - record.start) / 1e6, 3),
-        ttft_ms=round(ttft * 1000, 3) if ttft is not None else None,
-        prompt_tokens=min(record.prompt_tokens, 2**31 - 1), completion_tokens=min(record.completion_tokens, 2**31 - 1),
-        node=record.node_name()[:200])
+    return (connection.ops.adapt_datetimefield_value(datetime.fromtimestamp(record.start / 1e9, tz=UTC)),
+            record.key_prefix, usernames.get(record.user_id, "") if record.user_id is not None else "",
+            record.client[:64], record.method[:8], record.path[:200], record.operation, record.model[:200],
+            record.stream, record.status, record.error_code[:64], round((record.done - record.start) / 1e6, 3),
+            round(ttft * 1000, 3) if ttft is not None else None, min(record.prompt_tokens, 2**31 - 1),
+            min(record.completion_tokens, 2**31 - 1), record.node_name()[:200])
 
 
 def request_log_write(records: list[RequestRecord]) -> int:
-    """Write finished requests (sync: in a thread, or at shutdown)."""
+    """Write finished requests (sync: in a thread, or at shutdown), in one prepared INSERT."""
     if not records:
         return 0
     user_ids = {r.user_id for r in records if r.user_id is not None}
     usernames = dict(User.objects.filter(pk__in=user_ids).values_list("pk", "username")) if user_ids else {}
-    RequestLogEntry.objects.bulk_create([_entry(r, usernames) for r in records], batch_size=500)
+    rows_insert(RequestLogEntry, COLUMNS, [_values(r, usernames) for r in records])
     return len(records)
 
 

@@ -264,6 +264,7 @@ def test_tracing_shows_a_real_requests_spans_in_the_viewer_and_a_restart_switche
         page.goto(gateway.url + "/manage/settings/")
         page.click("#tracing-form button[type=submit]")
         page.locator("#tracing-form button", has_text="Switch off").wait_for()
+        page.screenshot(path=str(ARTIFACTS / "configuration.png"), full_page=True)
         stream = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hello"}],
                                                 max_tokens=8, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
@@ -404,7 +405,7 @@ def test_traces_also_go_to_an_opentelemetry_collector_when_one_is_set(tmp_path: 
     received: list[ExportTraceServiceRequest] = []
 
     class Collector(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - the http.server API
+        def do_POST(self) -> None:  # the http.server API names it so
             body = self.rfile.read(int(self.headers["Content-Length"]))
             if self.path == "/v1/traces":
                 message = ExportTraceServiceRequest()

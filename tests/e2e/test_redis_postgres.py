@@ -256,7 +256,7 @@ def test_settings_changed_on_gateway_a_apply_on_gateway_b_and_both_share_traces_
         gateway_b.start(migrate=False)
         browser = gateway_a.admin_browser("configurer", "a-long-admin-password-9")
         key = gateway_a.create_api_key("settings")
-        forwarded = f"10.77.{uuid_octet()}.{uuid_octet()}"  # Redis counts outlive a test: an address of its own
+        forwarded = f"10.77.{_octet()}.{_octet()}"  # Redis counts outlive a test: an address of its own
 
         def models_on_b() -> int:
             with gateway_b.http() as http:
@@ -300,10 +300,10 @@ def test_settings_changed_on_gateway_a_apply_on_gateway_b_and_both_share_traces_
         gateway_a.stop()
 
 
-def uuid_octet() -> int:
+def _octet() -> int:
     import random
 
-    return random.randint(1, 254)  # noqa: S311 - an address for a test, not a secret
+    return random.randint(1, 254)  # an address for a test, not a secret
 
 
 def test_readyz_says_503_when_the_database_is_gone_and_healthz_still_answers(
