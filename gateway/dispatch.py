@@ -272,11 +272,6 @@ class RoutedRequest:
         if self.call is not None:
             await self.call.close()
 
-    @property
-    def target(self) -> Target | None:
-        """What serves the request now (the provenance headers name it)."""
-        return self.call.target if self.call is not None else None
-
 
 class Streamed(Protocol):
     """What the API reads a reply from: a RoutedRequest, or gateway/mcp_rounds.py's McpRounds."""

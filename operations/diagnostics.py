@@ -76,8 +76,8 @@ async def gateway_logs_forever(stop: asyncio.Event) -> None:
                     pipe.rpush(REDIS_KEY, *(json.dumps(line, separators=(",", ":")) for line in pending))
                     pipe.ltrim(REDIS_KEY, -LOG_LINES_KEPT, -1)
                     await asyncio.wait_for(pipe.execute(), 5 * REDIS_TIMEOUT_S)
-            except Exception:  # noqa: BLE001 - Redis away: these lines stay in this process's memory only
-                pass
+            except Exception:  # noqa: BLE001 - Redis away: try these lines again next time (the deque is bounded)
+                _unpushed.extendleft(reversed(pending))
     finally:
         await client.aclose()
 

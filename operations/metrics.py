@@ -122,7 +122,7 @@ class LiveCollector(Collector):
         slots = GaugeMetricFamily("optimagpt_executor_slots_in_use",
                                   "Requests on each executor, as this process's router counts them",
                                   labels=["process", "executor"])
-        for executor_pk, count in sorted(load.mine.items()):
+        for executor_pk, count in sorted(dict(load.mine).items()):
             slots.add_metric([PROCESS, str(executor_pk)], count)
         yield slots
         yield from _node_metrics()

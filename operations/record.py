@@ -108,7 +108,8 @@ def request_finished(record: RequestRecord, status: int) -> None:
 
 
 def in_flight_by_model() -> dict[str, int]:
-    return {model: n for model, n in _in_flight.items() if n > 0}
+    """A copy (a scrape reads it from a thread while the event loop changes it: dict() copies in one step)."""
+    return {model: n for model, n in dict(_in_flight).items() if n > 0}
 
 
 def routed(model: str, delta: int) -> None:

@@ -100,7 +100,8 @@ class TraceStore:
             finally:
                 client.close()
         else:
-            return [json.loads(t) for t in self._memory.get(channel, ())]
+            # list() first: a page's thread reads while the event loop adds (a deque's iterator refuses that).
+            return [json.loads(t) for t in list(self._memory.get(channel, ()))]
         return [json.loads(t) for t in texts]
 
     def counts(self) -> dict[str, int]:

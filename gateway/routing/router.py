@@ -222,7 +222,7 @@ _queues: dict[str, ModelQueue] = {}
 
 def queued_models() -> list[str]:
     """The models with requests waiting in this process."""
-    return sorted(model for model, queue in _queues.items() if queue.length)
+    return sorted(model for model, queue in list(_queues.items()) if queue.length)  # (a scrape's thread reads it)
 
 
 def queued(model: str | None = None) -> int:
