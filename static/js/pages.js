@@ -9,4 +9,8 @@
   document.addEventListener("change", (event) => {
     if (event.target.matches && event.target.matches("select[data-autosubmit]")) event.target.form.requestSubmit();
   });
+  // OptimaChat installs as an app (manifest.webmanifest); its service worker keeps the shell (never API answers).
+  if ("serviceWorker" in navigator && window.isSecureContext) {
+    navigator.serviceWorker.register("/sw.js").catch(() => {});
+  }
 })();
