@@ -3,6 +3,7 @@
 #   ./optimagpt.sh run      set up (venv, packages, default model, database, admin, API key) and serve
 #   ./optimagpt.sh test     install what the tests need and run the whole test suite
 #   ./optimagpt.sh manage   any manage.py command, with the same settings as `run`
+#   ./optimagpt.sh install-service   set the gateway up as a systemd service (README, "Running it for real")
 set -euo pipefail
 cd "$(dirname "$0")"
 # Settings from .env, if there is one (see .env.example).
@@ -55,6 +56,11 @@ case "${1:-}" in
             (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
                 || echo "could not install chromium; the browser tests will say so" >&2
         fi
+        # The systemd units are checked with Debian's systemd-analyze (verify, and security --offline).
+        if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            (apt-get update -qq && apt-get install -y -qq systemd) >/dev/null 2>&1 \
+                || echo "could not install systemd; the service unit tests will say so" >&2
+        fi
         # Third-party MCP servers the tests run (exact versions and hashes from tests/mcp/package-lock.json).
         if ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
             (apt-get update -qq && apt-get install -y -qq nodejs npm) >/dev/null 2>&1 \
@@ -75,6 +81,13 @@ case "${1:-}" in
         # pytest's 5 means no test ran: that is a failure, not a pass.
         [ "$status" -eq 5 ] && { echo "no tests were collected" >&2; exit 1; }
         exit "$status"
+        ;;
+    install-service)
+        # The gateway as a systemd service (node_agent/service.py): venv and packages now, then its user, state
+        # folder, secret files, environment file, database and admin account, and the unit; never on start.
+        shift
+        install requirements/base.lock
+        exec "$PY" -m node_agent.service gateway "$@"
         ;;
     manage)
         shift

@@ -55,6 +55,12 @@ async def serve(argv: list[str] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["install-service"]:  # the one-time setup as a systemd service (node_agent/service.py)
+        from .service import install_node
+
+        install_node(args[1:])
+        return
     logging.basicConfig(
         level=os.environ.get("OPTIMAGPT_NODE_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
