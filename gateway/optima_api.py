@@ -11,14 +11,17 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from channels.db import database_sync_to_async
-from django.http import HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from ninja import Body, Router
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
+from accounts.ratelimit import authentication_failed
 from node_agent.protocol import MODEL_ID_MAX_LENGTH, MODEL_ID_PATTERN
+from nodes.enrollment import EnrollmentRefused, node_enroll
 from nodes.models import Executor, Node
+from optimagpt.addresses import client_address
 from optimagpt.bodies import validated
-from optimagpt.errors import ERRORS, ApiError, ModelNotFound, PermissionDenied
+from optimagpt.errors import ERRORS, ApiError, AuthenticationFailed, ModelNotFound, PermissionDenied
 
 from .auth import ApiKeyAuth, ManagementAuth, ModelListAuth
 from .executors import executor_configure, executor_delete, executor_remote_create
@@ -303,3 +306,32 @@ async def executors_stop(request: AuthedRequest, executor_id: int) -> HttpRespon
 async def executors_delete(request: AuthedRequest, executor_id: int) -> HttpResponse:
     await executor_delete(executor=await _executor(request.auth, executor_id))
     return HttpResponse(status=204)
+
+
+# -- node enrollment (nodes/enrollment.py) ----------------------------------------------------------
+class EnrollIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: str = Field(max_length=200, description="the enrollment token an admin made (shown to them once)")
+    node_id: str = Field(max_length=64, description="the node's own id (a UUID it made on first start)")
+    name: str = Field("", max_length=100)
+
+
+class EnrollOut(BaseModel):
+    node_id: str
+    credential: str = Field(description="the node's own secret for every later link; kept in its state folder")
+
+
+@router.post("/nodes/enroll", auth=None, summary="Exchange an enrollment token for a node's credential",
+             response={200: EnrollOut, **ERRORS})
+async def nodes_enroll(request: HttpRequest, body: EnrollIn) -> HttpResponse:
+    """What `python -m node_agent join` calls. No API key: the token is the credential. A refused token counts
+    as a failed authentication of the address (429 past OPTIMAGPT_IP_AUTH_FAILURES_PER_MINUTE)."""
+    address = client_address(request)
+    try:
+        credential = await database_sync_to_async(node_enroll)(raw_token=body.token, node_id=body.node_id,
+                                                               name=body.name, address=address)
+    except EnrollmentRefused as exc:
+        await authentication_failed(address)
+        raise AuthenticationFailed(f"Enrollment refused: {exc}.", code="enrollment_refused") from None
+    return JsonResponse({"node_id": body.node_id, "credential": credential})

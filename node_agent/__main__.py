@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> None:
 
         install_node(args[1:])
         return
+    if args[:1] == ["join"]:  # enroll with a token (node_agent/enroll.py)
+        from .enroll import join
+
+        sys.exit(join(args[1:]))
     logging.basicConfig(
         level=os.environ.get("OPTIMAGPT_NODE_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -128,11 +128,15 @@ class NodeSession:
             raise HandshakeRefused(f"unexpected greeting {hello.get('type')!r}, protocol {hello.get('protocol')!r}")
         gateway_nonce = str(hello.get("nonce", ""))
         node_nonce = new_nonce()
-        key = self.settings.current_access_key()
         store = NodeSecret(self.settings.state_dir)
         secret = await asyncio.to_thread(store.load)
+        # An enrolled node proves its own credential (its node secret) where others prove the shared key.
+        enrolled = self.settings.enrolled and bool(secret)
+        key = secret if enrolled else self.settings.current_access_key()
         auth = auth_message(key=key, hello=hello, node_id=self.node_id, node_nonce=node_nonce,
                             name=self.settings.name, version=__version__, node_secret=secret)
+        if enrolled:
+            auth["enrolled"] = True
         await self._send(auth)
         reply = await asyncio.wait_for(self._recv(), HANDSHAKE_TIMEOUT_S)
         if reply.get("type") == "refused":

@@ -42,6 +42,11 @@ def link_url(gateway_url: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 
+# Written by `python -m node_agent join` (node_agent/enroll.py): the node links with its own credential (kept as
+# its node_secret) instead of the shared access key.
+ENROLLED_FILE = "enrolled"
+
+
 @dataclass(frozen=True)
 class AgentSettings:
     gateway_url: str
@@ -62,6 +67,10 @@ class AgentSettings:
     metrics_interval_s: float
     ca_file: str | None
     access_key_file: str = ""  # where the key was read from, if a file: read again before each handshake
+
+    @property
+    def enrolled(self) -> bool:
+        return (self.state_dir / ENROLLED_FILE).exists()
 
     def current_access_key(self) -> str:
         """The key to prove now: a key file is read again, so a key the gateway rotated (and wrote there for its
@@ -134,9 +143,10 @@ def parse_settings(argv: list[str] | None = None) -> AgentSettings:
                         help="CA bundle to trust for a wss gateway with its own certificate")
     args = parser.parse_args(argv)
 
-    access_key = _secret("OPTIMAGPT_NODE_ACCESS_KEY")
-    if not access_key:
-        parser.error("set the node access key in OPTIMAGPT_NODE_ACCESS_KEY or OPTIMAGPT_NODE_ACCESS_KEY_FILE")
+    access_key = _secret("OPTIMAGPT_NODE_ACCESS_KEY") or ""
+    if not access_key and not (Path(args.state_dir) / ENROLLED_FILE).exists():
+        parser.error("set the node access key in OPTIMAGPT_NODE_ACCESS_KEY or OPTIMAGPT_NODE_ACCESS_KEY_FILE, "
+                     "or enroll the node first: python -m node_agent join --gateway-url URL --token TOKEN")
     dirs = args.models_dir or _env_list("OPTIMAGPT_MODELS_DIRS", "models")
     embedding_dirs = args.embedding_models_dir or _env_list("OPTIMAGPT_EMBEDDING_MODELS_DIRS", "")
     enable = args.enable or _env_list("OPTIMAGPT_NODE_ENABLE", "")

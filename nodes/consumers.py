@@ -25,6 +25,7 @@ from node_agent.protocol import (
     CLOSE_REPLACED,
     HANDSHAKE_TIMEOUT_S,
     MAX_MESSAGE_BYTES,
+    auth_refusal,
     error_event,
     hello_message,
     identity_proof,
@@ -36,6 +37,7 @@ from node_agent.protocol import (
 from operations.nodekeys import handshake_key, key_accepted
 
 from . import services
+from .enrollment import node_credential
 
 log = logging.getLogger("optimagpt.nodes.link")
 
@@ -81,6 +83,7 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         self.heartbeat_interval_s = settings.OPTIMAGPT_HEARTBEAT_INTERVAL_S
         self.closing = False
         self.link_key = ""  # the node access key this link was made with: closed once it is no longer accepted
+        self.link_enrolled = False  # made with an enrolled node's own credential instead (deleting the node ends it)
         self.authenticated = asyncio.Event()
         await self.accept()
         await self._send(hello_message(self.gateway_nonce))
@@ -207,8 +210,17 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
 
     async def _authenticate(self, message: dict[str, Any]) -> None:
         node_id = str(message.get("node_id", ""))
-        # The current node access key, or the one before it during its grace period (operations/nodekeys.py).
-        key, _, refusal = handshake_key(message, gateway_nonce=self.gateway_nonce)
+        if message.get("enrolled") is True:  # its own credential (nodes/enrollment.py), not the shared key
+            credential = await database_sync_to_async(node_credential)(node_id)
+            if credential is None:
+                await self._refuse("this node is not enrolled here (deleted, or never enrolled): join again "
+                                   "with a new enrollment token", node_id)
+                return
+            key, refusal, self.link_enrolled = credential, auth_refusal(
+                message, key=credential, gateway_nonce=self.gateway_nonce), True
+        else:
+            # The current node access key, or the one before it during its grace period (operations/nodekeys.py).
+            key, _, refusal = handshake_key(message, gateway_nonce=self.gateway_nonce)
         if refusal is not None:
             await self._refuse(refusal, node_id)
             return
@@ -238,7 +250,7 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         self.authenticated.set()  # after the welcome: the watchdog's first ping must not come before it
 
     async def _mark_seen(self) -> None:
-        if not key_accepted(self.link_key):
+        if not self.link_enrolled and not key_accepted(self.link_key):
             log.warning("node %s linked with a node access key that was rotated and whose grace period has "
                         "ended; closing its link", self.node_pk)
             await self._lost("the node access key it linked with was rotated and its grace period ended")

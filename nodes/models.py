@@ -27,6 +27,9 @@ class Node(models.Model):
     # The secret this node proves it holds on every link (encrypted, optimagpt/secrets.py): the shared access
     # key alone cannot tell one node from another.
     identity_secret_encrypted = models.TextField(blank=True, editable=False)
+    # Enrolled with a token (nodes/enrollment.py): the node proves its own secret, and the shared access key is
+    # not needed (nor accepted in its place); deleting or deactivating the node revokes it at once.
+    enrolled = models.BooleanField(default=False, editable=False)
     connected = models.BooleanField(default=False)
     # The Channels name of the consumer holding this node's link; requests are sent there.
     channel_name = models.CharField(max_length=255, blank=True)
@@ -203,3 +206,30 @@ class NodeLog(models.Model):
 
     def as_line(self) -> dict[str, object]:
         return {"t": self.at.timestamp(), "level": self.level, "logger": self.logger, "message": self.message}
+
+
+class EnrollmentToken(models.Model):
+    """A short-lived token a new node exchanges once (or `uses_allowed` times) for a credential of its own.
+
+    Only a keyed hash is stored (as API keys are); the token is shown once, when it is made.
+    """
+
+    name = models.CharField(max_length=100, blank=True)
+    prefix = models.CharField(max_length=16, editable=False)
+    digest = models.CharField(max_length=64, unique=True, editable=False)
+    created_by = models.CharField(max_length=150, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    uses_allowed = models.PositiveIntegerField(null=True, blank=True, help_text="empty: any number until expiry")
+    uses = models.PositiveIntegerField(default=0)
+    revoked = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+
+    def __str__(self) -> str:
+        return self.name or self.prefix
+
+    def usable(self, now: datetime) -> bool:
+        return not self.revoked and now < self.expires_at and (
+            self.uses_allowed is None or self.uses < self.uses_allowed)

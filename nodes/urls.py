@@ -5,6 +5,9 @@ from . import views
 urlpatterns = [
     path("manage/nodes/", views.nodes_view, name="nodes"),
     path("manage/nodes/new/", views.node_new_view, name="node-new"),
+    path("manage/nodes/enrollment/", views.enrollment_token_new_view, name="enrollment-token-new"),
+    path("manage/nodes/enrollment/<int:pk>/revoke/", views.enrollment_token_revoke_view,
+         name="enrollment-token-revoke"),
     path("manage/nodes/new/name/", views.node_name_view, name="node-name"),
     path("manage/nodes/<int:pk>/", views.node_view, name="node"),
     path("manage/nodes/<int:pk>/activation/", views.node_activation_view, name="node-activation"),

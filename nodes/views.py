@@ -15,6 +15,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from gateway.executors import executor_configure, executor_delete, executor_remote_create
@@ -23,8 +24,9 @@ from gateway.routing import load, router
 from gateway.stats import stats_summary
 from optimagpt.errors import ApiError
 
+from .enrollment import token_create, token_revoke
 from .forms import ExecutorSettingsForm, NewNodeForm, RemoteUpstreamForm, RemoteUpstreamUpdateForm
-from .models import Executor, Node
+from .models import EnrollmentToken, Executor, Node
 from .names import node_name_suggestion
 from .outbound import ProbeFailed, node_probe
 from .services import node_add_dialed, node_approve, node_delete, node_set_activated
@@ -128,12 +130,46 @@ def nodes_view(request: HttpRequest) -> HttpResponse:
     nodes = list(Node.objects.prefetch_related("executors").order_by("name"))
     if request.GET.get("format") == "json":
         return JsonResponse({"data": [_node_state(node) for node in nodes]})
+    return render(request, "nodes/nodes.html", _nodes_context(nodes))
+
+
+def _nodes_context(nodes: list[Node], **extra: object) -> dict[str, object]:
     summary = stats_summary()
     demand = _demand()
-    return render(request, "nodes/nodes.html", {
+    return {
         "section": "nodes", "rows": [(node, node_status(node, demand)) for node in nodes], "stats": summary,
         "delayed_threshold_s": settings.OPTIMAGPT_DELAYED_REQUEST_S,
-        "uptime": timedelta(seconds=int(summary.uptime_s)) if summary.uptime_s is not None else None})
+        "uptime": timedelta(seconds=int(summary.uptime_s)) if summary.uptime_s is not None else None,
+        "tokens": EnrollmentToken.objects.all()[:50], "now": timezone.now(), **extra}
+
+
+@require_POST
+@login_required
+@permission_required(NODE_PERMISSION, raise_exception=True)
+def enrollment_token_new_view(request: HttpRequest) -> HttpResponse:
+    """Make an enrollment token: shown on this answer once, never again."""
+    try:
+        hours = float(request.POST.get("ttl_hours") or 1)
+        uses_text = (request.POST.get("uses") or "").strip()
+        uses = int(uses_text) if uses_text else None
+        _, raw = token_create(name=request.POST.get("name", ""), ttl_s=hours * 3600, uses=uses,
+                              username=request.user.get_username())
+    except ValueError as exc:
+        messages.error(request, str(exc) if "token" in str(exc).lower() else
+                       "The lifetime must be a number of hours and the uses a whole number.")
+        return redirect("nodes")
+    nodes = list(Node.objects.prefetch_related("executors").order_by("name"))
+    return render(request, "nodes/nodes.html", _nodes_context(nodes, new_token=raw,
+                                                              gateway_url=request.build_absolute_uri("/")[:-1]))
+
+
+@require_POST
+@login_required
+@permission_required(NODE_PERMISSION, raise_exception=True)
+def enrollment_token_revoke_view(request: HttpRequest, pk: int) -> HttpResponse:
+    token_revoke(pk=pk)
+    messages.success(request, "The enrollment token is revoked: nothing more can enroll with it.")
+    return redirect("nodes")
 
 
 @login_required
