@@ -25,7 +25,7 @@ from .record import PROCESS
 
 LOG_LINES_KEPT = 5000
 REDIS_KEY = "optimagpt:gateway-logs"
-REDIS_TIMEOUT_S = 2.0
+PUSH_TIMEOUT_S = 10.0
 PUSH_INTERVAL_S = 0.5
 MAX_MESSAGE = 4000
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -58,10 +58,9 @@ async def gateway_logs_forever(stop: asyncio.Event) -> None:
     """With Redis: push this process's new lines every PUSH_INTERVAL_S until `stop` is set."""
     if not settings.REDIS_URL:
         return
-    import redis.asyncio as redis
+    from .shared import async_client  # here: settings.LOGGING loads this module before Django is set up
 
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=REDIS_TIMEOUT_S,
-                                  socket_connect_timeout=REDIS_TIMEOUT_S)
+    client = async_client()
     try:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -75,7 +74,7 @@ async def gateway_logs_forever(stop: asyncio.Event) -> None:
                 async with client.pipeline(transaction=False) as pipe:
                     pipe.rpush(REDIS_KEY, *(json.dumps(line, separators=(",", ":")) for line in pending))
                     pipe.ltrim(REDIS_KEY, -LOG_LINES_KEPT, -1)
-                    await asyncio.wait_for(pipe.execute(), 5 * REDIS_TIMEOUT_S)
+                    await asyncio.wait_for(pipe.execute(), PUSH_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - Redis away: try these lines again next time (the deque is bounded)
                 _unpushed.extendleft(reversed(pending))
     finally:
@@ -85,17 +84,13 @@ async def gateway_logs_forever(stop: asyncio.Event) -> None:
 def _gateway_lines() -> list[dict[str, Any]]:
     if not settings.REDIS_URL:
         return list(_lines)
-    import redis
+    from .shared import sync_client
 
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=REDIS_TIMEOUT_S,
-                                  socket_connect_timeout=REDIS_TIMEOUT_S)
     try:
-        texts: list[bytes] = client.lrange(REDIS_KEY, 0, -1)  # type: ignore[assignment] # redis types sync and async alike
+        texts: list[bytes] = sync_client().lrange(REDIS_KEY, 0, -1)  # type: ignore[assignment] # redis types sync and async alike
         return [json.loads(t) for t in texts]
     except Exception:  # noqa: BLE001 - Redis away: this process's own lines still show
         return list(_lines)
-    finally:
-        client.close()
 
 
 def logs_read(*, since: float, levels: set[str], node: str, limit: int = 500) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from django.conf import settings
 from django.db.models import Count
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -182,7 +181,3 @@ def _number(value: Any) -> float | None:
 
 
 REGISTRY.register(LiveCollector())
-
-
-def metrics_enabled() -> bool:
-    return bool(settings.OPTIMAGPT_METRICS)

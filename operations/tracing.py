@@ -33,13 +33,13 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .config import tracing_on
 from .record import PROCESS, RequestRecord
+from .shared import TIMEOUT_S, async_client, sync_client
 
 log = logging.getLogger("optimagpt.operations.tracing")
 
 LLM, EMBEDDING, TOOLS, API = "LLM Inference", "Embedding Inference", "Tool Calls", "API"
 CHANNELS = (LLM, EMBEDDING, TOOLS, API)
 _CHANNEL_OF = {"chat.completions": LLM, "completions": LLM, "responses": LLM, "embeddings": EMBEDDING}
-REDIS_TIMEOUT_S = 2.0
 PUSH_INTERVAL_S = 0.5
 
 
@@ -67,58 +67,33 @@ class TraceStore:
             return
         self._memory.setdefault(channel, deque(maxlen=settings.OPTIMAGPT_TRACES_KEPT)).appendleft(text)
 
-    async def push(self) -> None:
-        """Send what this process made to Redis (the loop below)."""
+    async def push(self, client: Any) -> None:
+        """Send what this process made to Redis (the loop below, with the client it keeps)."""
         if not self._unpushed:
             return
         pending, self._unpushed = self._unpushed, []
-        import redis.asyncio as redis
-
-        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=REDIS_TIMEOUT_S,
-                                      socket_connect_timeout=REDIS_TIMEOUT_S)
-        try:
-            async with client.pipeline(transaction=False) as pipe:
-                for channel, text in pending:
-                    pipe.lpush(self._key(channel), text)
-                for channel in {c for c, _ in pending}:
-                    pipe.ltrim(self._key(channel), 0, settings.OPTIMAGPT_TRACES_KEPT - 1)
-                    pipe.expire(self._key(channel), 7 * 86400)
-                await pipe.execute()
-        finally:
-            await client.aclose()
+        async with client.pipeline(transaction=False) as pipe:
+            for channel, text in pending:
+                pipe.lpush(self._key(channel), text)
+            for channel in {c for c, _ in pending}:
+                pipe.ltrim(self._key(channel), 0, settings.OPTIMAGPT_TRACES_KEPT - 1)
+                pipe.expire(self._key(channel), 7 * 86400)
+            await pipe.execute()
 
     def read(self, channel: str) -> list[dict[str, Any]]:
         """The channel's traces, newest first (sync: a page's thread)."""
         if settings.REDIS_URL:
-            import redis
-
-            client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=REDIS_TIMEOUT_S,
-                                          socket_connect_timeout=REDIS_TIMEOUT_S)
-            try:
-                texts: list[bytes] = client.lrange(  # type: ignore[assignment] # redis types sync and async alike
-                    self._key(channel), 0, settings.OPTIMAGPT_TRACES_KEPT - 1)
-            finally:
-                client.close()
-        else:
-            # list() first: a page's thread reads while the event loop adds (a deque's iterator refuses that).
-            return [json.loads(t) for t in list(self._memory.get(channel, ()))]
-        return [json.loads(t) for t in texts]
+            texts: list[bytes] = sync_client().lrange(  # type: ignore[assignment] # redis types sync and async alike
+                self._key(channel), 0, settings.OPTIMAGPT_TRACES_KEPT - 1)
+            return [json.loads(t) for t in texts]
+        # list() first: a page's thread reads while the event loop adds (a deque's iterator refuses that).
+        return [json.loads(t) for t in list(self._memory.get(channel, ()))]
 
     def counts(self) -> dict[str, int]:
         if settings.REDIS_URL:
-            import redis
-
-            client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=REDIS_TIMEOUT_S,
-                                          socket_connect_timeout=REDIS_TIMEOUT_S)
-            try:
-                return {c: int(client.llen(self._key(c))) for c in CHANNELS}  # type: ignore[arg-type] # as above
-            finally:
-                client.close()
+            client = sync_client()
+            return {c: int(client.llen(self._key(c))) for c in CHANNELS}  # type: ignore[arg-type] # as above
         return {c: len(self._memory.get(c, ())) for c in CHANNELS}
-
-    def clear(self) -> None:
-        self._memory.clear()
-        self._unpushed.clear()
 
 
 store = TraceStore()
@@ -303,10 +278,14 @@ async def tracing_forever(stop: asyncio.Event) -> None:
     """With Redis: push the traces this process made every PUSH_INTERVAL_S until `stop` is set."""
     if not settings.REDIS_URL:
         return
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), PUSH_INTERVAL_S)
-        try:
-            await asyncio.wait_for(store.push(), 5 * REDIS_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - Redis away for a moment: those traces are lost, not the loop
-            log.warning("could not store traces: %s", type(exc).__name__)
+    client = async_client()
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), PUSH_INTERVAL_S)
+            try:
+                await asyncio.wait_for(store.push(client), 5 * TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - Redis away for a moment: those traces are lost, not the loop
+                log.warning("could not store traces: %s", type(exc).__name__)
+    finally:
+        await client.aclose()

@@ -29,6 +29,7 @@ from . import config, nodekeys
 from .diagnostics import LEVELS, logs_read
 from .metrics import REGISTRY
 from .models import RequestLogEntry, SettingChange
+from .shared import async_client
 from .tracing import CHANNELS, store
 
 PERMISSION = "accounts.access_settings"
@@ -220,10 +221,7 @@ def _database_ready() -> dict[str, Any]:
 async def _channel_layer_ready() -> None:
     if not settings.REDIS_URL:
         return  # the in-memory layer is this process itself
-    import redis.asyncio as redis
-
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=READY_TIMEOUT_S,
-                                  socket_connect_timeout=READY_TIMEOUT_S)
+    client = async_client(READY_TIMEOUT_S)  # a connection of its own: is Redis reachable now?
     try:
         await client.ping()  # type: ignore[misc] # redis types sync and async clients alike
     finally:

@@ -127,6 +127,10 @@ class Gateway(Process):
         """What `expression` (over the Node model, e.g. `Node.objects.count()`) prints in the gateway's database."""
         return self.manage("shell", "--no-imports", "-c", f"from nodes.models import Node; print({expression})").strip()
 
+    def node_linked(self, name: str) -> bool:
+        """Whether the node called `name` has its link up now, as the gateway's database says."""
+        return self.nodes_query(f"Node.objects.filter(name={name!r}, connected=True).exists()") == "True"
+
     def start(self, migrate: bool = True) -> None:
         if migrate:
             self.manage("migrate", "--verbosity", "0")

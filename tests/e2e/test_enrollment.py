@@ -20,9 +20,6 @@ from tests.processes import NODE_ACCESS_KEY, REPO, Gateway, NodeAgent, base_env,
 pytestmark = pytest.mark.e2e
 
 
-def _linked(gateway: Gateway, name: str) -> bool:
-    return gateway.nodes_query(f"Node.objects.filter(name={name!r}, connected=True).exists()") == "True"
-
 
 def _join(gateway_url: str, state: Path, name: str, token: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in base_env(OPTIMAGPT_ENROLLMENT_TOKEN=token).items() if k != "OPTIMAGPT_NODE_ACCESS_KEY"}
@@ -53,7 +50,7 @@ def test_a_node_enrolls_with_a_token_links_without_the_shared_key_and_is_refused
         assert token not in joined.stdout + joined.stderr and credential not in joined.stdout + joined.stderr
         node_a = agent(tmp_path / "a", "enrolled-a")
         node_a.start()
-        wait_for(lambda: _linked(gateway, "enrolled-a"), 30, "the enrolled node linked")
+        wait_for(lambda: gateway.node_linked("enrolled-a"), 30, "the enrolled node linked")
         # Enrolled means approved: the admin made the token (new nodes wait here: auto-approve is off).
         assert gateway.nodes_query("Node.objects.get(name='enrolled-a').approved") == "True"
 
@@ -90,14 +87,14 @@ def test_a_node_enrolls_with_a_token_links_without_the_shared_key_and_is_refused
         impostor = agent(tmp_path / "f", "impostor")
         impostor.start()
         wait_for(lambda: "gateway refused the link" in impostor.log(), 30, "the impostor refused")
-        assert _linked(gateway, "enrolled-a")
+        assert gateway.node_linked("enrolled-a")
 
         # Deleting the node revokes its credential at once: its link ends and its handshakes are refused.
         node_pk = gateway.nodes_query("Node.objects.get(name='enrolled-a').pk")
         assert browser.post(f"/manage/nodes/{node_pk}/delete/",
                             data={"csrfmiddlewaretoken": browser.cookies["csrftoken"]}).status_code == 302
         wait_for(lambda: "this node is not enrolled here" in node_a.log(), 30, "the deleted node refused")
-        assert not _linked(gateway, "enrolled-a")
+        assert not gateway.node_linked("enrolled-a")
 
         texts = [gateway.log(), browser.get("/manage/nodes/").text, *(a.log() for a in agents)]
         for secret in (token, short, page_token, second, credential):

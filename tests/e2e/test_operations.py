@@ -335,9 +335,6 @@ def _no_secret_in(texts: list[str], *secrets: str) -> None:
 
 
 # -- a gateway of its own: the node access key rotated ------------------------------------------------
-def _linked(gateway: Gateway, name: str) -> bool:
-    return gateway.nodes_query(f"Node.objects.filter(name={name!r}, connected=True).exists()") == "True"
-
 
 def test_a_rotated_node_key_keeps_old_nodes_for_the_grace_period_then_refuses_them(tmp_path: Path) -> None:
     key_file = tmp_path / "node_access_key"
@@ -361,7 +358,7 @@ def test_a_rotated_node_key_keeps_old_nodes_for_the_grace_period_then_refuses_th
         gateway.start()
         local.start()
         remote.start()
-        wait_for(lambda: _linked(gateway, "local") and _linked(gateway, "remote"), 30, "both nodes linked")
+        wait_for(lambda: gateway.node_linked("local") and gateway.node_linked("remote"), 30, "both nodes linked")
         browser = gateway.admin_browser("keeper", PASSWORD)
         grace_s = 8.0
         rotated_at = time.time()
@@ -373,18 +370,19 @@ def test_a_rotated_node_key_keeps_old_nodes_for_the_grace_period_then_refuses_th
         late = agent("late")  # joins during the grace period with the old key: still let in
         nodes.append(late)
         late.start()
-        wait_for(lambda: _linked(gateway, "late"), 30, "an old-key node linked during the grace period")
+        wait_for(lambda: gateway.node_linked("late"), 30, "an old-key node linked during the grace period")
         assert time.time() - rotated_at < grace_s, "the grace period ended before the check"
 
         # After it: old-key links are closed and their handshakes refused; the local node took the new key.
-        wait_for(lambda: not _linked(gateway, "remote") and not _linked(gateway, "late"), 30, "old-key links closed")
+        wait_for(lambda: not gateway.node_linked("remote") and not gateway.node_linked("late"), 30,
+                 "old-key links closed")
         wait_for(lambda: "gateway refused the link: access key mismatch" in remote.log(), 30, "a refused handshake")
-        wait_for(lambda: _linked(gateway, "local"), 30, "the local node linked again with the new key")
-        assert not _linked(gateway, "remote")
+        wait_for(lambda: gateway.node_linked("local"), 30, "the local node linked again with the new key")
+        assert not gateway.node_linked("remote")
         fresh = agent("fresh", OPTIMAGPT_NODE_ACCESS_KEY=new_key)
         nodes.append(fresh)
         fresh.start()
-        wait_for(lambda: _linked(gateway, "fresh"), 30, "a node with the new key linked")
+        wait_for(lambda: gateway.node_linked("fresh"), 30, "a node with the new key linked")
         for node in nodes:
             assert new_key not in node.log()
         assert new_key not in gateway.log() and NODE_ACCESS_KEY not in gateway.log()
