@@ -70,7 +70,7 @@ case "${1:-}" in
             npm ci --prefix tests/mcp --no-audit --no-fund --silent || { echo "npm ci failed (above)" >&2; exit 1; }
         fi
         # Security lint of the project's packages (findings fixed, or justified by a nosec comment on the line).
-        "$PY" -m bandit --quiet --configfile pyproject.toml --recursive accounts chat gateway mcp_servers nodes node_agent optimagpt responses_api operations \
+        "$PY" -m bandit --quiet --configfile pyproject.toml --recursive accounts certificates chat gateway mcp_servers nodes node_agent optimagpt responses_api operations \
             || { echo "bandit found security issues (above)" >&2; exit 1; }
         # Lint (with import order) and types, as pyproject.toml configures them; either failing fails the run.
         "$PY" -m ruff check --quiet . || { echo "ruff found problems (above)" >&2; exit 1; }

@@ -1,4 +1,4 @@
-"""Telling every gateway process that a key, a user, an MCP server or a setting changed, over the channel layer.
+"""Telling every gateway process that a key, a user, an MCP server, a setting or the certificate changed.
 
 Each process caches verified keys and users (accounts.services, accounts.tokens)
 and tracks the requests it has in flight per key (gateway/revocation.py). A change
@@ -25,6 +25,9 @@ from django.dispatch import receiver
 from accounts import services as key_cache
 from accounts import tokens as user_cache
 from accounts.models import ApiKey, User
+from certificates.models import GatewayCertificate
+from certificates.services import stored_bundle
+from certificates.serving import side as https_side
 from mcp_servers import runtime as mcp_runtime
 from mcp_servers.models import McpServer
 from operations.config import settings_apply
@@ -80,6 +83,12 @@ def _mcp_server_changed(sender: type[McpServer], instance: McpServer, **kwargs: 
 @receiver(post_delete, sender=GatewaySetting)
 def _setting_changed(sender: type[GatewaySetting], instance: GatewaySetting, **kwargs: Any) -> None:
     _broadcast({"settings": instance.name})
+
+
+@receiver(post_save, sender=GatewayCertificate)
+@receiver(post_delete, sender=GatewayCertificate)
+def _certificate_changed(sender: type[GatewayCertificate], instance: GatewayCertificate, **kwargs: Any) -> None:
+    _broadcast({"certificate": instance.fingerprint if "created" in kwargs else ""})
 
 
 @receiver(post_save, sender=User)
@@ -143,6 +152,8 @@ async def invalidation_listen_forever(stop: asyncio.Event) -> None:
                     message = done.result()
                     if "settings" in message:  # the Configuration page's values, read again in a thread
                         await database_sync_to_async(settings_apply)()
+                    if "certificate" in message:  # HTTPS serves the new one to new connections
+                        https_side.apply(await database_sync_to_async(stored_bundle)(), source="stored")
                     _apply(message)
                 except Exception as exc:  # noqa: BLE001 - Redis away for a moment: join again
                     log.warning("invalidation listener: %s", type(exc).__name__)

@@ -18,6 +18,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
+from certificates.services import expiry_warning
 from gateway.executors import executor_configure, executor_delete, executor_remote_create
 from gateway.optima_api import executor_out
 from gateway.routing import load, router
@@ -140,7 +141,8 @@ def _nodes_context(nodes: list[Node], **extra: object) -> dict[str, object]:
         "section": "nodes", "rows": [(node, node_status(node, demand)) for node in nodes], "stats": summary,
         "delayed_threshold_s": settings.OPTIMAGPT_DELAYED_REQUEST_S,
         "uptime": timedelta(seconds=int(summary.uptime_s)) if summary.uptime_s is not None else None,
-        "tokens": EnrollmentToken.objects.all()[:50], "now": timezone.now(), **extra}
+        "tokens": EnrollmentToken.objects.all()[:50], "now": timezone.now(),
+        "certificate_warning": expiry_warning(), **extra}
 
 
 @require_POST

@@ -7,7 +7,8 @@ save applies in the process that made it once committed, and gateway/invalidatio
 gateway processes to apply it too. Every change is audited (SettingChange).
 
 Also kept here, as stored settings of their own: System Tracing (on until a moment, never across a
-restart) and the node access key once rotated (operations/nodekeys.py).
+restart), the HTTP-to-HTTPS redirect for browsers (switched on the Certificates page) and the node access
+key once rotated (operations/nodekeys.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .models import GatewaySetting, SettingChange
 log = logging.getLogger("optimagpt.operations.config")
 
 TRACING = "tracing_until"
+HTTPS_REDIRECT = "https_redirect"
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ BY_NAME = {e.name: e for e in EDITABLE}
 _environment: dict[str, Any] = {}
 _stored: dict[str, tuple[str, datetime]] = {}  # name -> (who saved it, when): where a value comes from
 _tracing_until = 0.0
+_https_redirect: bool | None = None  # None: the environment's OPTIMAGPT_HTTPS_REDIRECT
 
 
 def environment() -> dict[str, Any]:
@@ -98,7 +101,7 @@ def environment() -> dict[str, Any]:
 
 def settings_apply() -> None:
     """Lay the stored values over the environment's (sync; at start-up, after a save, when told of one)."""
-    global _tracing_until
+    global _tracing_until, _https_redirect
     defaults = environment()
     rows = {row.name: row for row in GatewaySetting.objects.all()}
     stored: dict[str, tuple[str, datetime]] = {}
@@ -116,6 +119,8 @@ def settings_apply() -> None:
     _stored.update(stored)
     tracing = rows.get(TRACING)
     _tracing_until = float(tracing.value) if tracing is not None and isinstance(tracing.value, int | float) else 0.0
+    redirect = rows.get(HTTPS_REDIRECT)
+    _https_redirect = redirect.value if redirect is not None and isinstance(redirect.value, bool) else None
     nodekeys.keys_load(rows.get(nodekeys.NODE_KEY), rows.get(nodekeys.NODE_KEY_PREVIOUS))
 
 
@@ -191,3 +196,15 @@ def tracing_switch(*, username: str, on: bool) -> None:
 def tracing_off_at_start() -> None:
     """A gateway that starts traces nothing until someone switches tracing on again (sync, at start-up)."""
     GatewaySetting.objects.filter(name=TRACING).delete()
+
+
+# -- HTTP to HTTPS for browsers ----------------------------------------------------------------------
+def https_redirect_on() -> bool:
+    return settings.OPTIMAGPT_HTTPS_REDIRECT if _https_redirect is None else _https_redirect
+
+
+def https_redirect_switch(*, username: str, on: bool) -> None:
+    with transaction.atomic():
+        GatewaySetting.objects.update_or_create(name=HTTPS_REDIRECT, defaults={"value": on, "updated_by": username})
+        _audit(username, "HTTPS redirect for browsers", "on" if https_redirect_on() else "off", "on" if on else "off")
+        transaction.on_commit(settings_apply)

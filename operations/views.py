@@ -23,6 +23,8 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from certificates.services import certificate_in_force
+from certificates.serving import side as https_side
 from nodes.models import Executor, Node
 
 from . import config, nodekeys
@@ -215,7 +217,19 @@ def _database_ready() -> dict[str, Any]:
     cutoff = Node.live_cutoff()
     servable = Executor.objects.ready().values("model_id").distinct().count()
     linked = Node.objects.filter(connected=True, activated=True, last_seen__gte=cutoff).count()
-    return {"models_servable": servable, "nodes_linked": linked}
+    return {"models_servable": servable, "nodes_linked": linked, "https": _https_ready()}
+
+
+def _https_ready() -> dict[str, Any]:
+    """Whether this process serves HTTPS, and the certificate's days left with the warning from 30 days before
+    (details only: an expiring certificate is for an admin to renew, not for a balancer to act on)."""
+    summary, _ = certificate_in_force()
+    details: dict[str, Any] = {"serving": https_side.listening is not None}
+    if summary is not None:
+        details.update(not_after=summary.not_after.isoformat(), days_left=summary.days_left())
+        if warning := summary.expiry_warning():
+            details["warning"] = warning
+    return details
 
 
 async def _channel_layer_ready() -> None:

@@ -1,7 +1,8 @@
 """Run the gateway under daphne: `python -m optimagpt.server -b 127.0.0.1 -p 8000` (daphne's own flags).
 
-Daphne alone would be `python -m daphne ... optimagpt.asgi:application`. This
-wrapper adds one thing: once daphne has stopped, the process ends with
+Daphne alone would be `python -m daphne ... optimagpt.asgi:application`. This wrapper adds HTTPS beside
+HTTP on OPTIMAGPT_HTTPS_PORT (certificates/serving.py; `--https-port`, and `--tls-cert`/`--tls-key` for
+certificate files the deployment manages) and one more thing: once daphne has stopped, the process ends with
 os._exit instead of a normal interpreter shutdown. On CPython 3.11 that
 shutdown can segfault while garbage-collecting a channel layer's pending
 asyncio.Queue.get (python/cpython#113566), turning a clean SIGTERM into exit
@@ -120,7 +121,7 @@ def _time_out_slow_requests(http: Any) -> None:
     http.HTTPChannel.connectionLost = on_lost
 
 
-def _start_background_work() -> None:
+def _start_background_work(cli: Any) -> None:
     """Once daphne's reactor runs: dial the nodes that listen, publish this process's request counts (and,
     with Redis, its in-flight counts per executor for the other processes' routers, and listen for key and
     user changes made in the others), check the MCP servers, prune old node history; on shutdown, hang up,
@@ -136,6 +137,7 @@ def _start_background_work() -> None:
     def start() -> None:
         from django.conf import settings
 
+        from certificates.serving import side
         from gateway.invalidation import invalidation_listen_forever
         from gateway.routing.shared import share_forever
         from gateway.stats import publish_forever
@@ -150,6 +152,7 @@ def _start_background_work() -> None:
         from responses_api.services import responses_written
         from responses_api.tasks import responses_prune
 
+        side.attach(cli.server.http_factory, asyncio.get_event_loop())  # HTTPS, if there is a certificate
         dialer = dialer_start()
         stopping = asyncio.Event()
         loops = [asyncio.ensure_future(publish_forever(owner=OWNER, stop=stopping)),
@@ -158,7 +161,8 @@ def _start_background_work() -> None:
                  asyncio.ensure_future(mcp_check_forever(stopping)),
                  asyncio.ensure_future(request_log_forever(stopping)),
                  asyncio.ensure_future(tracing_forever(stopping)),
-                 asyncio.ensure_future(gateway_logs_forever(stopping))]
+                 asyncio.ensure_future(gateway_logs_forever(stopping)),
+                 asyncio.ensure_future(side.files_watch_forever(stopping))]
         # With a Celery worker, its beat runs the pruning (CELERY_BEAT_SCHEDULE); without one, this process does.
         if not settings.CELERY_WORKER:
             loops.append(asyncio.ensure_future(prune_forever(stopping, [responses_prune, request_log_prune])))
@@ -240,21 +244,73 @@ def _apply_stored_settings() -> None:
         logging.getLogger("optimagpt.server").debug("no stored settings: %s", exc)
 
 
+HTTPS_FLAGS = {"--tls-cert": "OPTIMAGPT_TLS_CERT_FILE", "--tls-key": "OPTIMAGPT_TLS_KEY_FILE",
+               "--https-port": "OPTIMAGPT_HTTPS_PORT"}
+
+
+def _take_https_flags(argv: list[str]) -> list[str]:
+    """Our HTTPS flags become the settings they stand for (before Django reads them); daphne gets the rest."""
+    rest: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        flag, equals, value = arg.partition("=")
+        if flag in HTTPS_FLAGS:
+            os.environ[HTTPS_FLAGS[flag]] = value if equals else next(args, "")
+        else:
+            rest.append(arg)
+    return rest
+
+
+def _bind_address(argv: list[str]) -> str:
+    """The address daphne binds HTTP to (-b/--bind; its default 127.0.0.1): HTTPS binds the same."""
+    for i, arg in enumerate(argv):
+        if arg in ("-b", "--bind") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--bind="):
+            return arg.partition("=")[2]
+    return "127.0.0.1"
+
+
+def _prepare_https(argv: list[str]) -> None:
+    """What HTTPS serves from the start: the deployment's files, else the certificate stored from the page."""
+    from pathlib import Path
+
+    from django.conf import settings
+    from django.db import DatabaseError
+
+    from certificates.services import stored_bundle
+    from certificates.serving import side
+
+    cert, key = settings.OPTIMAGPT_TLS_CERT_FILE, settings.OPTIMAGPT_TLS_KEY_FILE
+    side.configure(interface=_bind_address(argv), port=settings.OPTIMAGPT_HTTPS_PORT,
+                   files=(Path(cert), Path(key)) if cert else None)
+    stored = None
+    if not cert:
+        try:
+            stored = stored_bundle()
+        except DatabaseError as exc:  # not migrated yet: nothing is stored
+            logging.getLogger("optimagpt.server").debug("no stored certificate: %s", exc)
+    side.load_at_start(stored)
+
+
 def main(argv: list[str]) -> None:
     from daphne.cli import CommandLineInterface
 
+    argv = _take_https_flags(argv)
     _forget_links_of_a_previous_run()  # sets Django up, whose settings the patches below read
     _apply_stored_settings()
     _fail_responses_of_a_previous_run()
+    _prepare_https(argv)
     _speed_up_twisted()
-    _start_background_work()
+    cli = CommandLineInterface()
+    _start_background_work(cli)
     # No access log unless asked for (OPTIMAGPT_ACCESS_LOG: a path, or - for stdout):
     # a line per request is work on the hot path that the request log does not need.
     access_log = os.environ.get("OPTIMAGPT_ACCESS_LOG")
     defaults = ["--access-log", access_log] if access_log else ["--verbosity", "0"]
     code = 0
     try:
-        CommandLineInterface().run([*defaults, *argv, APPLICATION])
+        cli.run([*defaults, *argv, APPLICATION])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:

@@ -51,12 +51,15 @@ INSTALLED_APPS = [
     "mcp_servers",
     "responses_api",
     "operations",
+    "certificates",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     # Static files (our CSS, Django admin's) from the gateway itself, also with DEBUG off.
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    # Browsers on HTTP to HTTPS, when switched on (certificates/middleware.py; never the API or node links).
+    "certificates.middleware.HttpsRedirectMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -201,6 +204,15 @@ OPTIMAGPT_IP_REQUESTS_PER_MINUTE = env_int("OPTIMAGPT_IP_REQUESTS_PER_MINUTE", 0
 # With no node registered at all, try a node listening at this address and register it as "Local Node";
 # empty turns it off.
 OPTIMAGPT_AUTO_CONNECT_ADDRESS = env_str("OPTIMAGPT_AUTO_CONNECT_ADDRESS", "localhost:8022")
+# HTTPS (certificates/): the port each gateway process serves HTTPS on beside HTTP, once it has a certificate
+# (0: never); a certificate and key in PEM files that the deployment manages itself (certbot, say; read again
+# when they change), which win over one uploaded on the Certificates page; and whether browsers that open a
+# page over HTTP are sent to HTTPS (the API, health checks and node links never are; also a switch on the page).
+OPTIMAGPT_HTTPS_PORT = env_int("OPTIMAGPT_HTTPS_PORT", 8443)
+OPTIMAGPT_TLS_CERT_FILE = env_str("OPTIMAGPT_TLS_CERT_FILE", "")
+OPTIMAGPT_TLS_KEY_FILE = env_str("OPTIMAGPT_TLS_KEY_FILE", "")
+OPTIMAGPT_TLS_FILES_CHECK_S = env_float("OPTIMAGPT_TLS_FILES_CHECK_S", 30.0)
+OPTIMAGPT_HTTPS_REDIRECT = env_bool("OPTIMAGPT_HTTPS_REDIRECT", False)
 # Request bodies above this size are refused with 413 before they are read.
 OPTIMAGPT_MAX_BODY_BYTES = env_int("OPTIMAGPT_MAX_BODY_BYTES", 8 * 1024 * 1024)
 # A request body must have arrived this many seconds after its request began; slower ones get 408.

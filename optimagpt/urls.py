@@ -18,6 +18,7 @@ urlpatterns = [
     path("", include("nodes.urls")),
     path("", include("mcp_servers.urls")),
     path("", include("operations.urls")),
+    path("", include("certificates.urls")),
     path("", api.urls),
 ]
 

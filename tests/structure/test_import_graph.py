@@ -11,8 +11,8 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("accounts", "chat", "gateway", "mcp_servers", "nodes", "node_agent", "operations", "optimagpt",
-            "responses_api")
+PACKAGES = ("accounts", "certificates", "chat", "gateway", "mcp_servers", "nodes", "node_agent", "operations",
+            "optimagpt", "responses_api")
 
 
 def module_name(path: Path) -> str:

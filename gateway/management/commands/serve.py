@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess  # nosec B404 # our own interpreter with argument lists, never a shell
@@ -11,9 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from certificates.services import certificate_in_force, chain_in_force
 from node_agent.default_model import CATALOG, DEFAULT_MODEL
 from node_agent.link import load_node_id
 from nodes.models import Executor
@@ -59,8 +62,8 @@ class Command(BaseCommand):
             [sys.executable, "-m", "optimagpt.server", "-b", host, "-p", str(port)])]
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # nosec B104 # compares the bind address the admin chose; it binds nothing
         state_dir = Path(settings.DATA_DIR) / "local-node"
-        agent_argv = [sys.executable, "-m", "node_agent", "--gateway-url", url, "--models-dir", models_dir,
-                      "--name", "Local Node", "--state-dir", str(state_dir),
+        agent_argv = [sys.executable, "-m", "node_agent", "--gateway-url", self._local_link(url), "--models-dir",
+                      models_dir, "--name", "Local Node", "--state-dir", str(state_dir),
                       "--enable", CATALOG[DEFAULT_MODEL].filename]
         if not no_local_node:
             # Our own node, on this machine: approved before it first links (others wait for an admin).
@@ -69,6 +72,11 @@ class Command(BaseCommand):
             self._wait(lambda: _port_open(host if host not in ("0.0.0.0", "::") else "127.0.0.1", port),  # nosec B104 # compares the bind address the admin chose; it binds nothing
                        children, "the gateway to listen")
             self.stdout.write(f"Gateway:       {url}/   (OpenAI API at {url}/v1, admin at {url}/admin/)")
+            summary, _ = certificate_in_force()
+            if summary is not None and settings.OPTIMAGPT_HTTPS_PORT:
+                https_host = url.split("://", 1)[1].rsplit(":", 1)[0]
+                self.stdout.write(f"HTTPS:         https://{https_host}:{settings.OPTIMAGPT_HTTPS_PORT}/   "
+                                  f"(certificate for {', '.join(summary.names) or summary.subject})")
             if not no_local_node:
                 # The default model starts by itself; other files appear offline until an admin starts them.
                 children.append(subprocess.Popen(agent_argv))  # nosec B603 # argv of our own interpreter and modules, no shell, no user input
@@ -86,6 +94,19 @@ class Command(BaseCommand):
         gateway = children[0]
         if gateway.returncode not in (0, -signal.SIGTERM, None) and not stopping:
             raise CommandError(f"the gateway exited with code {gateway.returncode}")
+
+    def _local_link(self, url: str) -> str:
+        """The local node dials wss:// when the certificate in force is self-signed for localhost, trusting exactly
+        that certificate; otherwise ws:// over loopback (a CA's certificate does not name localhost, and loopback
+        traffic never leaves this machine)."""
+        summary, source = certificate_in_force()
+        if summary is None or not summary.self_signed or "localhost" not in summary.names \
+                or not settings.OPTIMAGPT_HTTPS_PORT:
+            return url
+        ca_file = Path(settings.DATA_DIR) / "gateway-certificate.pem"
+        ca_file.write_bytes(b"".join(c.public_bytes(Encoding.PEM) for c in chain_in_force(source)))
+        os.environ["OPTIMAGPT_GATEWAY_CA_FILE"] = str(ca_file)  # the agent's --ca-file, through its environment
+        return f"https://localhost:{settings.OPTIMAGPT_HTTPS_PORT}"
 
     def _supervise(self, children: list[subprocess.Popen[bytes]], agent_argv: list[str],
                    stopping: Callable[[], bool]) -> None:
