@@ -17,10 +17,11 @@ from django.conf import settings
 from django.db import transaction
 
 from operations.models import SettingChange
-from optimagpt.secrets import SecretUnreadable, decrypt, encrypt
+from optimagpt.secrets import encrypt
 
-from .bundle import Bundle, Summary, bundle_load
+from .bundle import Bundle, Summary
 from .models import GatewayCertificate
+from .store import stored_fingerprint
 
 log = logging.getLogger("optimagpt.certificates")
 
@@ -33,17 +34,13 @@ def _apply_here(bundle: Bundle | None) -> None:
     side.apply_threadsafe(bundle, source="stored")
 
 
-def _fingerprint_stored() -> str | None:
-    return GatewayCertificate.objects.filter(pk=GatewayCertificate.ONLY).values_list("fingerprint", flat=True).first()
-
-
 def certificate_save(*, bundle: Bundle, source: str, username: str) -> GatewayCertificate:
     """Make `bundle` the gateway's certificate (already checked by certificates/bundle.py)."""
     if settings.OPTIMAGPT_TLS_CERT_FILE:
         raise ValueError("This gateway serves the certificate in OPTIMAGPT_TLS_CERT_FILE; replace that file instead.")
     summary = bundle.summary()
     with transaction.atomic():
-        old = _fingerprint_stored()
+        old = stored_fingerprint()
         row, _ = GatewayCertificate.objects.update_or_create(pk=GatewayCertificate.ONLY, defaults={
             "chain_pem": bundle.chain_pem(), "key_encrypted": encrypt(bundle.key_pem()),
             "fingerprint": summary.fingerprint, "subject": summary.subject[:500], "issuer": summary.issuer[:500],
@@ -59,7 +56,7 @@ def certificate_save(*, bundle: Bundle, source: str, username: str) -> GatewayCe
 def certificate_remove(*, username: str) -> bool:
     """Go back to HTTP only. False when there was no certificate."""
     with transaction.atomic():
-        old = _fingerprint_stored()
+        old = stored_fingerprint()
         if old is None:
             return False
         GatewayCertificate.objects.filter(pk=GatewayCertificate.ONLY).delete()
@@ -67,18 +64,6 @@ def certificate_remove(*, username: str) -> bool:
         transaction.on_commit(lambda: _apply_here(None))
     log.info("gateway certificate removed by %s: HTTP only", username)
     return True
-
-
-def stored_bundle() -> Bundle | None:
-    """The stored certificate with its key (sync), or None; None too when the key can no longer be read."""
-    row = GatewayCertificate.objects.filter(pk=GatewayCertificate.ONLY).first()
-    if row is None:
-        return None
-    try:
-        return bundle_load(row.chain_pem, decrypt(row.key_encrypted))
-    except SecretUnreadable:
-        log.error("the stored certificate's key cannot be decrypted (SECRET_KEY changed?): serving HTTP only")
-        return None
 
 
 def _summary_of_row(row: GatewayCertificate) -> Summary:

@@ -180,27 +180,46 @@ class HttpsSide:
         self._files_summary = bundle.summary()
         return bundle
 
-    async def files_watch_forever(self, stop: asyncio.Event) -> None:
-        """Read the files again when they change (a renewal by certbot, say), until `stop` is set."""
+    async def watch_forever(self, stop: asyncio.Event) -> None:
+        """Until `stop` is set, every OPTIMAGPT_TLS_CHECK_S: the files read again when they change (a renewal by
+        certbot, say); else the stored certificate read again when its fingerprint is not the one served (one
+        saved by `manage.py certificate`, or by another process whose broadcast did not arrive)."""
         from django.conf import settings
 
-        if self._files is None:
-            return
-        cert, key = self._files
         while not stop.is_set():
             try:
-                await asyncio.wait_for(stop.wait(), settings.OPTIMAGPT_TLS_FILES_CHECK_S)
+                await asyncio.wait_for(stop.wait(), settings.OPTIMAGPT_TLS_CHECK_S)
                 return
             except TimeoutError:
                 pass
             try:
-                mtimes = await asyncio.to_thread(lambda: (cert.stat().st_mtime, key.stat().st_mtime))
-            except OSError:
-                continue  # mid-replacement: look again next time
-            if mtimes != self._files_mtimes:
-                bundle = await asyncio.to_thread(self._read_files)
-                if bundle is not None:
-                    self.apply(bundle, source="files")
+                if self._files is not None:
+                    await self._check_files()
+                else:
+                    await self._check_stored()
+            except Exception as exc:  # noqa: BLE001 - the database away for a moment: look again next time
+                log.warning("could not check the certificate: %s", type(exc).__name__)
+
+    async def _check_files(self) -> None:
+        assert self._files is not None
+        cert, key = self._files
+        try:
+            mtimes = await asyncio.to_thread(lambda: (cert.stat().st_mtime, key.stat().st_mtime))
+        except OSError:
+            return  # mid-replacement: look again next time
+        if mtimes != self._files_mtimes:
+            bundle = await asyncio.to_thread(self._read_files)
+            if bundle is not None:
+                self.apply(bundle, source="files")
+
+    async def _check_stored(self) -> None:
+        from channels.db import database_sync_to_async
+
+        from .store import stored_bundle, stored_fingerprint
+
+        served = self.summary.fingerprint if self.summary is not None else None
+        if await database_sync_to_async(stored_fingerprint)() != served:
+            self.apply(await database_sync_to_async(stored_bundle)(), source="stored")
 
 
 side = HttpsSide()

@@ -93,7 +93,8 @@ def _context() -> dict[str, Any]:
     return {"section": "certificates", "summary": summary, "source": source, "trusted": trusted, "trust_reason": why,
             "warning": summary.expiry_warning() if summary else "", "warning_days": EXPIRY_WARNING_DAYS,
             "https": side.listening, "state": side.state, "https_port": settings.OPTIMAGPT_HTTPS_PORT,
-            "files": settings.OPTIMAGPT_TLS_CERT_FILE, "redirect_on": config.https_redirect_on(),
+            "files": settings.OPTIMAGPT_TLS_CERT_FILE, "check_s": settings.OPTIMAGPT_TLS_CHECK_S,
+            "redirect_on": config.https_redirect_on(),
             "row": GatewayCertificate.objects.filter(pk=GatewayCertificate.ONLY).first()}
 
 

@@ -26,8 +26,8 @@ from accounts import services as key_cache
 from accounts import tokens as user_cache
 from accounts.models import ApiKey, User
 from certificates.models import GatewayCertificate
-from certificates.services import stored_bundle
 from certificates.serving import side as https_side
+from certificates.store import stored_bundle
 from mcp_servers import runtime as mcp_runtime
 from mcp_servers.models import McpServer
 from operations.config import settings_apply

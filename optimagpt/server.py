@@ -162,7 +162,7 @@ def _start_background_work(cli: Any) -> None:
                  asyncio.ensure_future(request_log_forever(stopping)),
                  asyncio.ensure_future(tracing_forever(stopping)),
                  asyncio.ensure_future(gateway_logs_forever(stopping)),
-                 asyncio.ensure_future(side.files_watch_forever(stopping))]
+                 asyncio.ensure_future(side.watch_forever(stopping))]
         # With a Celery worker, its beat runs the pruning (CELERY_BEAT_SCHEDULE); without one, this process does.
         if not settings.CELERY_WORKER:
             loops.append(asyncio.ensure_future(prune_forever(stopping, [responses_prune, request_log_prune])))
@@ -278,8 +278,8 @@ def _prepare_https(argv: list[str]) -> None:
     from django.conf import settings
     from django.db import DatabaseError
 
-    from certificates.services import stored_bundle
     from certificates.serving import side
+    from certificates.store import stored_bundle
 
     cert, key = settings.OPTIMAGPT_TLS_CERT_FILE, settings.OPTIMAGPT_TLS_KEY_FILE
     side.configure(interface=_bind_address(argv), port=settings.OPTIMAGPT_HTTPS_PORT,

@@ -211,7 +211,8 @@ OPTIMAGPT_AUTO_CONNECT_ADDRESS = env_str("OPTIMAGPT_AUTO_CONNECT_ADDRESS", "loca
 OPTIMAGPT_HTTPS_PORT = env_int("OPTIMAGPT_HTTPS_PORT", 8443)
 OPTIMAGPT_TLS_CERT_FILE = env_str("OPTIMAGPT_TLS_CERT_FILE", "")
 OPTIMAGPT_TLS_KEY_FILE = env_str("OPTIMAGPT_TLS_KEY_FILE", "")
-OPTIMAGPT_TLS_FILES_CHECK_S = env_float("OPTIMAGPT_TLS_FILES_CHECK_S", 30.0)
+# How often each process looks whether the certificate files, or the stored certificate, changed.
+OPTIMAGPT_TLS_CHECK_S = env_float("OPTIMAGPT_TLS_CHECK_S", 10.0)
 OPTIMAGPT_HTTPS_REDIRECT = env_bool("OPTIMAGPT_HTTPS_REDIRECT", False)
 # Request bodies above this size are refused with 413 before they are read.
 OPTIMAGPT_MAX_BODY_BYTES = env_int("OPTIMAGPT_MAX_BODY_BYTES", 8 * 1024 * 1024)

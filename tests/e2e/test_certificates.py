@@ -188,7 +188,7 @@ def test_certificate_files_the_deployment_manages_are_served_and_read_again_when
     https_port = free_port()
     gateway = Gateway(data_dir=tmp_path / "gw", port=free_port(), OPTIMAGPT_HTTPS_PORT=str(https_port),
                       OPTIMAGPT_TLS_CERT_FILE=str(cert_file), OPTIMAGPT_TLS_KEY_FILE=str(key_file),
-                      OPTIMAGPT_TLS_FILES_CHECK_S="0.5")
+                      OPTIMAGPT_TLS_CHECK_S="0.5")
     gateway.data_dir.mkdir()
     gateway.start()
     try:

@@ -325,3 +325,46 @@ def test_readyz_says_503_when_the_database_is_gone_and_healthz_still_answers(
             assert http.get("/healthz").json() == {"status": "ok"}
     finally:
         gateway.stop()
+
+
+def test_a_certificate_applied_on_gateway_a_is_served_by_gateway_b_at_once(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The broadcast, not the periodic check (an hour here), carries a new certificate and its removal to B."""
+    import ssl
+
+    def served(port: int) -> str:
+        try:
+            return ssl.get_server_certificate(("127.0.0.1", port), timeout=2)
+        except OSError:
+            return ""
+
+    env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url, "OPTIMAGPT_TLS_CHECK_S": "3600"}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    port_a, port_b = free_port(), free_port()
+    gateway_a = Gateway(data_dir=tmp_path / "a", port=free_port(), OPTIMAGPT_HTTPS_PORT=str(port_a), **env)
+    gateway_b = Gateway(data_dir=tmp_path / "b", port=free_port(), OPTIMAGPT_HTTPS_PORT=str(port_b), **env)
+    try:
+        gateway_a.start()
+        gateway_b.start(migrate=False)
+        browser = gateway_a.admin_browser("certs-ab", "a-long-admin-password-7")
+        for names in ("localhost, gw-one.lan", "localhost, gw-two.lan"):
+            made = browser.post("/manage/certificates/", data={"action": "generate", "names": names, "days": "30",
+                                                               "csrfmiddlewaretoken": browser.cookies["csrftoken"]})
+            assert made.status_code == 302
+            stored = browser.get("/manage/certificates/certificate.pem").text
+            deadline = time.monotonic() + 5
+            while served(port_b).strip() != stored.strip() or served(port_a).strip() != stored.strip():
+                assert time.monotonic() < deadline, f"B does not serve the certificate for {names}"
+                time.sleep(0.2)
+        removed = browser.post("/manage/certificates/", data={"action": "remove",
+                                                              "csrfmiddlewaretoken": browser.cookies["csrftoken"]})
+        assert removed.status_code == 302
+        deadline = time.monotonic() + 5
+        while served(port_b):
+            assert time.monotonic() < deadline, "B still serves HTTPS after the removal"
+            time.sleep(0.2)
+    finally:
+        gateway_a.stop()
+        gateway_b.stop()

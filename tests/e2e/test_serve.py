@@ -99,3 +99,51 @@ def test_bootstrap_and_serve_bring_up_a_working_gateway_and_local_node(tmp_path:
     finally:
         if serve.poll() is None:
             serve.kill()
+
+
+def test_serve_links_its_local_node_over_wss_when_the_certificate_is_self_signed_for_localhost(
+        tmp_path: Path, models_dir: Path) -> None:
+    """A self-signed certificate made from the shell: serve's HTTPS is up from the start, its local node dials
+    wss:// trusting exactly that certificate, and a new one made while it runs is served within the check
+    interval (the embedded default has no broadcast) with the node's link kept."""
+    import ssl
+
+    https_port = free_port()
+    env = base_env(OPTIMAGPT_DATA_DIR=str(tmp_path), OPTIMAGPT_HTTPS_PORT=str(https_port), OPTIMAGPT_TLS_CHECK_S="0.5")
+    _manage(env, "migrate", "--verbosity", "0")
+    api_key = re.search(r"API key:\s+(sk-optima-\S+)", _manage(env, "bootstrap")).group(1)
+    assert "Applied" in _manage(env, "certificate", "--self-signed", "localhost, 127.0.0.1")
+    port = free_port()
+    serve = subprocess.Popen([sys.executable, "manage.py", "serve", "--port", str(port), "--models-dir",
+                              str(models_dir)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 90
+        while not lines or not lines[-1].startswith("Ready."):
+            assert time.monotonic() < deadline and serve.poll() is None, f"serve did not get ready: {lines}"
+            lines.append(serve.stdout.readline().strip())
+        assert f"HTTPS:         https://127.0.0.1:{https_port}/" in "\n".join(lines)
+        (agent,) = _agents(serve.pid)
+        assert f"https://localhost:{https_port}" in agent.cmdline()
+        ca_file = tmp_path / "gateway-certificate.pem"
+        client = openai.OpenAI(base_url=f"https://localhost:{https_port}/v1", api_key=api_key, max_retries=0,
+                               http_client=httpx.Client(verify=ssl.create_default_context(cafile=str(ca_file))))
+        assert client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=2).usage.completion_tokens == 2
+
+        first = ca_file.read_text()
+        assert "Applied" in _manage(env, "certificate", "--self-signed", "localhost, 127.0.0.1")
+        deadline = time.monotonic() + 15
+        while True:  # the running gateway notices the stored certificate changed and serves it
+            new = ssl.get_server_certificate(("127.0.0.1", https_port))
+            if new.strip() != first.strip():
+                break
+            assert time.monotonic() < deadline, "the new certificate was not served"
+            time.sleep(0.3)
+        assert _agents(serve.pid)[0].pid == agent.pid, "the local node kept its link and process"
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(30) == 0
+    finally:
+        if serve.poll() is None:
+            serve.kill()

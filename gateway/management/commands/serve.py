@@ -62,9 +62,13 @@ class Command(BaseCommand):
             [sys.executable, "-m", "optimagpt.server", "-b", host, "-p", str(port)])]
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # nosec B104 # compares the bind address the admin chose; it binds nothing
         state_dir = Path(settings.DATA_DIR) / "local-node"
-        agent_argv = [sys.executable, "-m", "node_agent", "--gateway-url", self._local_link(url), "--models-dir",
-                      models_dir, "--name", "Local Node", "--state-dir", str(state_dir),
-                      "--enable", CATALOG[DEFAULT_MODEL].filename]
+
+        def agent_argv() -> list[str]:
+            # Made again at each start of the agent: the certificate may have changed since the last one.
+            return [sys.executable, "-m", "node_agent", "--gateway-url", self._local_link(url), "--models-dir",
+                    models_dir, "--name", "Local Node", "--state-dir", str(state_dir),
+                    "--enable", CATALOG[DEFAULT_MODEL].filename]
+
         if not no_local_node:
             # Our own node, on this machine: approved before it first links (others wait for an admin).
             node_preregister(node_id=load_node_id(state_dir), name="Local Node")
@@ -79,7 +83,7 @@ class Command(BaseCommand):
                                   f"(certificate for {', '.join(summary.names) or summary.subject})")
             if not no_local_node:
                 # The default model starts by itself; other files appear offline until an admin starts them.
-                children.append(subprocess.Popen(agent_argv))  # nosec B603 # argv of our own interpreter and modules, no shell, no user input
+                children.append(subprocess.Popen(agent_argv()))  # nosec B603 # argv of our own interpreter and modules, no shell, no user input
                 self._wait(lambda: Executor.objects.filter(state=Executor.State.ONLINE,
                                                            node__connected=True).exists(),
                            children, "the local node's first model")
@@ -108,7 +112,7 @@ class Command(BaseCommand):
         os.environ["OPTIMAGPT_GATEWAY_CA_FILE"] = str(ca_file)  # the agent's --ca-file, through its environment
         return f"https://localhost:{settings.OPTIMAGPT_HTTPS_PORT}"
 
-    def _supervise(self, children: list[subprocess.Popen[bytes]], agent_argv: list[str],
+    def _supervise(self, children: list[subprocess.Popen[bytes]], agent_argv: Callable[[], list[str]],
                    stopping: Callable[[], bool]) -> None:
         """Until asked to stop or the gateway ends: a local node agent that dies is started again, with backoff.
 
@@ -129,7 +133,7 @@ class Command(BaseCommand):
                                       f"starting it again in {backoff:.0f} s.")
                     backoff = min(backoff * 2, AGENT_BACKOFF_MAX_S)
                 elif now >= restart_at:
-                    children[1] = subprocess.Popen(agent_argv)  # nosec B603 # argv of our own interpreter and modules, no shell, no user input
+                    children[1] = subprocess.Popen(agent_argv())  # nosec B603 # argv of our own interpreter and modules, no shell, no user input
                     started, restart_at = now, None
             time.sleep(0.25)
 
