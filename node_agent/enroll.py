@@ -25,7 +25,7 @@ LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 TIMEOUT_S = 30.0
 
 
-def join(argv: list[str]) -> int:
+def join_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m node_agent join",
                                      description="Enroll this node with a gateway, using an enrollment token.")
     parser.add_argument("--gateway-url", required=True, help="the gateway, https://... (http only on localhost)")
@@ -37,6 +37,11 @@ def join(argv: list[str]) -> int:
     parser.add_argument("--name", default=os.environ.get("OPTIMAGPT_NODE_NAME", socket.gethostname()))
     parser.add_argument("--ca-file", default=os.environ.get("OPTIMAGPT_GATEWAY_CA_FILE"),
                         help="CA bundle to trust for a gateway with its own certificate")
+    return parser
+
+
+def join(argv: list[str]) -> int:
+    parser = join_parser()
     args = parser.parse_args(argv)
     if not args.token:
         parser.error("give the enrollment token: --token, or OPTIMAGPT_ENROLLMENT_TOKEN")
@@ -48,7 +53,10 @@ def join(argv: list[str]) -> int:
                      "gateway's https:// address (http:// only for a gateway on localhost)")
     state = Path(args.state_dir)
     node_id = load_node_id(state)
-    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=args.ca_file) if args.ca_file else True
+    try:
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=args.ca_file) if args.ca_file else True
+    except (OSError, ssl.SSLError):
+        parser.error(f"--ca-file {args.ca_file}: not a readable PEM certificate")
     url = f"{parts.scheme}://{parts.netloc}/optima/v1/nodes/enroll"
     try:
         response = httpx.post(url, json={"token": args.token, "node_id": node_id, "name": args.name},

@@ -20,6 +20,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .settings import ENROLLED_FILE
+
 # What both units share. Every line is a restriction a Python server of ours can live with: it opens
 # sockets (IPv4, IPv6, Unix; netlink for psutil's interface list), reads its program and writes its state.
 HARDENING = """\
@@ -213,6 +215,9 @@ def _systemctl_hint(path: Path, unit: Unit) -> str:
 
 
 def install_node(argv: list[str]) -> None:
+    """The node's setup: its state folder, and either the shared access key (copied in) or an enrollment with a
+    token (`join`, run as the service's user so that the credential is its own), the gateway's CA if it has its
+    own certificate, the environment file and the unit."""
     parser = argparse.ArgumentParser(prog="python -m node_agent install-service",
                                      description="Set the node agent up as a systemd service (optimanode.service).")
     _common(parser, "optimanode", "/var/lib/optimanode", "/etc/optimanode/node.env")
@@ -221,20 +226,62 @@ def install_node(argv: list[str]) -> None:
     parser.add_argument("--name", default=os.uname().nodename, help="the node's name on the gateway")
     parser.add_argument("--access-key-file", help="a file holding the gateway's node access key (copied into the "
                         "state folder, readable by the service only); or OPTIMAGPT_NODE_ACCESS_KEY for this command")
+    parser.add_argument("--enrollment-token-file", help="a file holding an enrollment token from the gateway's "
+                        "Nodes page (or OPTIMAGPT_ENROLLMENT_TOKEN): the node joins with it and needs no access key")
+    parser.add_argument("--ca-file", help="the gateway's certificate or CA (public), for a gateway whose certificate "
+                        "no public CA issued; copied into the state folder")
     args = parser.parse_args(argv)
     key = Path(args.access_key_file).read_text().strip() if args.access_key_file else \
         os.environ.get("OPTIMAGPT_NODE_ACCESS_KEY", "")
+    token = Path(args.enrollment_token_file).read_text().strip() if args.enrollment_token_file else \
+        os.environ.get("OPTIMAGPT_ENROLLMENT_TOKEN", "")
     state, env_file, ids = _prepare(args)
+    env = {"OPTIMAGPT_GATEWAY_URL": args.gateway_url,
+           "OPTIMAGPT_MODELS_DIRS": ",".join(str(Path(d).resolve()) for d in args.models_dir),
+           "OPTIMAGPT_NODE_NAME": args.name}
+    if args.ca_file:
+        ca_file = state / "gateway-ca.pem"
+        _private_file(ca_file, _certificates(Path(args.ca_file)), ids, 0o644)
+        env["OPTIMAGPT_GATEWAY_CA_FILE"] = str(ca_file)
     key_file = state / "node_access_key"
-    if not key and not key_file.exists():
-        raise SystemExit("give the gateway's node access key: --access-key-file FILE (or OPTIMAGPT_NODE_ACCESS_KEY)")
-    _secret_file(key_file, ids, key)
-    _env_file(env_file, {"OPTIMAGPT_GATEWAY_URL": args.gateway_url,
-                         "OPTIMAGPT_MODELS_DIRS": ",".join(str(Path(d).resolve()) for d in args.models_dir),
-                         "OPTIMAGPT_NODE_NAME": args.name, "OPTIMAGPT_NODE_ACCESS_KEY_FILE": str(key_file)}, ids)
+    if token:
+        _join(args, state, ids, token, env.get("OPTIMAGPT_GATEWAY_CA_FILE"))
+    elif key or key_file.exists():
+        _secret_file(key_file, ids, key)
+        env["OPTIMAGPT_NODE_ACCESS_KEY_FILE"] = str(key_file)
+    elif not (state / ENROLLED_FILE).exists():
+        raise SystemExit("give the gateway's node access key (--access-key-file FILE, or OPTIMAGPT_NODE_ACCESS_KEY), "
+                         "or an enrollment token (--enrollment-token-file FILE, or OPTIMAGPT_ENROLLMENT_TOKEN)")
+    _env_file(env_file, env, ids)
     unit = node_unit(python=Path(sys.executable), app=Path(__file__).resolve().parent.parent, user=args.user,
                      state=state, env_file=env_file)
     print(_systemctl_hint(_write_unit(unit, Path(args.unit_dir)), unit))
+
+
+def _certificates(path: Path) -> str:
+    """The PEM certificates in `path` (public), or SystemExit saying why it is not one."""
+    from cryptography import x509
+
+    try:
+        text = path.read_text()
+        x509.load_pem_x509_certificates(text.encode())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--ca-file {path}: not a readable PEM certificate ({type(exc).__name__})") from None
+    return text
+
+
+def _join(args: argparse.Namespace, state: Path, ids: tuple[int, int] | None, token: str, ca_file: str | None) -> None:
+    """`python -m node_agent join` as the service's user: the token through the environment, never an argument."""
+    as_user = [] if ids is None or os.geteuid() != 0 else ["runuser", "-u", args.user, "--"]
+    env = {**os.environ, "OPTIMAGPT_ENROLLMENT_TOKEN": token, "OPTIMAGPT_NODE_STATE_DIR": str(state)}
+    if ca_file:
+        env["OPTIMAGPT_GATEWAY_CA_FILE"] = ca_file
+    joined = subprocess.run([*as_user, sys.executable, "-m", "node_agent", "join", "--gateway-url",  # nosec B603
+                             args.gateway_url, "--name", args.name], env=env, capture_output=True, text=True,
+                            timeout=120)
+    if joined.returncode != 0:
+        raise SystemExit(f"could not enroll: {joined.stderr.strip()}")
+    print(f"Enrolled {args.name} with the token; its credential is in {state} (readable by {args.user} only).")
 
 
 def install_gateway(argv: list[str]) -> None:
@@ -247,13 +294,15 @@ def install_gateway(argv: list[str]) -> None:
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on")  # nosec B104 # a server's choice
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--allowed-hosts", default="localhost,127.0.0.1", help="the names clients use (ALLOWED_HOSTS)")
+    parser.add_argument("--https-port", type=int, default=8443,
+                        help="where HTTPS listens once a certificate is applied (OPTIMAGPT_HTTPS_PORT; 0: never)")
     args = parser.parse_args(argv)
     state, env_file, ids = _prepare(args)
     for name in ("secret_key", "node_access_key"):
         _secret_file(state / name, ids)
     env = {"OPTIMAGPT_DATA_DIR": str(state), "SECRET_KEY_FILE": str(state / "secret_key"),
            "OPTIMAGPT_NODE_ACCESS_KEY_FILE": str(state / "node_access_key"), "ALLOWED_HOSTS": args.allowed_hosts,
-           "OPTIMAGPT_AUTO_CONNECT_ADDRESS": ""}
+           "OPTIMAGPT_AUTO_CONNECT_ADDRESS": "", "OPTIMAGPT_HTTPS_PORT": str(args.https_port)}
     _env_file(env_file, env, ids)
     app = Path(__file__).resolve().parent.parent
     settings_env = {**os.environ, **_read_env(env_file)}

@@ -95,6 +95,7 @@ def test_the_gateway_setup_migrates_makes_the_admin_and_writes_its_unit(tmp_path
     assert _mode(state / "secret_key") == 0o600 and _mode(state / "node_access_key") == 0o600
     unit, env_file = (tmp_path / "units/optimagpt-gateway.service").read_text(), (tmp_path / "etc/gateway.env")
     assert "-m optimagpt.server -b 0.0.0.0 -p 8123" in unit and f"ReadWritePaths={state}" in unit
+    assert "OPTIMAGPT_HTTPS_PORT=8443" in env_file.read_text()  # where HTTPS comes up once a certificate is applied
     for text in (unit, env_file.read_text(), result.stdout, result.stderr):
         assert secret not in text and node_key not in text
     # A second run keeps every key and the admin: setting up again changes no secret.
@@ -102,3 +103,51 @@ def test_the_gateway_setup_migrates_makes_the_admin_and_writes_its_unit(tmp_path
     assert again.returncode == 0, again.stderr
     assert (state / "secret_key").read_text().strip() == secret and "shown once" not in again.stdout
     assert RATINGS.index(_check(tmp_path / "units/optimagpt-gateway.service")) <= RATINGS.index("MEDIUM")
+
+
+def test_the_node_setup_enrolls_with_a_token_as_the_service_and_keeps_the_gateways_ca(tmp_path: Path) -> None:
+    """Against a real gateway: the token enrolls the node (its credential in the state folder, 0600), the node needs
+    no shared key, the gateway's certificate is copied in and named in the environment file; no token anywhere."""
+    from certificates.bundle import bundle_self_signed
+    from tests.processes import Gateway, free_port
+
+    (tmp_path / "gw").mkdir()
+    gateway = Gateway(data_dir=tmp_path / "gw", port=free_port())
+    gateway.start()
+    try:
+        token = gateway.manage("create_enrollment_token", "--ttl", "600").strip()
+        (tmp_path / "token").write_text(token + "\n")
+        (tmp_path / "ca.pem").write_text(bundle_self_signed("localhost").chain_pem())
+        (tmp_path / "not-a-ca.pem").write_text("-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n")
+        (tmp_path / "models").mkdir()
+        env = {k: v for k, v in os.environ.items() if k not in ("OPTIMAGPT_NODE_ACCESS_KEY",
+                                                                "OPTIMAGPT_ENROLLMENT_TOKEN")}
+        argv = [sys.executable, "-m", "node_agent", "install-service", "--no-system-user", "--state-dir",
+                str(tmp_path / "state"), "--env-file", str(tmp_path / "etc/node.env"), "--unit-dir",
+                str(tmp_path / "units"), "--gateway-url", gateway.url, "--models-dir", str(tmp_path / "models"),
+                "--name", "enrolled-box", "--ca-file", str(tmp_path / "ca.pem")]
+        refused = subprocess.run([*argv[:-1], str(tmp_path / "not-a-ca.pem"), "--enrollment-token-file",
+                                  str(tmp_path / "token")], cwd=REPO, env=env, capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode != 0 and "not a readable PEM certificate" in refused.stderr
+        result = subprocess.run([*argv, "--enrollment-token-file", str(tmp_path / "token")], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "Enrolled enrolled-box" in result.stdout
+        state, env_file = tmp_path / "state", (tmp_path / "etc/node.env").read_text()
+        assert _mode(state / "node_secret") == 0o600 and (state / "enrolled").exists()
+        assert not (state / "node_access_key").exists() and "ACCESS_KEY" not in env_file
+        assert f"OPTIMAGPT_GATEWAY_CA_FILE={state / 'gateway-ca.pem'}" in env_file
+        assert (state / "gateway-ca.pem").read_text() == (tmp_path / "ca.pem").read_text()
+        assert gateway.nodes_query("Node.objects.get(name='enrolled-box').approved") == "True"
+        credential = (state / "node_secret").read_text().strip()
+        for text in (env_file, (tmp_path / "units/optimanode.service").read_text(), result.stdout, result.stderr):
+            assert token not in text and credential not in text
+        # The single-use token is spent: a second machine with it is refused, with the gateway's reason.
+        again = subprocess.run([*argv[:6], str(tmp_path / "state2"), *argv[7:], "--enrollment-token-file",
+                                str(tmp_path / "token")], cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=120)
+        assert again.returncode != 0 and "could not enroll" in again.stderr and "used up" in again.stderr
+        assert token not in again.stderr
+    finally:
+        gateway.stop()

@@ -26,7 +26,8 @@ def _ours() -> dict[str, dict[str, Any]]:
 
 def _sources() -> str:
     return "\n".join(p.read_text() for p in [REPO / "optimagpt/settings.py", REPO / "node_agent/settings.py",
-                                            REPO / "node_agent/simulator.py", *REPO.glob("operations/*.py")])
+                                            REPO / "node_agent/simulator.py", REPO / "node_agent/enroll.py",
+                                            *REPO.glob("operations/*.py")])
 
 
 def _command(service: dict[str, Any]) -> list[str]:
@@ -54,6 +55,11 @@ def test_every_command_runs_a_program_of_the_project_with_arguments_it_takes(nam
         assert argv[2] in commands, argv
     elif argv[1:3] == ["-m", "optimagpt.server"]:
         assert (REPO / "optimagpt/server.py").exists() and {"-b", "-p"} <= set(argv)  # daphne's own flags
+    elif argv[1:4] == ["-m", "node_agent", "join"]:
+        from node_agent.enroll import join_parser
+
+        joining = join_parser().parse_args(argv[4:])
+        assert joining.gateway_url.startswith("https://"), "join refuses plain http to another host"
     elif argv[1:3] == ["-m", "node_agent"]:
         from node_agent.settings import parse_settings
 
@@ -78,3 +84,18 @@ def test_gateways_are_checked_on_readyz_with_the_images_own_python() -> None:
         compile(test[3], "healthcheck", "exec")  # it is Python
     assert services["node"]["depends_on"]["gateway-b"]["condition"] == "service_healthy"
     assert services["migrate"]["healthcheck"] == {"disable": True}
+
+
+def test_both_gateways_serve_https_on_a_port_of_their_own_and_the_enrolled_node_links_over_it() -> None:
+    """HTTPS through the certificate setting: the port each gateway serves it on is published, and the enrolled
+    node's join and link both go to gateway B's HTTPS port trusting the certificate mounted for it."""
+    services = _ours()
+    published = {name: {p.rsplit(":", 2)[-1] for p in services[name]["ports"]} for name in ("gateway-a", "gateway-b")}
+    for name, ports in published.items():
+        https_port = services[name]["environment"]["OPTIMAGPT_HTTPS_PORT"]
+        assert https_port in ports, f"{name} does not publish its HTTPS port"
+    for name in ("node-join", "node-enrolled"):
+        assert services[name]["profiles"] == ["enrolled"], "the shared-key node is the default"
+        assert "https://gateway-b:8443" in _command(services[name])
+        assert services[name]["environment"]["OPTIMAGPT_GATEWAY_CA_FILE"] == "/certs/gateway.pem"
+    assert services["node-enrolled"]["depends_on"]["node-join"]["condition"] == "service_completed_successfully"
