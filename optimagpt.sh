@@ -4,6 +4,7 @@
 #   ./optimagpt.sh test     install what the tests need and run the whole test suite
 #   ./optimagpt.sh manage   any manage.py command, with the same settings as `run`
 #   ./optimagpt.sh install-service   set the gateway up as a systemd service (README, "Running it for real")
+#   ./optimagpt.sh service-manage    any manage.py command against that service (its settings, as its user)
 set -euo pipefail
 cd "$(dirname "$0")"
 # Settings from .env, if there is one (see .env.example).
@@ -89,13 +90,25 @@ case "${1:-}" in
         install requirements/base.lock
         exec "$PY" -m node_agent.service gateway "$@"
         ;;
+    service-manage)
+        # A manage.py command against the installed gateway service: the environment file install-service wrote
+        # (the database, the secret files' paths) and the service's user, who owns them.
+        shift
+        env_file=${OPTIMAGPT_SERVICE_ENV:-/etc/optimagpt/gateway.env}
+        user=${OPTIMAGPT_SERVICE_USER:-optimagpt}
+        [ -r "$env_file" ] || { echo "cannot read $env_file: run install-service first (and this as root)" >&2; exit 1; }
+        set -a; . "$env_file"; set +a
+        if [ "$(id -un)" = "$user" ]; then exec "$PY" manage.py "$@"; fi
+        exec runuser -u "$user" -- "$PY" manage.py "$@"
+        ;;
     manage)
         shift
         local_secrets
         exec "$PY" manage.py "$@"
         ;;
     *)
-        echo "usage: $0 run [--host H --port P] | test [pytest args] | manage <command>" >&2
+        echo "usage: $0 run [--host H --port P] | test [pytest args] | manage <command> | install-service [...]" \
+             "| service-manage <command>" >&2
         exit 2
         ;;
 esac

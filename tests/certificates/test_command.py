@@ -52,5 +52,10 @@ def test_it_applies_a_pem_pair_and_a_self_signed_one_and_removes(tmp_path: Path)
         _run("--pem", str(tmp_path / "missing.pem"), str(tmp_path / "k.pem"))
     assert "Applied" in _run("--self-signed", "gw.lan, 10.9.8.7", "--days", "30")
     assert GatewayCertificate.objects.get().names == ["gw.lan", "10.9.8.7"]
+    assert "(public)" in _run("--export", str(tmp_path / "gateway.pem"))
+    exported = (tmp_path / "gateway.pem").read_text()
+    assert exported == GatewayCertificate.objects.get().chain_pem and "PRIVATE" not in exported
     assert _run("--remove") == "Removed: HTTP only.\n"
     assert _run() == "HTTP only: no certificate.\n"
+    with pytest.raises(CommandError, match="no certificate to export"):
+        _run("--export", str(tmp_path / "none.pem"))

@@ -231,3 +231,108 @@ def test_the_https_flags_of_the_server_take_certificate_files_and_a_port(tmp_pat
             assert plain.get("/healthz").status_code == 200, "HTTP beside it"
     finally:
         gateway.stop()
+
+
+def _spki_pin(cert: x509.Certificate) -> str:
+    """What Chromium's --ignore-certificate-errors-spki-list takes: base64 of the SHA-256 of the public key."""
+    import base64
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+def test_the_certificates_page_in_chromium_makes_uploads_and_redirects_under_its_csp(
+        browser, tmp_path: Path) -> None:
+    """A person's path in headless Chromium: log in, make a self-signed certificate, upload a PFX from a CA the
+    gateway's system trusts (SSL_CERT_FILE: the test's CA); then a browser that trusts the certificate sees it
+    trusted over HTTPS, switches the redirect on, and a page opened over HTTP lands on HTTPS; no CSP refusal or
+    script error (the service worker registers only over a certificate the browser trusts). Screenshot in
+    test-artifacts/."""
+    from tests.conftest import ARTIFACTS, BROWSER_FLAGS
+
+    ca = ca_make("Example Org Root CA")
+    store = tmp_path / "trusted.pem"
+    store.write_bytes(cert_pem(ca[0]))
+    cert, key = leaf_make(ca, names=("localhost", "127.0.0.1", "gateway.example.org"), days=365)
+    pfx = tmp_path / "gateway.pfx"
+    pfx.write_bytes(pfx_of(cert, key, PFX_PASSWORD, chain=(ca[0],)))
+    https_port = free_port()
+    gateway = Gateway(data_dir=tmp_path / "gw", port=free_port(), OPTIMAGPT_HTTPS_PORT=str(https_port),
+                      SSL_CERT_FILE=str(store))
+    gateway.data_dir.mkdir()
+    gateway.start()
+    problems: list[str] = []
+
+    def watched(page: object) -> None:
+        page.set_default_timeout(30_000)
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+
+    def log_in(page: object, url: str) -> None:
+        page.goto(url + "/login/")
+        page.fill("input[name=username]", "pageadmin")
+        page.fill("input[name=password]", "pageadmin-password-1")
+        page.click("button[type=submit]")
+
+    trusting = None
+    try:
+        gateway.admin_browser("pageadmin", "pageadmin-password-1").close()
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        watched(page)
+        log_in(page, gateway.url)
+        page.wait_for_url(gateway.url + "/")
+        page.click("header >> text=Certificates")
+        page.wait_for_url(gateway.url + PAGE)
+        assert page.text_content("[data-field=https]").strip() == "HTTP only"
+        page.fill("#id_names", "localhost, 127.0.0.1")
+        page.click("#generate button[type=submit]")
+        page.wait_for_selector(".messages >> text=Nothing was restarted")
+        assert "self-signed" in page.text_content("[data-field=trust-reason]")
+        page.set_input_files("#id_pfx", str(pfx))
+        page.fill("#id_pfx_password", PFX_PASSWORD)
+        page.click("#upload-pfx button[type=submit]")
+        page.wait_for_selector(".messages >> text=Nothing was restarted")
+        assert page.text_content("[data-field=trust]").strip() == "Certificate trusted"
+        wait_for(lambda: _served(https_port) == fingerprint_of(cert), 15, "the uploaded certificate")
+
+        # A browser that trusts the certificate (pinned by its key): over HTTPS, it switches the redirect on.
+        trusting = browser.browser_type.launch(executable_path=browser_path(),
+                                               args=[*BROWSER_FLAGS, f"--ignore-certificate-errors-spki-list="
+                                                                     f"{_spki_pin(cert)}"])
+        secure = trusting.new_page(viewport={"width": 1280, "height": 1000})
+        watched(secure)
+        https = f"https://127.0.0.1:{https_port}"
+        log_in(secure, https)
+        secure.wait_for_url(https + "/")
+        secure.goto(https + PAGE)
+        secure.check("#redirect input[name=redirect]")
+        secure.click("#redirect button[type=submit]")
+        secure.wait_for_selector(".messages >> text=now sent to HTTPS")
+        assert secure.text_content("[data-field=https]").strip() == "HTTPS"
+        assert secure.text_content("[data-field=trust]").strip() == "Certificate trusted"
+        assert "CN=Example Org Root CA" in secure.text_content("[data-field=issuer]")
+        assert secure.text_content("[data-field=fingerprint]").strip() == fingerprint_of(cert)
+        secure.wait_for_function("navigator.serviceWorker.controller !== null || "
+                                 "navigator.serviceWorker.getRegistrations().then(r => r.length > 0)")
+        secure.screenshot(path=str(ARTIFACTS / "certificates.png"), full_page=True)
+        content = secure.content() + page.content()
+        secure.goto(gateway.url + "/manage/nodes/")  # a page over HTTP: the browser lands on HTTPS
+        assert secure.url == https + "/manage/nodes/"
+        assert PFX_PASSWORD not in content and _secret_lines(key_pem(key))[1] not in content
+    finally:
+        if trusting is not None:
+            trusting.close()
+        gateway.stop()
+    assert not problems, problems
+    assert PFX_PASSWORD not in gateway.log()
+
+
+def browser_path() -> str:
+    import shutil
+
+    found = shutil.which("chromium")
+    assert found is not None
+    return found

@@ -4,6 +4,7 @@ into a scratch folder, its files' modes, and no secret in the unit, the environm
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 import shutil
@@ -102,6 +103,15 @@ def test_the_gateway_setup_migrates_makes_the_admin_and_writes_its_unit(tmp_path
     again = subprocess.run(result.args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert (state / "secret_key").read_text().strip() == secret and "shown once" not in again.stdout
+    # Commands against the installed service: its settings and database, as its user (here: whoever runs this).
+    service_env = {**env, "OPTIMAGPT_SERVICE_ENV": str(env_file), "OPTIMAGPT_SERVICE_USER": getpass.getuser(),
+                   "OPTIMAGPT_VENV": sys.prefix}
+    managed = subprocess.run(["./optimagpt.sh", "service-manage", "certificate", "--self-signed", "gw.example.org"],
+                             cwd=REPO, env=service_env, capture_output=True, text=True, timeout=120)
+    assert managed.returncode == 0 and "Applied: " in managed.stdout and "CN=gw.example.org" in managed.stdout
+    shown = subprocess.run(["./optimagpt.sh", "service-manage", "certificate"], cwd=REPO, env=service_env,
+                           capture_output=True, text=True, timeout=120)
+    assert "Names:     gw.example.org" in shown.stdout, shown.stderr
     assert RATINGS.index(_check(tmp_path / "units/optimagpt-gateway.service")) <= RATINGS.index("MEDIUM")
 
 

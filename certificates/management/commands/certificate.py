@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
@@ -57,10 +58,15 @@ class Command(BaseCommand):
                                                                         "OPTIMAGPT_KEY_PASSWORD or standard input")
         how.add_argument("--self-signed", metavar="NAMES", help='host names and addresses, e.g. "gw.lan, 10.0.0.5"')
         how.add_argument("--remove", action="store_true", help="remove the certificate: HTTP only")
+        how.add_argument("--export", metavar="FILE", help="write the certificate in force and its intermediates "
+                                                         "(public, PEM) to FILE: a node's --ca-file")
         parser.add_argument("--days", type=int, default=365, help="validity of a self-signed certificate")
 
     def handle(self, *args: Any, pfx: str | None, pem: list[str] | None, self_signed: str | None, remove: bool,
-               days: int, **options: Any) -> None:
+               export: str | None, days: int, **options: Any) -> None:
+        if export is not None:
+            self._export(Path(export))
+            return
         if remove:
             self.stdout.write("Removed: HTTP only." if certificate_remove(username=WHO) else "There was none.")
             return
@@ -87,6 +93,14 @@ class Command(BaseCommand):
             return bundle_from_pem(cert, key, password or None), "PEM upload"
         assert self_signed is not None
         return bundle_self_signed(self_signed, days), "self-signed"
+
+    def _export(self, path: Path) -> None:
+        summary, source = certificate_in_force()
+        chain = chain_in_force(source)
+        if summary is None or not chain:
+            raise CommandError("There is no certificate to export: HTTP only.")
+        path.write_bytes(b"".join(c.public_bytes(Encoding.PEM) for c in chain))
+        self.stdout.write(f"Wrote {path}: {summary.subject}, SHA-256 {summary.fingerprint} (public).")
 
     def _show(self) -> None:
         summary, source = certificate_in_force()
