@@ -59,3 +59,13 @@ def test_it_applies_a_pem_pair_and_a_self_signed_one_and_removes(tmp_path: Path)
     assert _run() == "HTTP only: no certificate.\n"
     with pytest.raises(CommandError, match="no certificate to export"):
         _run("--export", str(tmp_path / "none.pem"))
+
+
+def test_a_certificate_file_without_its_key_is_a_system_check_error(settings: object) -> None:
+    from django.core import checks
+
+    settings.OPTIMAGPT_TLS_CERT_FILE, settings.OPTIMAGPT_TLS_KEY_FILE = "/etc/ssl/gw.crt", ""
+    errors = [m for m in checks.run_checks() if m.id == "optimagpt.E002"]
+    assert len(errors) == 1 and "without OPTIMAGPT_TLS_KEY_FILE" in errors[0].msg
+    settings.OPTIMAGPT_TLS_KEY_FILE = "/etc/ssl/gw.key"
+    assert not [m for m in checks.run_checks() if m.id == "optimagpt.E002"]
