@@ -126,8 +126,9 @@ class Batched:
         from llama_cpp import Llama
 
         self.ll = ll
-        # The high-level object only renders the chat template and tokenizes (what our worker does today).
-        self.text = Llama(model_path=str(model), n_ctx=256, n_threads=threads, verbose=False, vocab_only=True)
+        # The high-level object loads the model, renders the chat template and tokenizes (as our worker does);
+        # its own small context goes unused, the batched one below shares its weights.
+        self.text = Llama(model_path=str(model), n_ctx=256, n_threads=threads, verbose=False)
         self.model = self.text._model.model
         self.vocab = ll.llama_model_get_vocab(self.model)
         params = ll.llama_context_default_params()
@@ -136,17 +137,19 @@ class Batched:
         params.n_seq_max = CONCURRENT
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = True
+        params.embeddings = False
         self.ctx = ll.llama_init_from_model(self.model, params)
         self.batch = ll.llama_batch_init(512, 0, CONCURRENT)
-
-    def tokens(self, i: int) -> list[int]:
-        """Prompt `i` rendered with the model's own chat template, as our worker renders it."""
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        template = self.text.metadata["tokenizer.chat_template"]
-        eos = self.text.detokenize([self.text.token_eos()]).decode()
-        bos = self.text.detokenize([self.text.token_bos()]).decode()
-        result = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)(messages=prompt(i))
+        self.formatter = Jinja2ChatFormatter(template=self.text.metadata["tokenizer.chat_template"],
+                                             eos_token=self.text.detokenize([self.text.token_eos()]).decode(),
+                                             bos_token=self.text.detokenize([self.text.token_bos()]).decode())
+        self.decode_s = 0.0  # time inside llama_decode, for the split printed at the end
+
+    def tokens(self, i: int) -> list[int]:
+        """Prompt `i` rendered with the model's own chat template, as our worker renders it (compiled once)."""
+        result = self.formatter(messages=prompt(i))
         return self.text.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True)
 
     def _add(self, token: int, pos: int, seq: int, logits: bool) -> None:
@@ -174,8 +177,10 @@ class Batched:
             pos[s], out_index[s], left[s] = len(tokens), self.batch.n_tokens - 1, MAX_TOKENS
         generated = 0
         while True:
+            started = time.perf_counter()
             if ll.llama_decode(self.ctx, self.batch) != 0:
                 raise RuntimeError("llama_decode failed")
+            self.decode_s += time.perf_counter() - started
             self.batch.n_tokens = 0
             nxt = {}
             for s, index in out_index.items():
