@@ -142,6 +142,10 @@ class HttpsSide:
         listening = SSL4ServerEndpoint(reactor, self._port_number, self.creator, interface=self._interface)
 
         def opened(port: Any) -> None:
+            if self.summary is None:  # removed while the port was opening
+                self._port = None
+                port.stopListening()
+                return
             self._port = port
             address = port.getHost()
             self.listening = Listening(host=address.host, port=address.port)
