@@ -197,7 +197,9 @@ class McpRounds:
                 tool_calls = message.get("tool_calls") or list(streamed.values())
                 mine = [c for c in tool_calls if c["function"]["name"] in self.selection.tools]
                 theirs = [c for c in tool_calls if c["function"]["name"] not in self.selection.tools]
-                if not mine or theirs:
+                # A reply cut at max_tokens: a call in it has arguments cut short, never run (and not shown).
+                cut = end.get("finish_reason") == "length"
+                if not mine or theirs or cut:
                     # An answer, or a client tool to run (the client gets only its own calls).
                     if theirs:
                         message = {**message, "tool_calls": theirs}

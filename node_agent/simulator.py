@@ -110,9 +110,13 @@ class SimProcess:
         if task is not None:
             task.cancel()
 
-    async def _tool_call(self, rid: str, name: str, stream: bool, sink: EventSink) -> None:
+    async def _tool_call(self, rid: str, name: str, stream: bool, sink: EventSink, max_tokens: int) -> None:
+        """The scripted call, a token per character of its arguments: cut short past max_tokens, as a model's."""
         call_id = f"call_{uuid.uuid4().hex[:24]}"
         arguments = self.behaviour.tool_args
+        finish = "tool_calls"
+        if max_tokens and max_tokens < len(arguments):
+            arguments, finish = arguments[:max_tokens], "length"
         if stream:
             head = {"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
             await self._emit(sink, {"type": "delta", "id": rid, "delta": {"tool_calls": [head]}})
@@ -120,7 +124,7 @@ class SimProcess:
                 {"index": 0, "function": {"arguments": arguments}}]}})
         call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
         self.served += 1
-        await self._emit(sink, {"type": "end", "id": rid, "finish_reason": "tool_calls",
+        await self._emit(sink, {"type": "end", "id": rid, "finish_reason": finish,
                                 "message": {"role": "assistant", "content": None, "tool_calls": [call]},
                                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
@@ -155,7 +159,7 @@ class SimProcess:
                         **counts, "prompt": sum(counts.values()), "window": 4096}})
                     return
                 if called is not None:
-                    await self._tool_call(rid, called, stream, sink)
+                    await self._tool_call(rid, called, stream, sink, int(body.get("max_tokens") or 0))
                     return
                 for piece in pieces:
                     if stream:
@@ -232,7 +236,8 @@ class SimNode:
         self.manager = SimManager(executors)
         self.settings = AgentSettings(
             gateway_url=gateway_url, access_key=access_key, model_dirs=(), embedding_model_dirs=(), enable=(),
-            name=name, state_dir=state_dir / self.node_id, threads=1, n_ctx=0, n_gpu_layers=0, stream_interval_ms=0.0,
+            name=name, state_dir=state_dir / self.node_id, threads=1, n_ctx=0, parallel=1, n_gpu_layers=0,
+            stream_interval_ms=0.0,
             hang_timeout_s=0.0, listen=None, heartbeat_interval_s=heartbeat_interval_s, rescan_interval_s=0.0,
             metrics_interval_s=metrics_interval_s, ca_file=None)
         # SimManager has the three methods of ExecutorManager that the link calls (duck-typed).
