@@ -2,8 +2,9 @@
 
 The process is `node_agent.runtimes.llama_cpp_worker`, spoken to over its own
 stdin and stdout: no port, no secret to leak. Requests are queued inside the
-worker and served one at a time; several processes of one model (replicas)
-give more parallel slots.
+worker, which generates up to `parallel` replies together (continuous batching,
+node_agent/runtimes/batching.py); several processes of one model (replicas)
+give more slots still, each with its own copy of the key-value cache.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class ProcessConfig:
     max_tokens_cap: int = 0
     stream_interval_ms: float = 0.0
     embedding: bool = False
+    parallel: int = 1  # requests one process decodes together, each in its own sequence of n_ctx tokens
     load_timeout_s: float = 120.0
     # A process with requests in flight that writes nothing for this long is hung: killed, counted as a crash.
     hang_timeout_s: float = 300.0
@@ -69,6 +71,8 @@ class ProcessConfig:
             str(self.max_tokens_cap),
             "--stream-interval-ms",
             str(self.stream_interval_ms),
+            "--parallel",
+            str(self.parallel),
         ]
         if self.chat_format:
             argv += ["--chat-format", self.chat_format]
@@ -81,6 +85,7 @@ class ProcessConfig:
 class _Request:
     sink: EventSink
     frame: bytes  # the request as written to the worker's stdin
+    request_json: str
     answered: bool = False  # an event went out: the client has seen something, so no replay
     crashed: bool = False  # the process died while computing it; if it dies on it again, it fails alone
 
@@ -101,6 +106,7 @@ class LlamaCppProcess:
         self.last_error = ""
         self.pid: int | None = None
         self.n_ctx = 0  # as the running worker reports it
+        self.parallel = config.parallel  # as the running worker reports it
         self._on_state = on_state
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
@@ -110,7 +116,7 @@ class LlamaCppProcess:
         self._wanted = False
         self._last_progress = 0.0
         self._hung = False
-        self._computing: str | None = None  # the request the worker said it began and has not ended
+        self._computing: set[str] = set()  # the requests the worker said it began and has not ended
         self._culprit_found = False  # the last crash was a request's that crashed the process before
 
     # -- lifecycle ----------------------------------------------------------
@@ -201,7 +207,9 @@ class LlamaCppProcess:
                 await proc.wait()
                 return self._exit_reason(proc)
             with contextlib.suppress(ValueError, AttributeError):
-                self.n_ctx = int(json.loads(ready).get("n_ctx") or 0)
+                said = json.loads(ready)
+                self.n_ctx = int(said.get("n_ctx") or 0)
+                self.parallel = int(said.get("parallel") or 1)
             self.last_error = ""
             self._last_progress = time.monotonic()
             self._set_state("online")
@@ -266,11 +274,11 @@ class LlamaCppProcess:
             return
         rid = event.get("id")
         kind = event.get("type")
-        if kind == "begin":  # the worker's own bookkeeping: which request a crash now would be blamed on
-            self._computing = rid
+        if kind == "begin":  # the worker's own bookkeeping: which requests a crash now could be blamed on
+            self._computing.add(rid)
             return
-        if kind in ("end", "error") and rid == self._computing:
-            self._computing = None
+        if kind in ("end", "error"):
+            self._computing.discard(rid)
         request = self._requests.pop(rid, None) if kind in ("end", "error") else self._requests.get(rid)
         if request is not None:
             request.answered = True
@@ -279,12 +287,13 @@ class LlamaCppProcess:
     def _requeue_or_fail(self) -> None:
         """After the process ended: replay unanswered requests on the next one, fail the others.
 
-        The request it was computing when it died is replayed once, first; if the process dies on it
-        again, that request fails alone (`request_crashed`) and `_culprit_found` tells the supervisor
-        not to count either crash. Requests it had not begun are replayed whatever happened.
+        The requests it was computing when it died (several, in one batch) are each replayed once, first,
+        and alone in the batch: so if the process dies again, the request it was computing is the one that
+        kills it, and fails alone (`request_crashed`), and `_culprit_found` tells the supervisor not to
+        count either crash. Requests it had not begun are replayed whatever happened.
         """
         restarting = self._wanted
-        suspect, self._computing = self._computing, None
+        suspects, self._computing = self._computing, set()
         self._culprit_found = False
         replay: list[str] = []
         for rid, request in list(self._requests.items()):
@@ -292,7 +301,7 @@ class LlamaCppProcess:
                 continue
             if not restarting or request.answered:
                 self._fail(rid, "the inference process stopped")
-            elif rid != suspect:
+            elif rid not in suspects:
                 replay.append(rid)
             elif request.crashed:
                 self._culprit_found = True
@@ -302,6 +311,7 @@ class LlamaCppProcess:
                            code="request_crashed", status=500)
             else:
                 request.crashed = True
+                request.frame = pipe_frame(json.dumps({**json.loads(request.request_json), "isolate": True}).encode())
                 replay.insert(0, rid)
         self._backlog[:0] = replay
 
@@ -334,7 +344,7 @@ class LlamaCppProcess:
         """
         if not self._wanted or self.state not in ("online", "starting"):
             return False
-        self._requests[rid] = _Request(sink, pipe_frame(request_json.encode()))
+        self._requests[rid] = _Request(sink, pipe_frame(request_json.encode()), request_json)
         self._backlog.append(rid)
         if self.state == "online":
             self._write_backlog()

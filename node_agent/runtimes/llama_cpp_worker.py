@@ -1,4 +1,4 @@
-"""One inference process: a `llama_cpp.Llama` behind a pipe.
+"""One inference process: a llama.cpp model behind a pipe, serving up to --parallel requests at once.
 
 Run as `python -m node_agent.runtimes.llama_cpp_worker --model PATH ...` by the
 node agent, never by hand. It opens no port: requests arrive as JSON lines on
@@ -8,6 +8,7 @@ reach it, and it costs a fraction of an HTTP server's work per request
 
 Input frames (node_agent.protocol.pipe_frame: a length line, then that many bytes of JSON):
               {"op": "chat"|"completion"|"embedding", "id": ID, "stream": bool, "body": {...}}
+              (with "isolate": true, the request runs alone in the batch: a replay after a crash)
               {"op": "tokenize", "id": ID, "body": {"messages": [...]}} (answered at once, between tokens)
               {"op": "cancel", "id": ID}
               The body is the client's JSON as sent (whitespace and newlines included): framed by
@@ -16,6 +17,9 @@ Output lines: {"type": "ready", ...} once the model is loaded, then per request
               {"type": "begin", "id": ID} when its computation starts (for the agent alone),
               zero or more {"type": "delta", "id": ID, ...}, then exactly one
               {"type": "end", "id": ID, ...} or {"type": "error", "id": ID, "error": {...}}.
+
+Requests run on threads of their own, up to --parallel at once; their replies are generated together
+by the batching engine (node_agent/runtimes/batching.py), so events of different requests interleave.
 
 The output lines are the node link's wire format: the agent forwards them to the
 gateway unchanged, so a token costs one JSON encode on the whole way out.
@@ -32,6 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any, BinaryIO
 
@@ -44,6 +49,7 @@ from node_agent.protocol import (
     PIPE_FRAME_MAX_BYTES,
     error_event,
 )
+from node_agent.runtimes.batching import Engine, EngineError, Generation
 
 # A request cancelled while queued or generating: the generating loop polls
 # this set between tokens, which is what bounds cancellation to one token.
@@ -52,6 +58,8 @@ _cancelled_lock = threading.Lock()
 _parent_gone = threading.Event()  # stdin closed: the agent stopped or died; stop generating at once
 
 
+# The window of the loading context, which only tokenizes (the engine's context does the work).
+HOST_CONTEXT_TOKENS = 256
 MAX_CHOICES = 8  # n: choices per request, made one after another
 # Every chat template spends at least this many tokens on a turn (role markers and an end).
 MIN_TOKENS_PER_TURN = 2
@@ -94,28 +102,43 @@ class Worker:
 
         self.args = args
         self.out = out
-        self._choice = 0  # which of a request's n choices is being made
+        self.n_ctx = args.n_ctx  # the window of one request (each has a sequence of this many tokens)
+        self._local = threading.local()  # per request thread: which of its n choices is being made
         self._embedder: Any = None
+        self._embed_lock = threading.Lock()  # one embedding context, used by one request at a time
+        self.engine: Engine | None = None
         if args.embedding:
             # An embedding model: one context, in embedding mode, and no chat.
             self.llm = self._embedder = self._embedding_context(args.n_ctx)
+            self.n_ctx = self.n_ctx
             self.formatter = None
             self.template_knows_tools = False
             return
+        # Loads the weights, and tokenizes and renders templates; its own small context goes unused; the
+        # engine's context (a sequence of n_ctx tokens per parallel request) shares the weights.
         self.llm = Llama(
             model_path=args.model,
-            n_ctx=args.n_ctx,
+            n_ctx=HOST_CONTEXT_TOKENS,
             n_threads=args.threads,
             n_threads_batch=args.threads,
             n_gpu_layers=args.n_gpu_layers,
             chat_format=args.chat_format,
             verbose=False,
         )
+        self.engine = Engine(self.llm, n_ctx=args.n_ctx, parallel=args.parallel, threads=args.threads)
         self.formatter = self._make_formatter()
         template = self.llm.metadata.get("tokenizer.chat_template") or ""
         # A template that renders `tools` tells the model about them itself; for the
         # others (SmolLM2's, the built-in formats) we describe them in the system turn.
         self.template_knows_tools = not self.args.chat_format and "tools" in template
+
+    @property
+    def _choice(self) -> int:
+        return getattr(self._local, "choice", 0)
+
+    @_choice.setter
+    def _choice(self, index: int) -> None:
+        self._local.choice = index
 
     # -- set-up -----------------------------------------------------------
     def _make_formatter(self) -> Any:
@@ -172,6 +195,7 @@ class Worker:
     def handle(self, request: dict[str, Any]) -> None:
         rid = request["id"]
         self._choice = 0
+        self._local.isolate = bool(request.get("isolate"))
         try:
             if _is_cancelled(rid):
                 self.out.send({"type": "end", "id": rid, "finish_reason": "cancelled"})
@@ -193,6 +217,10 @@ class Worker:
             # llama-cpp-python reports requests that do not fit (prompt longer than
             # the context window, a bad grammar) as ValueError.
             self.out.send(_error(rid, str(exc), "invalid_request_error", 400))
+        except EngineError as exc:
+            print(f"request {rid} failed in the engine: {exc}", file=sys.stderr)
+            self.out.send(_error(rid, "The model failed to process this request.", "server_error", 500,
+                                 code="inference_failed"))
         except Exception as exc:  # noqa: BLE001 - one bad request must not end the process
             # The details stay in the node's log: the client learns only that this request failed here.
             print(f"request {rid} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -204,11 +232,11 @@ class Worker:
 
     # -- sampling ---------------------------------------------------------
     def _sampling(self, body: dict[str, Any], n_prompt: int) -> dict[str, Any]:
-        room = self.llm.n_ctx() - n_prompt
+        room = self.n_ctx - n_prompt
         if room <= 0:
             raise RequestError(
                 f"the prompt is {n_prompt} tokens, which fills this model's context window of "
-                f"{self.llm.n_ctx()} tokens", code="context_length_exceeded")
+                f"{self.n_ctx} tokens", code="context_length_exceeded")
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         max_tokens = room if max_tokens is None else min(int(max_tokens), room)
         if self.args.max_tokens_cap:
@@ -235,48 +263,19 @@ class Worker:
         }
         return params
 
-    def _generate(self, rid: str, prompt: list[int], params: dict[str, Any]) -> Iterator[str]:
-        """Yield text pieces; stop at the next token once the request is cancelled or has its max_tokens.
+    def _generate(self, rid: str, prompt: list[int], params: dict[str, Any]) -> tuple[Generation, Iterator[str]]:
+        """The reply in the making (finish and token count once done), and its text pieces as they come.
 
-        Both are checked on every sampled token by a stopping criterion of ours: llama-cpp-python checks
-        max_tokens only after a token that completes a character, so tokens that never make whole UTF-8
-        (a logit_bias can force them) would run on past max_tokens and past a cancel, silently.
+        The engine decodes it in one batch with the other requests running, and ends it at the next token once
+        it is cancelled or has its max_tokens.
         """
-        from llama_cpp import StoppingCriteriaList
-
-        self._finish = "stop"
-        self._cut_at: int | None = None
-        max_tokens = params["max_tokens"]
-        sampled = 0
-        seen = 0  # the context's length at the last call: it grows by one with every sampled token
-
-        def stop_now(input_ids: Any, logits: Any) -> bool:
-            nonlocal sampled, seen
-            if len(input_ids) <= seen or self._cut_at is not None:
-                return self._cut_at is not None  # asked again after the loop: no new token, same answer
-            seen = len(input_ids)
-            sampled += 1
-            if sampled > max_tokens:
-                self._cut_at = max_tokens
-            elif _is_cancelled(rid):
-                self._cut_at = sampled - 1
-            return self._cut_at is not None
-
-        stream = self.llm.create_completion(prompt=prompt, stream=True,
-                                            stopping_criteria=StoppingCriteriaList([stop_now]), **params)
-        for chunk in stream:
-            if _is_cancelled(rid):
-                self._finish = "cancelled"
-                return
-            choice = chunk["choices"][0]
-            if choice["text"]:
-                yield choice["text"]
-            if choice.get("finish_reason"):
-                self._finish = choice["finish_reason"]
-        if _is_cancelled(rid):
-            self._finish = "cancelled"
-        elif self._cut_at == max_tokens:
-            self._finish = "length"
+        if not prompt:
+            raise RequestError("the prompt is empty")
+        assert self.engine is not None, "a chat model has an engine"
+        gen = Generation(rid, prompt, params, cancelled=lambda: _is_cancelled(rid),
+                         isolate=getattr(self._local, "isolate", False),
+                         on_begin=lambda: self.out.send({"type": "begin", "id": rid}))
+        return gen, self.engine.generate(gen)
 
     def _coalesced(self, pieces: Iterator[str]) -> Iterator[str]:
         """Join the pieces made within --stream-interval-ms of the last one sent; the first goes at once.
@@ -299,21 +298,13 @@ class Worker:
         if pending:
             yield "".join(pending)
 
-    def _completion_tokens(self, n_prompt: int) -> int:
-        if self._cut_at is not None:
-            return self._cut_at  # stopped by our criterion, which counted the tokens itself
-        # The context holds the prompt and every generated token but the last
-        # one sampled when generation stops at max_tokens (it is never evaluated).
-        generated = self.llm.n_tokens - n_prompt
-        return generated + 1 if self._finish == "length" else generated
-
     # -- chat -------------------------------------------------------------
     def chat(self, rid: str, body: dict[str, Any], stream: bool) -> None:
         raw_messages = body.get("messages") or []
-        if len(raw_messages) * MIN_TOKENS_PER_TURN > self.llm.n_ctx():
+        if len(raw_messages) * MIN_TOKENS_PER_TURN > self.n_ctx:
             # Refused before the template renders them all: that alone can take seconds.
             raise RequestError(f"{len(raw_messages)} messages cannot fit this model's context window of "
-                               f"{self.llm.n_ctx()} tokens")
+                               f"{self.n_ctx} tokens")
         messages = [_normalize_message(m) for m in raw_messages]
         tools = body.get("tools") or None
         tool_choice = body.get("tool_choice")
@@ -341,8 +332,8 @@ class Worker:
         if body.get("truncation") == "auto":
             # OptimaGPT's extension (the Responses API's truncation): the oldest turns go until the prompt leaves
             # room for the reply asked for (at most half the window), the system turns and the last turn stay.
-            wanted = min(int(body.get("max_completion_tokens") or body.get("max_tokens") or 1), self.llm.n_ctx() // 2)
-            while len(prompt) + wanted > self.llm.n_ctx():
+            wanted = min(int(body.get("max_completion_tokens") or body.get("max_tokens") or 1), self.n_ctx // 2)
+            while len(prompt) + wanted > self.n_ctx:
                 shorter = _without_oldest_turn(messages)
                 if shorter is None:
                     break
@@ -357,7 +348,7 @@ class Worker:
         choices: list[dict[str, Any]] = []
         completion_tokens = 0
         for index in self._each_choice(body, params):
-            pieces = self._generate(rid, prompt, params)
+            gen, pieces = self._generate(rid, prompt, params)
             if stream:
                 pieces = self._coalesced(pieces)
             if forced is not None:
@@ -366,10 +357,10 @@ class Worker:
                 message = self._auto_tools(rid, pieces, stream)
             else:
                 message = self._plain(rid, pieces, stream)
-            finish = self._finish
+            finish = gen.finish
             if message.get("tool_calls") and finish == "stop" and not (forced and forced["named"]):
                 finish = "tool_calls"
-            completion_tokens += self._completion_tokens(len(prompt))
+            completion_tokens += gen.completion_tokens
             choices.append({"index": index, "finish_reason": finish, **({} if stream else {"message": message})})
             if finish == "cancelled":
                 break
@@ -492,15 +483,15 @@ class Worker:
                 text.append(str(prompt_in))
                 if stream:
                     self._delta(rid, {"text": str(prompt_in)})
-            pieces = self._generate(rid, prompt, params)
+            gen, pieces = self._generate(rid, prompt, params)
             for piece in self._coalesced(pieces) if stream else pieces:
                 text.append(piece)
                 if stream:
                     self._delta(rid, {"text": piece})
-            completion_tokens += self._completion_tokens(len(prompt))
-            choices.append({"index": index, "finish_reason": self._finish,
+            completion_tokens += gen.completion_tokens
+            choices.append({"index": index, "finish_reason": gen.finish,
                             **({} if stream else {"text": "".join(text)})})
-            if self._finish == "cancelled":
+            if gen.finish == "cancelled":
                 break
         self._end(rid, choices, _usage(len(prompt), completion_tokens), "text")
 
@@ -534,7 +525,7 @@ class Worker:
             # What the template adds around the messages (turn markers, the reply's opening) is the rest.
             counts["template"] = max(len(prompt) - sum(counts.values()), 0)
             self.out.send({"type": "end", "id": rid, "finish_reason": "stop",
-                           "counts": {**counts, "prompt": len(prompt), "window": self.llm.n_ctx()}})
+                           "counts": {**counts, "prompt": len(prompt), "window": self.n_ctx}})
         except (RequestError, ValueError) as exc:
             self.out.send(_error(rid, str(exc), "invalid_request_error", 400))
         except Exception as exc:  # noqa: BLE001 - one bad request must not end the process
@@ -544,6 +535,10 @@ class Worker:
 
     # -- embeddings -------------------------------------------------------
     def embedding(self, rid: str, body: dict[str, Any]) -> None:
+        with self._embed_lock:  # requests run on threads of their own; the embedding context is one
+            self._embedding(rid, body)
+
+    def _embedding(self, rid: str, body: dict[str, Any]) -> None:
         inputs = body.get("input")
         if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
             inputs = [inputs]
@@ -800,6 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chat-format", default=None)
     parser.add_argument("--max-tokens-cap", type=int, default=0)
     parser.add_argument("--stream-interval-ms", type=float, default=0.0)
+    parser.add_argument("--parallel", type=int, default=1, help="requests decoded together, a sequence each")
     parser.add_argument("--embedding", action="store_true", help="load the model for embeddings only")
     args = parser.parse_args(argv)
 
@@ -808,14 +804,29 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(2, 1)
     out = Output(protocol_fd)
     worker = Worker(args, out)
-    out.send({"type": "ready", "pid": os.getpid(), "n_ctx": worker.llm.n_ctx()})
+    parallel = 1 if args.embedding else args.parallel
+    out.send({"type": "ready", "pid": os.getpid(), "n_ctx": worker.n_ctx, "parallel": parallel})
     inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
     threading.Thread(target=_read_requests, args=(inbox, worker), daemon=True, name="requests").start()
-    while (request := inbox.get()) is not None and not _parent_gone.is_set():
-        # Tells the agent which request a crash from here on would be blamed on (replayed once, then failed).
-        out.send({"type": "begin", "id": request["id"]})
-        worker.handle(request)
+    # A thread per request being served (each renders its prompt, then reads its reply from the engine):
+    # as many as the engine has sequences; later requests wait here, in order.
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="request") as pool:
+        while (request := inbox.get()) is not None and not _parent_gone.is_set():
+            pool.submit(_serve, worker, request)
+        if worker.engine is not None:
+            worker.engine.stop()
+        pool.shutdown(wait=False, cancel_futures=True)
     return 0
+
+
+def _serve(worker: Worker, request: dict[str, Any]) -> None:
+    if _parent_gone.is_set():
+        return
+    if worker.engine is None or request.get("op") == OP_EMBEDDING:
+        # Tells the agent which requests a crash from here on could be blamed on (each replayed once, then
+        # failed); a generation says so when it joins the engine's batch.
+        worker.out.send({"type": "begin", "id": request["id"]})
+    worker.handle(request)
 
 
 if __name__ == "__main__":
