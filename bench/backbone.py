@@ -98,8 +98,10 @@ class InProcess(BenchPath):
     def __init__(self, model: Path, threads: int) -> None:
         from llama_cpp import Llama
 
+        # Flash attention on, as our worker's engine has it (llama-cpp-python leaves it off unless asked):
+        # like for like, so the comparison is of the paths, not of the attention kernel.
         self.llm = Llama(model_path=str(model), n_ctx=4096, n_threads=threads, n_threads_batch=threads,
-                         verbose=False)
+                         flash_attn=True, verbose=False)
 
     def one(self) -> None:
         self.llm.create_chat_completion(**ONE_TOKEN)

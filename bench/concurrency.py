@@ -14,9 +14,8 @@ Paths:
   llama-server     llama.cpp's own server, `--parallel 8 -c 8192`, the same threads and model, built from
                    the llama.cpp source in llama-cpp-python's sdist with the CMake flags of optimagpt.sh
                    (kept in bench/.build/; the first run builds it, a few minutes on 2 cores)
-  batched (proto)  llama-cpp-python's low-level API in this process: the eight prompts decoded together, a
-                   sequence each in one KV cache, a sampler chain each (temperature, seed): the ceiling of an
-                   engine of our own in the worker, without HTTP or a pipe
+  engine in-process  the worker's batching engine (node_agent/runtimes/batching.py) called in this process,
+                   a thread per request as in the worker: the ceiling of our path, without HTTP or a pipe
 """
 
 from __future__ import annotations
@@ -117,91 +116,57 @@ def llama_server(model: Path, threads: int) -> Iterator[str]:
         proc.wait(30)
 
 
-# -- the in-process batched prototype ------------------------------------------------------------
-class Batched:
-    """Eight sequences decoded together with llama-cpp-python's low-level API (one model, one context)."""
+# -- the worker's batching engine, in this process ---------------------------------------------
+class InProcess:
+    """node_agent.runtimes.batching.Engine without HTTP or a pipe: the ceiling of the worker's own path."""
 
-    def __init__(self, model: Path, threads: int, n_ctx_seq: int = 1024) -> None:
-        import llama_cpp as ll
+    def __init__(self, model: Path, threads: int) -> None:
         from llama_cpp import Llama
-
-        self.ll = ll
-        # The high-level object loads the model, renders the chat template and tokenizes (as our worker does);
-        # its own small context goes unused, the batched one below shares its weights.
-        self.text = Llama(model_path=str(model), n_ctx=256, n_threads=threads, verbose=False)
-        self.model = self.text._model.model
-        self.vocab = ll.llama_model_get_vocab(self.model)
-        params = ll.llama_context_default_params()
-        params.n_ctx = n_ctx_seq * CONCURRENT
-        params.n_batch = 512
-        params.n_seq_max = CONCURRENT
-        params.n_threads = params.n_threads_batch = threads
-        params.kv_unified = True
-        params.embeddings = False
-        self.ctx = ll.llama_init_from_model(self.model, params)
-        self.batch = ll.llama_batch_init(512, 0, CONCURRENT)
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        self.formatter = Jinja2ChatFormatter(template=self.text.metadata["tokenizer.chat_template"],
-                                             eos_token=self.text.detokenize([self.text.token_eos()]).decode(),
-                                             bos_token=self.text.detokenize([self.text.token_bos()]).decode())
-        self.decode_s = 0.0  # time inside llama_decode, for the split printed at the end
+        from node_agent.runtimes.batching import Engine
 
-    def tokens(self, i: int) -> list[int]:
-        """Prompt `i` rendered with the model's own chat template, as our worker renders it (compiled once)."""
-        result = self.formatter(messages=prompt(i))
-        return self.text.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True)
+        self.llm = Llama(model_path=str(model), n_ctx=256, n_threads=threads, verbose=False)
+        self.engine = Engine(self.llm, n_ctx=1024, parallel=CONCURRENT, threads=threads)
+        self.formatter = Jinja2ChatFormatter(template=self.llm.metadata["tokenizer.chat_template"],
+                                             eos_token=self.llm.detokenize([self.llm.token_eos()]).decode(),
+                                             bos_token=self.llm.detokenize([self.llm.token_bos()]).decode())
 
-    def _add(self, token: int, pos: int, seq: int, logits: bool) -> None:
-        b = self.batch
-        n = b.n_tokens
-        b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = token, pos, 1, logits
-        b.seq_id[n][0] = seq
-        b.n_tokens = n + 1
+    def one(self, i: int) -> int:
+        from node_agent.runtimes.batching import Generation
+
+        rendered = self.formatter(messages=prompt(i))
+        tokens = self.llm.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
+        params = {"max_tokens": MAX_TOKENS, "temperature": 0.7, "top_p": 1.0, "min_p": 0.0, "top_k": 0,
+                  "repeat_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "stop": [],
+                  "seed": 1000 + i, "logit_bias": None, "grammar": None}
+        gen = Generation(str(i), tokens, params, cancelled=lambda: False)
+        for _ in self.engine.generate(gen):
+            pass
+        return gen.completion_tokens
 
     def run(self, seqs: list[int]) -> int:
-        """Generate for prompts `seqs` together; the number of tokens generated."""
-        ll = self.ll
-        ll.llama_memory_clear(ll.llama_get_memory(self.ctx), True)
-        samplers, pos, out_index, left = [], {}, {}, {}
-        self.batch.n_tokens = 0
-        for s, i in enumerate(seqs):
-            chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(40))
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(0.7))
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(1000 + i))
-            samplers.append(chain)
-            tokens = self.tokens(i)
-            for p, t in enumerate(tokens):  # prompts are short here: one batch holds them all
-                self._add(t, p, s, p == len(tokens) - 1)
-            pos[s], out_index[s], left[s] = len(tokens), self.batch.n_tokens - 1, MAX_TOKENS
-        generated = 0
-        while True:
-            started = time.perf_counter()
-            if ll.llama_decode(self.ctx, self.batch) != 0:
-                raise RuntimeError("llama_decode failed")
-            self.decode_s += time.perf_counter() - started
-            self.batch.n_tokens = 0
-            nxt = {}
-            for s, index in out_index.items():
-                token = ll.llama_sampler_sample(samplers[s], self.ctx, index)
-                generated += 1
-                left[s] -= 1
-                if not ll.llama_vocab_is_eog(self.vocab, token) and left[s] > 0:
-                    nxt[s] = token
-            if not nxt:
-                break
-            out_index = {}
-            for s, token in nxt.items():
-                self._add(token, pos[s], s, True)
-                out_index[s] = self.batch.n_tokens - 1
-                pos[s] += 1
-        for chain in samplers:
-            ll.llama_sampler_free(chain)
-        return generated
+        return threaded(self.one, seqs)
 
 
 # -- measuring -----------------------------------------------------------------------------------
+def threaded(one: Callable[[int], int], seqs: list[int]) -> int:
+    """Run `one` for every prompt of `seqs` at once, a thread each; the tokens generated in all."""
+    if len(seqs) == 1:
+        return one(seqs[0])
+    counts = [0] * len(seqs)
+
+    def worker(k: int) -> None:
+        counts[k] = one(seqs[k])
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(seqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts)
+
+
 def http_path(url: str, headers: dict[str, str], model: str) -> Callable[[list[int]], int]:
     client = httpx.Client(base_url=url, headers=headers, timeout=300,
                           limits=httpx.Limits(max_connections=CONCURRENT * 2))
@@ -211,22 +176,7 @@ def http_path(url: str, headers: dict[str, str], model: str) -> Callable[[list[i
         response.raise_for_status()
         return int(response.json()["usage"]["completion_tokens"])
 
-    def run(seqs: list[int]) -> int:
-        if len(seqs) == 1:
-            return one(seqs[0])
-        counts = [0] * len(seqs)
-
-        def worker(k: int) -> None:
-            counts[k] = one(seqs[k])
-
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(seqs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return sum(counts)
-
-    return run
+    return lambda seqs: threaded(one, seqs)
 
 
 def timed(run: Callable[[list[int]], int], seqs: list[int]) -> float:
@@ -249,10 +199,9 @@ def main() -> None:
     results: dict[str, dict[str, list[float]]] = {}
     with llama_server(model, args.threads) as server_url, \
             gateway_and_node(model, args.threads, 0) as (gw_url, key):
-        batched = Batched(model, args.threads)
         paths = {"gateway + node": http_path(gw_url, {"Authorization": f"Bearer {key}"}, MODEL_ID),
                  "llama-server --parallel 8": http_path(server_url, {}, "smollm2"),
-                 "batched (proto)": batched.run}
+                 "engine in-process": InProcess(model, args.threads).run}
         for run in paths.values():  # warm up: first requests pay for caches and page faults
             run([0])
         for r in range(rounds):

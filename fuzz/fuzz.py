@@ -109,7 +109,8 @@ def link(data: bytes) -> None:
 
     settings = AgentSettings(gateway_url="http://127.0.0.1:1", access_key="k", model_dirs=(),
                              embedding_model_dirs=(), enable=(), name="fuzz", state_dir=_SCRATCH, threads=1,
-                             n_ctx=0, n_gpu_layers=0, stream_interval_ms=0.0, hang_timeout_s=0.0, listen=None,
+                             n_ctx=0, parallel=1, n_gpu_layers=0, stream_interval_ms=0.0,
+                             hang_timeout_s=0.0, listen=None,
                              heartbeat_interval_s=2.0, rescan_interval_s=0.0, metrics_interval_s=2.0, ca_file=None)
     # A stand-in for the executors and GPUs: the fuzzer drives the link's parsing, not the models.
     session = NodeSession(_Socket(), settings=settings, node_id="n", manager=_Manager(), gpus=None)  # type: ignore[arg-type]

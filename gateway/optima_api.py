@@ -101,6 +101,7 @@ class ExecutorOut(BaseModel):
     valid: bool | None = None
     replicas: int | None = None
     replicas_online: int | None = None
+    parallel: int | None = None
     settings: dict[str, Any] | None = None
 
 
@@ -196,7 +197,8 @@ def executor_out(e: Executor) -> dict[str, Any]:
         out.update(family=e.family, architecture=e.architecture, parameter_count=e.parameter_count,
                    quantization=e.quantization, context_length=e.context_length,
                    embedding_length=e.embedding_length, n_ctx=e.n_ctx, size_bytes=e.size_bytes, sha256=e.sha256,
-                   valid=e.valid, replicas=e.replicas, replicas_online=e.replicas_online, settings=e.settings)
+                   valid=e.valid, replicas=e.replicas, replicas_online=e.replicas_online, parallel=e.parallel,
+                   settings=e.settings)
     return out
 
 

@@ -29,6 +29,7 @@ async def serve(argv: list[str] | None = None) -> None:
             link.executors_changed()
 
     defaults = NodeDefaults(n_ctx_cap=settings.n_ctx, threads=settings.threads, n_gpu_layers=n_gpu_layers,
+                            parallel=settings.parallel,
                             stream_interval_ms=settings.stream_interval_ms, hang_timeout_s=settings.hang_timeout_s)
     manager = ExecutorManager(dirs=settings.model_dirs, embedding_dirs=settings.embedding_model_dirs,
                               defaults=defaults, store=SettingsStore(settings.state_dir / "executors.json"),

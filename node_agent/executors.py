@@ -29,6 +29,9 @@ log = logging.getLogger("node_agent.executors")
 
 EMBEDDING_KEY_PREFIX = "embed:"
 MAX_REPLICAS = 16
+MAX_PARALLEL = 64
+# Requests one process decodes together by default, where memory holds their key-value caches.
+DEFAULT_PARALLEL = 8
 MIN_AUTO_CTX = 512
 # Share of the memory available at start that the automatic context windows of one model may take.
 AUTO_CTX_MEMORY_SHARE = 0.5
@@ -54,7 +57,8 @@ class ExecutorSettings:
     n_ctx: int = 0  # context window; 0: the model's own, as far as free memory allows
     n_gpu_layers: int | None = None  # None: all where a GPU exists, else 0; -1 also means all
     threads: int = 0  # 0: the node's default
-    replicas: int = 1  # processes sharing the mmapped weights, one parallel request each
+    replicas: int = 1  # processes sharing the mmapped weights, each with its own key-value cache
+    parallel: int = 0  # requests each process decodes together; 0: up to 8, as memory allows
     chat_format: str = ""  # llama-cpp-python chat format name; empty: the model's own template
     embedding: bool | None = None  # None: by folder (embedding folders serve embeddings only)
     max_tokens: int = 0  # cap on the tokens of one reply; 0: none beyond the context window
@@ -96,6 +100,7 @@ class ExecutorSettings:
         integer("n_gpu_layers", -1, 100_000, optional=True)
         integer("threads", 0, 1024)
         integer("replicas", 1, MAX_REPLICAS)
+        integer("parallel", 0, MAX_PARALLEL)
         integer("max_tokens", 0, 1 << 20)
 
     def as_dict(self) -> dict[str, Any]:
@@ -193,6 +198,7 @@ class NodeDefaults:
     threads: int
     n_gpu_layers: int  # -1 where a GPU exists, else 0
     stream_interval_ms: float
+    parallel: int = 0  # requests a process decodes together where an executor leaves it open; 0: as memory allows
     hang_timeout_s: float = 300.0
     load_timeout_s: float = 120.0
 
@@ -223,7 +229,7 @@ class ModelSupervisor:
         self.sha256 = ""
         self.processes: list[LlamaCppProcess] = []
         self._on_state = on_state
-        self._auto_ctx: dict[int, int] = {}
+        self._auto: dict[tuple[int, int, int], tuple[int, int]] = {}
         self._lock = asyncio.Lock()  # one apply at a time: configure calls must not interleave restarts
 
     @property
@@ -303,11 +309,7 @@ class ModelSupervisor:
         if info is None:
             return None
         s = self.settings
-        trained = info.context_length or 0
-        if s.n_ctx:
-            n_ctx = min(s.n_ctx, trained) if trained else s.n_ctx
-        else:
-            n_ctx = self._auto_n_ctx(info, defaults)
+        n_ctx, parallel = self._fit(info, defaults)
         return ProcessConfig(
             model_path=str(self.model.path),
             n_ctx=n_ctx,
@@ -317,34 +319,53 @@ class ModelSupervisor:
             max_tokens_cap=s.max_tokens,
             stream_interval_ms=defaults.stream_interval_ms,
             embedding=self.embedding,
+            parallel=parallel,
             load_timeout_s=defaults.load_timeout_s,
             hang_timeout_s=defaults.hang_timeout_s,
         )
 
-    def _auto_n_ctx(self, info: GGUFInfo, defaults: NodeDefaults) -> int:
-        """The model's own window, capped by the node's cap and by what half the free memory holds.
+    def _fit(self, info: GGUFInfo, defaults: NodeDefaults) -> tuple[int, int]:
+        """The context window of one request and the requests decoded together, as the settings and memory allow.
 
-        Worked out once per replica count: free memory moves all the time, and a
+        Worked out once per choice of replicas, parallel and window: free memory moves all the time, and a
         window that moved with it would restart the processes on every unrelated change.
         """
-        replicas = self.settings.replicas
-        if replicas not in self._auto_ctx:
-            self._auto_ctx[replicas] = self._fit_n_ctx(info, defaults)
-        return self._auto_ctx[replicas]
+        s = self.settings
+        key = (s.replicas, s.parallel or defaults.parallel, s.n_ctx)
+        if key not in self._auto:
+            self._auto[key] = self._fit_now(info, defaults)
+        return self._auto[key]
 
-    def _fit_n_ctx(self, info: GGUFInfo, defaults: NodeDefaults) -> int:
-        n_ctx = info.context_length or defaults.n_ctx_cap or 4096
-        if defaults.n_ctx_cap:
-            n_ctx = min(n_ctx, defaults.n_ctx_cap)
+    def _fit_now(self, info: GGUFInfo, defaults: NodeDefaults) -> tuple[int, int]:
+        """An admin's n_ctx and parallel as given (the window capped by the model's own); what is left open, fitted
+        into half the memory available now, shared by the replicas: first the window (the model's own, capped by
+        the node's cap, for one sequence, or for `parallel` if given), then as many sequences of it as fit, up to 8.
+        """
+        s = self.settings
+        wanted = s.parallel or defaults.parallel
+        trained = info.context_length or 0
         per_token = info.kv_bytes_per_token()
-        if per_token:
-            budget = psutil.virtual_memory().available * AUTO_CTX_MEMORY_SHARE / self.settings.replicas
-            n_ctx = min(n_ctx, int(budget // per_token) // 256 * 256)
-        return max(n_ctx, MIN_AUTO_CTX)
+        budget = psutil.virtual_memory().available * AUTO_CTX_MEMORY_SHARE / s.replicas
+        if s.n_ctx:
+            n_ctx = min(s.n_ctx, trained) if trained else s.n_ctx
+        else:
+            n_ctx = trained or defaults.n_ctx_cap or 4096
+            if defaults.n_ctx_cap:
+                n_ctx = min(n_ctx, defaults.n_ctx_cap)
+            if per_token:
+                n_ctx = min(n_ctx, int(budget // (per_token * (wanted or 1))) // 256 * 256)
+            n_ctx = max(n_ctx, MIN_AUTO_CTX)
+        if self.embedding:
+            return n_ctx, 1
+        if wanted:
+            return n_ctx, wanted
+        fits = int(budget // (per_token * n_ctx)) if per_token else DEFAULT_PARALLEL
+        return n_ctx, max(1, min(DEFAULT_PARALLEL, fits))
 
     def describe(self, defaults: NodeDefaults) -> dict[str, Any]:
         info = self.model.info
         running = [p.n_ctx for p in self.processes if p.n_ctx]
+        running_parallel = [p.parallel for p in self.processes if p.n_ctx]
         config = self.process_config(defaults)
         return {
             "key": self.model.key,
@@ -367,6 +388,7 @@ class ModelSupervisor:
             "in_flight": self.in_flight,
             "replicas": self.settings.replicas,
             "replicas_online": sum(p.state == "online" for p in self.processes),
+            "parallel": running_parallel[0] if running_parallel else (config.parallel if config else 1),
             "settings": self.settings.as_dict(),
         }
 

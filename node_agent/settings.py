@@ -58,6 +58,7 @@ class AgentSettings:
     state_dir: Path
     threads: int
     n_ctx: int
+    parallel: int
     n_gpu_layers: int | None
     stream_interval_ms: float
     hang_timeout_s: float
@@ -119,6 +120,9 @@ def parse_settings(argv: list[str] | None = None) -> AgentSettings:
     parser.add_argument("--ctx", type=int, default=int(_env("OPTIMAGPT_NODE_CTX", "4096") or 4096),
                         help="largest context window chosen automatically (0: the model's own); a model's own "
                              "setting may ask for more (env OPTIMAGPT_NODE_CTX)")
+    parser.add_argument("--parallel", type=int, default=int(_env("OPTIMAGPT_NODE_PARALLEL", "0") or 0),
+                        help="requests each model process decodes together, where an executor's own setting is "
+                             "0; 0: up to 8, as free memory allows (env OPTIMAGPT_NODE_PARALLEL)")
     parser.add_argument("--n-gpu-layers", type=int, default=None,
                         help="layers to offload to the GPU; default all when an NVIDIA GPU is found, else 0")
     parser.add_argument("--stream-interval-ms", type=float,
@@ -142,6 +146,8 @@ def parse_settings(argv: list[str] | None = None) -> AgentSettings:
     parser.add_argument("--ca-file", default=_env("OPTIMAGPT_GATEWAY_CA_FILE"),
                         help="CA bundle to trust for a wss gateway with its own certificate")
     args = parser.parse_args(argv)
+    if not 0 <= args.parallel <= 64:
+        parser.error("--parallel must be from 0 to 64")
 
     access_key = _secret("OPTIMAGPT_NODE_ACCESS_KEY") or ""
     if not access_key and not (Path(args.state_dir) / ENROLLED_FILE).exists():
@@ -170,6 +176,7 @@ def parse_settings(argv: list[str] | None = None) -> AgentSettings:
         state_dir=Path(args.state_dir),
         threads=args.threads or os.cpu_count() or 1,
         n_ctx=args.ctx,
+        parallel=args.parallel,
         n_gpu_layers=args.n_gpu_layers,
         stream_interval_ms=args.stream_interval_ms,
         hang_timeout_s=args.hang_timeout,

@@ -24,7 +24,10 @@ class ExecutorSettingsForm(forms.Form):
                                       help_text="empty: all where a GPU exists, else none; -1: all")
     threads = forms.IntegerField(required=False, min_value=0, help_text="empty or 0: the node's default")
     replicas = forms.IntegerField(min_value=1, max_value=16, initial=1,
-                                  help_text="processes sharing the weights, one parallel request each")
+                                  help_text="processes sharing the weights, each with its own key-value cache")
+    parallel = forms.IntegerField(required=False, min_value=0, max_value=64, initial=0, label="Parallel requests",
+                                  help_text="decoded together by each process, each with a context window of "
+                                            "its own; empty or 0: up to 8, as free memory allows")
     chat_format = forms.CharField(required=False, max_length=40, help_text="e.g. chatml, gemma; empty: the "
                                                                          "model's own template")
     embedding = forms.ChoiceField(required=False, choices=_EMBEDDING_CHOICES, label="Mode")
@@ -41,7 +44,7 @@ class ExecutorSettingsForm(forms.Form):
     def changes(self) -> dict[str, Any]:
         """The settings as the node takes them: only what differs from the form's initial values."""
         data = dict(self.cleaned_data)
-        for name in ("n_ctx", "threads", "max_tokens"):
+        for name in ("n_ctx", "threads", "max_tokens", "parallel"):
             data[name] = data[name] or 0
         data["embedding"] = data["embedding"] or ""
         changed = {k: v for k, v in data.items() if v != self.initial.get(k, self.fields[k].initial)}

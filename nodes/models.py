@@ -122,6 +122,8 @@ class Executor(models.Model):
     enabled = models.BooleanField(default=False)
     replicas = models.PositiveIntegerField(default=1)
     replicas_online = models.PositiveIntegerField(default=0)
+    # Requests each process decodes together (continuous batching): the executor has replicas x parallel slots.
+    parallel = models.PositiveIntegerField(default=1)
     settings = models.JSONField(default=dict, blank=True, help_text="the settings the node applies")
     state = models.CharField(max_length=16, choices=State.choices, default=State.OFFLINE)
     error = models.TextField(blank=True)

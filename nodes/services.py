@@ -24,7 +24,7 @@ log = logging.getLogger("optimagpt.nodes")
 
 _EXECUTOR_FIELDS = ("model_id", "name", "family", "architecture", "parameter_count", "quantization",
                     "context_length", "embedding_length", "n_ctx", "size_bytes", "sha256", "description",
-                    "embedding", "valid", "replicas", "replicas_online", "settings", "state", "error")
+                    "embedding", "valid", "replicas", "replicas_online", "parallel", "settings", "state", "error")
 
 
 class NodeRefused(Exception):
@@ -181,6 +181,9 @@ def _report_values(report: dict[str, Any]) -> dict[str, Any]:
         if max_length and isinstance(value, str):
             value = value[:max_length]
         values[name] = value
+    if "parallel" in values:  # slots are counted with it: an integer from 1 to 64, whatever a node says
+        parallel = values["parallel"]
+        values["parallel"] = min(max(parallel, 1), 64) if isinstance(parallel, int) else 1
     if values.get("state") not in Executor.State.values:
         values["state"] = Executor.State.FAILED
     settings = values.get("settings")

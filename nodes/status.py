@@ -35,7 +35,7 @@ def node_status(node: Node, demand: Demand) -> str:
         return "red"
     if states & {Executor.State.STARTING, Executor.State.STOPPING}:
         return "amber"
-    slots = sum(e.replicas_online for e in executors if e.state == Executor.State.ONLINE)
+    slots = sum(e.replicas_online * e.parallel for e in executors if e.state == Executor.State.ONLINE)
     if sum(demand.in_flight(e.pk) for e in executors) > max(slots, 1):
         return "amber"
     if any(demand.queued(e.model_id) for e in executors):

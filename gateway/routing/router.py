@@ -1,8 +1,9 @@
 """Pick the executor for a request, and hold requests in a fair, bounded queue while every slot is busy.
 
-Every executor has slots: the processes it runs (replicas), each taking
-OPTIMAGPT_REQUESTS_PER_SLOT requests at once (one generating and the next one
-ready on the node, so a process never idles between requests). Its load is
+Every executor has slots: the processes it runs (replicas) times the requests
+each decodes together (parallel), each slot taking OPTIMAGPT_REQUESTS_PER_SLOT
+requests at once (one generating and the next one ready on the node, so a
+sequence never idles between requests). Its load is
 what this gateway process has in flight on it plus what the other gateway
 processes report through Redis (gateway/routing/shared.py). A request goes to
 a free executor of its model, chosen by the strategy in OPTIMAGPT_ROUTING:
@@ -102,11 +103,12 @@ async def routable_rows(model: str) -> list[Row]:
 
 def _routable_rows_query(model: str) -> list[Row]:
     rows = Executor.objects.routable(model=model).values_list(
-        "pk", "key", "node__channel_name", "state", "node_id", "replicas", "replicas_online", "node__name", "sha256")
+        "pk", "key", "node__channel_name", "state", "node_id", "replicas", "replicas_online", "parallel", "node__name",
+        "sha256")
     out = []
-    for pk, key, channel, state, node, replicas, replicas_online, node_name, sha256 in rows:
+    for pk, key, channel, state, node, replicas, replicas_online, parallel, node_name, sha256 in rows:
         online = state == Executor.State.ONLINE
-        out.append(Row(pk, key, channel or "", online, node, replicas_online if online else replicas,
+        out.append(Row(pk, key, channel or "", online, node, (replicas_online if online else replicas) * parallel,
                        node_name or "", sha256 if len(sha256 or "") == 64 else ""))
     return out
 

@@ -129,10 +129,12 @@ def _stack(tmp_path: Path, models_dir: Path, nodes: int, **env: str) -> Iterator
     gateway = Gateway(data_dir=tmp_path / "gw", port=free_port(), **env)
     gateway.start()
     agents = []
+    # One request decoded at a time per node: so a node holds one generating and one waiting, the two cases
+    # these tests tell apart (tests/node_agent/test_batching.py kills a process with eight in one batch).
     for i in range(nodes):
         (tmp_path / f"node{i}").mkdir()
         agents.append(NodeAgent(gateway=gateway, models_dir=models_dir, state_dir=tmp_path / f"node{i}",
-                                name=f"node-{i}", extra_args=("--threads", "1")))
+                                name=f"node-{i}", extra_args=("--threads", "1", "--parallel", "1")))
     try:
         for agent in agents:
             agent.start()
