@@ -12,7 +12,9 @@ Per reply: its own sampler chain (logit bias, penalties, grammar, top-k, top-p, 
 seed: the chain llama-cpp-python's `Llama` builds, so settings mean what they meant), its stop
 strings, its UTF-8 reassembly, its max_tokens, exact token counts. A free slot keeps what it
 computed last, and a new prompt goes to the slot holding its longest prefix (a conversation's next
-turn, a shared system prompt), which is then not computed again.
+turn, a shared system prompt), which is then not computed again. A slot also keeps the logits its last
+prompt ended with: the same prompt again (a retry, "regenerate", each of n choices) samples its first token
+from them at once, with no decode at all.
 
 Built on llama-cpp-python's low-level API (its ctypes bindings of llama.h). bench/README.md
 ("Many users at once") measures it against llama.cpp's own server.
@@ -30,6 +32,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 # Every wait of a request thread on its reply wakes at least this often to see whether the engine is alive.
 WAIT_TICK_S = 1.0
@@ -94,6 +98,9 @@ class _Slot:
         self.seq = seq
         self.cached: list[int] = []  # tokens whose keys and values are in the cache, positions 0..n-1
         self.used_at = 0.0
+        # The logits after the last prompt this slot computed (its length, and a copy of them): what a
+        # prompt that is exactly cached[:length] samples its first token from.
+        self.prompt_logits: tuple[int, Any] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -101,6 +108,7 @@ class _Slot:
         self.sampler: Any = None
         self.todo: list[int] = []  # tokens to evaluate: the rest of the prompt, or the last sampled token
         self.logits_at = -1  # where this slot's logits are in the batch just decoded
+        self.logits_saved: Any = None  # or its first token is sampled from these (the prompt was all cached)
         self.sampled = 0
         self.text = ""  # decoded text not yet sent: it might be the start of a stop string
         self.decoder: Any = None
@@ -215,22 +223,33 @@ class Engine:
                 gen.finish = "cancelled"
                 gen.put(_DONE)
                 continue
-            # At least the prompt's last token is evaluated again: its logits give the first token.
-            slot = max(free, key=lambda s: (_common_prefix(s.cached, gen.prompt, len(gen.prompt) - 1), -s.used_at))
-            keep = _common_prefix(slot.cached, gen.prompt, len(gen.prompt) - 1)
+            slot = max(free, key=lambda s: (self._reusable(s, gen.prompt), -s.used_at))
+            keep = self._reusable(slot, gen.prompt)
+            saved = slot.prompt_logits[1] if keep == len(gen.prompt) and slot.prompt_logits else None
             self.ll.llama_memory_seq_rm(self.memory, slot.seq, keep, -1)
             del slot.cached[keep:]
             self.prompt_tokens_reused += keep
             slot.reset()
             slot.gen = gen
+            slot.logits_saved = saved
             if gen.on_begin is not None:
                 gen.on_begin()
             slot.todo = gen.prompt[keep:]
+            if saved is None:
+                slot.prompt_logits = None  # this slot's cache is about to hold another prompt
             slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             try:
                 slot.sampler = self._sampler(gen.params)
             except Exception as exc:  # noqa: BLE001 - a sampler this request cannot have fails it alone
                 self._end(slot, "stop", error=f"cannot sample as asked: {exc}")
+
+    def _reusable(self, slot: _Slot, prompt: list[int]) -> int:
+        """How many of `prompt`'s tokens `slot` holds already: all of them only if it kept their last logits
+        (else at least the last one is evaluated again, for its logits)."""
+        saved = slot.prompt_logits
+        if saved is not None and saved[0] == len(prompt) and slot.cached[:len(prompt)] == prompt:
+            return len(prompt)
+        return _common_prefix(slot.cached, prompt, len(prompt) - 1)
 
     def _step(self) -> None:
         """One llama_decode: every running reply's next token, and as much waiting prompt as fits."""
@@ -238,6 +257,10 @@ class Engine:
         for slot in self.slots:
             if slot.gen is not None and slot.gen.cancelled():
                 self._end(slot, "cancelled")
+        for slot in self.slots:
+            if slot.gen is not None and slot.logits_saved is not None:
+                saved, slot.logits_saved = slot.logits_saved, None
+                self._take(slot, self._sample_saved(slot.sampler, saved))
         running = [s for s in self.slots if s.gen is not None]
         if not running:
             return
@@ -278,6 +301,9 @@ class Engine:
             if slot.gen is None or slot.logits_at < 0:
                 continue
             slot.used_at = now
+            if not slot.sampled:  # the prompt's last logits: kept for the same prompt again
+                logits = ll.llama_get_logits_ith(self.ctx, slot.logits_at)
+                slot.prompt_logits = (len(slot.cached), np.ctypeslib.as_array(logits, (self.n_vocab,)).copy())
             token = ll.llama_sampler_sample(slot.sampler, self.ctx, slot.logits_at)
             self._take(slot, token)
 
@@ -331,6 +357,22 @@ class Engine:
     def _drop_cached(self, slot: _Slot) -> None:
         self.ll.llama_memory_seq_rm(self.memory, slot.seq, 0, -1)
         slot.cached.clear()
+        slot.prompt_logits = None
+
+    def _sample_saved(self, sampler: Any, logits: Any) -> int:
+        """What llama_sampler_sample does, from kept logits instead of the context's."""
+        ll = self.ll
+        candidates = np.empty(self.n_vocab, dtype=_TOKEN_DATA)
+        candidates["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        candidates["logit"] = logits
+        candidates["p"] = 0.0
+        array = ll.llama_token_data_array(
+            data=candidates.ctypes.data_as(ctypes.POINTER(ll.llama_token_data)), size=self.n_vocab, selected=-1,
+            sorted=False)
+        ll.llama_sampler_apply(sampler, ctypes.byref(array))
+        token = int(array.data[array.selected].id)
+        ll.llama_sampler_accept(sampler, token)
+        return token
 
     def _token_bytes(self, token: int) -> bytes:
         n = self.ll.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
@@ -372,6 +414,10 @@ class Engine:
             ll.llama_sampler_free(chain)
             raise
         return chain
+
+
+# llama_token_data as numpy lays it out (id, logit, p): the candidates of one sampling.
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:

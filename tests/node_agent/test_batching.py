@@ -177,6 +177,15 @@ def test_a_follow_up_prompt_reuses_the_cached_prefix_and_answers_as_if_computed_
         # The first prompt, and what was generated after it as far as the follow-up repeats it, is not computed again.
         assert engines[0].prompt_tokens_reused >= len(first)
         assert reused == run(engines[1], follow)  # the same answer as a fresh engine computing all of it
+        # The same prompt again: all of it cached, its first token sampled from the logits kept for it (no
+        # decode); the sampler sees exactly what it saw the first time, so a seed gives the same reply.
+        params.update(temperature=0.9, seed=42, max_tokens=12)
+        story = host.tokenize(b"Once upon a time, in a small village,", add_bos=True)
+        before = engines[1].prompt_tokens_reused
+        computed = run(engines[1], story)
+        assert engines[1].prompt_tokens_reused == before, "new to this engine: computed"
+        assert run(engines[1], story) == computed
+        assert engines[1].prompt_tokens_reused - before == len(story)
     finally:
         for engine in engines:
             engine.stop()
