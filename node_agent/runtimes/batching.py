@@ -117,7 +117,8 @@ class _Slot:
 class Engine:
     """One llama.cpp context with `parallel` sequences of `n_ctx` tokens each, run by one thread."""
 
-    def __init__(self, llm: Any, *, n_ctx: int, parallel: int, threads: int, flash_attn: bool = True) -> None:
+    def __init__(self, llm: Any, *, n_ctx: int, parallel: int, threads: int, flash_attn: bool = True,
+                 on_failure: Callable[[], None] | None = None) -> None:
         import llama_cpp as ll
 
         self.ll = ll
@@ -148,6 +149,7 @@ class Engine:
         self._lock = threading.Condition()
         self._stopping = False
         self._failed = ""
+        self._on_failure = on_failure  # called if the engine thread fails (the worker exits: a crash, replayed)
         self._piece = ctypes.create_string_buffer(256)
         self.prompt_tokens_reused = 0  # prompt tokens found in a slot's cache, not computed again
         self.thread = threading.Thread(target=self._run, daemon=True, name="engine")
@@ -175,10 +177,6 @@ class Engine:
             self._stopping = True
             self._lock.notify()
 
-    @property
-    def busy(self) -> int:
-        return sum(slot.gen is not None for slot in self.slots) + len(self._waiting)
-
     # -- the engine thread --------------------------------------------------------------------
     def _run(self) -> None:
         try:
@@ -193,6 +191,8 @@ class Engine:
         except BaseException as exc:  # noqa: BLE001 - every waiting reply must learn it failed
             self._failed = f"{type(exc).__name__}: {exc}"
             print(f"batching engine failed: {self._failed}", file=sys.stderr)
+            if self._on_failure is not None:
+                self._on_failure()
         finally:
             for slot in self.slots:
                 if slot.gen is not None:

@@ -125,7 +125,10 @@ class Worker:
             chat_format=args.chat_format,
             verbose=False,
         )
-        self.engine = Engine(self.llm, n_ctx=args.n_ctx, parallel=args.parallel, threads=args.threads)
+        # An engine that fails has lost its model: the process ends as a crash would, so the agent starts a new
+        # one and replays what had not been answered.
+        self.engine = Engine(self.llm, n_ctx=args.n_ctx, parallel=args.parallel, threads=args.threads,
+                             on_failure=lambda: os._exit(70))
         self.formatter = self._make_formatter()
         template = self.llm.metadata.get("tokenizer.chat_template") or ""
         # A template that renders `tools` tells the model about them itself; for the

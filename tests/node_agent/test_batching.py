@@ -189,3 +189,24 @@ def test_a_follow_up_prompt_reuses_the_cached_prefix_and_answers_as_if_computed_
     finally:
         for engine in engines:
             engine.stop()
+
+
+def test_an_engine_that_fails_says_so_to_its_waiting_replies_and_to_the_worker(model_path: Path) -> None:
+    import threading
+
+    from llama_cpp import Llama
+
+    from node_agent.runtimes.batching import Engine, EngineError, Generation
+
+    host = Llama(model_path=str(model_path), n_ctx=256, verbose=False)
+    failed = threading.Event()
+    engine = Engine(host, n_ctx=512, parallel=2, threads=1, on_failure=failed.set)
+    # Settings without their stop strings break the engine's own loop (not one request's sampler): the
+    # worker's callback ends the process, as a crash would, so its requests are replayed on a new one.
+    broken = {"max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "min_p": 0.0, "top_k": 0, "repeat_penalty": 1.0,
+              "frequency_penalty": 0.0, "presence_penalty": 0.0, "seed": None, "logit_bias": None, "grammar": None}
+    with pytest.raises(EngineError):
+        list(engine.generate(Generation("x", host.tokenize(b"Hello", add_bos=True), broken, cancelled=lambda: False)))
+    assert failed.wait(5) and not engine.alive()
+    with pytest.raises(EngineError):
+        engine.submit(Generation("y", [1, 2], broken, cancelled=lambda: False))
