@@ -4,6 +4,8 @@ The path: this process picks an executor, sends `node.request` to the channel
 of the consumer that holds the node's link (in this process or, on the Redis
 layer, in another gateway process), and reads the node's events from a reply
 channel of its own. Leaving early (client gone, timeout) sends `node.cancel`.
+A link this process holds is spoken to directly instead: the consumer's
+handler is called, and the events come back on a queue (no channel layer).
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
 
 from node_agent.protocol import OP_CONFIGURE
-from nodes.consumers import link_held_here
+from nodes.consumers import (
+    LOCAL_REPLY_PREFIX,
+    NodeLinkConsumer,
+    link_held_here,
+    local_link,
+    local_reply_close,
+    local_reply_open,
+)
 from nodes.models import Node
 from operations.record import note_attempt_start, note_model, routed
 from optimagpt.errors import ApiError, NoCapacity, UpstreamTimeout
@@ -67,6 +76,8 @@ class InferenceCall(Call):
                  **timing: float) -> None:
         super().__init__(target, request_id, principal, **timing)
         self.reply_channel = reply_channel
+        # A link held by this process: its events come on this queue, not through the channel layer.
+        self._local = local_reply_open(reply_channel) if reply_channel.startswith(LOCAL_REPLY_PREFIX) else None
         # On the Redis pub/sub layer a cancelled receive unsubscribes the channel and drops what it
         # had buffered: an event arriving as a wait timed out was lost. There a receive stays pending
         # across waits; the in-memory layer's receive is safe to cancel, and cheaper so.
@@ -74,10 +85,16 @@ class InferenceCall(Call):
         self._receiving: asyncio.Future[dict[str, Any]] | None = None
 
     async def revoke(self) -> None:
-        await get_channel_layer().send(self.reply_channel, {"type": "node.event",
-                                                            "raw": json.dumps(self._revoked_event())})
+        raw = json.dumps(self._revoked_event())
+        if self._local is not None:
+            self._local.put_nowait(raw)  # a full queue means a client not reading: it is given up anyway
+            return
+        await get_channel_layer().send(self.reply_channel, {"type": "node.event", "raw": raw})
 
     async def _receive(self, timeout_s: float) -> dict[str, Any]:
+        if self._local is not None:
+            async with asyncio.timeout(timeout_s):
+                return json.loads(await self._local.get())
         if not self._keep_receiving:
             async with asyncio.timeout(timeout_s):  # cheaper than wait_for: no task per event
                 message = await get_channel_layer().receive(self.reply_channel)
@@ -97,6 +114,12 @@ class InferenceCall(Call):
             pk=self.target.node_pk, connected=True, channel_name=self.target.channel_name).exists)()
 
     async def _cancel(self) -> None:
+        if self._local is not None:
+            local_reply_close(self.reply_channel)
+            consumer = local_link(self.target.channel_name)
+            if not self.finished and consumer is not None:  # (a link gone has nothing to stop)
+                await consumer.node_cancel({"id": self.request_id})
+            return
         if self._receiving is not None:
             receiving, self._receiving = self._receiving, None
             receiving.cancel()  # which unsubscribes: the channel is dropped
@@ -196,6 +219,9 @@ class RoutedRequest:
             except BaseException:
                 release(target)
                 raise
+        consumer = local_link(target.channel_name)
+        if consumer is not None:
+            return await self._send_here(consumer, target, noted, timing)
         layer = get_channel_layer()
         try:
             async with asyncio.timeout(SEND_TIMEOUT_S):
@@ -209,21 +235,46 @@ class RoutedRequest:
         call = InferenceCall(target, os.urandom(16).hex(), reply_channel, self.principal, **timing)
         try:
             async with asyncio.timeout(SEND_TIMEOUT_S):
-                await layer.send(target.channel_name, {
-                    "type": "node.request",
-                    "id": call.request_id,
-                    "reply_channel": call.reply_channel,
-                    "executor": target.executor_key,
-                    "op": self.op,
-                    "stream": self.stream,
-                    "body_json": self.body_json,
-                    # The node stops by itself at the deadline, should our cancel be lost on the way.
-                    "deadline_s": round(max(self.deadline - asyncio.get_running_loop().time(), 0.001), 3),
-                })
+                await layer.send(target.channel_name, self._request_event(call))
         except Exception as exc:
             call.finished = True
             await call.close()
             # The consumer's channel is full or the layer is unreachable: the node cannot take it now.
+            raise NoCapacity(f"The node serving '{self.model}' is not taking requests right now.",
+                             param="model") from exc
+        except BaseException:
+            call.finished = True
+            await call.close()
+            raise
+        if noted is not None:
+            noted.sent = time.time_ns()
+        return call
+
+    def _request_event(self, call: InferenceCall) -> dict[str, Any]:
+        """The `node.request` event, as the link's consumer takes it."""
+        return {
+            "type": "node.request",
+            "id": call.request_id,
+            "reply_channel": call.reply_channel,
+            "executor": call.target.executor_key,
+            "op": self.op,
+            "stream": self.stream,
+            "body_json": self.body_json,
+            # The node stops by itself at the deadline, should our cancel be lost on the way.
+            "deadline_s": round(max(self.deadline - asyncio.get_running_loop().time(), 0.001), 3),
+        }
+
+    async def _send_here(self, consumer: NodeLinkConsumer, target: Target, noted: Any,
+                         timing: dict[str, float]) -> InferenceCall:
+        """Hand the request to a link this process holds: its consumer's handler, called here."""
+        request_id = os.urandom(16).hex()
+        call = InferenceCall(target, request_id, LOCAL_REPLY_PREFIX + request_id, self.principal, **timing)
+        try:
+            await consumer.node_request(self._request_event(call))
+        except Exception as exc:
+            call.finished = True
+            await call.close()
+            # The link broke as we wrote to it: the node cannot take it now (and fails over).
             raise NoCapacity(f"The node serving '{self.model}' is not taking requests right now.",
                              param="model") from exc
         except BaseException:

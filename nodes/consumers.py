@@ -45,15 +45,37 @@ _REQUEST_EVENTS = frozenset({"delta", "end", "error"})
 CONSOLE_GROUP = "node-console"
 CHANNEL_SEND_TIMEOUT_S = 5.0
 
-# The channels of the authenticated links this process holds. A request routed to a link that closed
-# a moment before it was sent would wait for nothing until its timeout; its waiter asks here.
-_live_links: set[str] = set()
+# The authenticated links this process holds, by channel name. A request routed to a link that closed
+# a moment before it was sent would wait for nothing until its timeout; its waiter asks here. A request
+# for a link held here is handed to its consumer directly (local_link), not through the channel layer.
+_live_links: dict[str, NodeLinkConsumer] = {}
+# Reply queues of requests sent to links held here: the consumer puts their events on them directly.
+_local_replies: dict[str, asyncio.Queue[str]] = {}
+LOCAL_REPLY_PREFIX = "local!"  # never a channel layer's name (those have no "!" but the one before a process's)
+REPLY_CAPACITY = 1000  # events a request may have waiting unread, as the channel layer's capacity
 
 
 def link_held_here(channel_name: str) -> bool:
     """Whether this process holds the link behind `channel_name`, up and authenticated. False says nothing
     of links other gateway processes hold: the node's row says whether those are up."""
     return channel_name in _live_links
+
+
+def local_link(channel_name: str) -> NodeLinkConsumer | None:
+    """The consumer of a link this process holds, for a request to call directly; None if another holds it."""
+    consumer = _live_links.get(channel_name)
+    return consumer if consumer is not None and not consumer.closing else None
+
+
+def local_reply_open(name: str) -> asyncio.Queue[str]:
+    """A reply queue for a request sent to a link held here, under `name` (LOCAL_REPLY_PREFIX + an id)."""
+    queue: asyncio.Queue[str] = asyncio.Queue(REPLY_CAPACITY)
+    _local_replies[name] = queue
+    return queue
+
+
+def local_reply_close(name: str) -> None:
+    _local_replies.pop(name, None)
 
 
 class NodeLinkConsumer(AsyncWebsocketConsumer):
@@ -104,7 +126,7 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         for rid, reply in in_flight.items():
             await self._forward(rid, reply, _disconnected(rid))
         node_pk, self.node_pk = self.node_pk, None
-        _live_links.discard(self.channel_name)
+        _live_links.pop(self.channel_name, None)
         if node_pk is not None:
             await database_sync_to_async(services.node_link_closed)(
                 node_pk=node_pk, channel_name=self.channel_name, reason=reason)
@@ -201,9 +223,14 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
         That request is given up; the link and every other request on it go on.
         """
         try:
+            if reply.startswith(LOCAL_REPLY_PREFIX):  # a request of this process: straight onto its queue
+                queue = _local_replies.get(reply)
+                if queue is not None:  # else it has ended: nobody waits for this
+                    queue.put_nowait(raw)
+                return
             async with asyncio.timeout(CHANNEL_SEND_TIMEOUT_S):  # cheaper than wait_for: no task per event
                 await self.channel_layer.send(reply, {"type": "node.event", "raw": raw})
-        except Exception as exc:  # noqa: BLE001 - ChannelFull, a timeout, or Redis gone: same remedy
+        except Exception as exc:  # noqa: BLE001 - ChannelFull, QueueFull, a timeout, or Redis gone: same remedy
             log.warning("dropping request %s: its reply channel took no event (%s)", rid, type(exc).__name__)
             if self.in_flight.pop(rid, None) is not None:
                 await self._send({"type": "cancel", "id": rid})
@@ -243,7 +270,7 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.send(opened.replaced, {"type": "node.replaced"})
         self.node_pk = opened.node.pk
         self.link_key = key
-        _live_links.add(self.channel_name)
+        _live_links[self.channel_name] = self
         await self._to_console({"kind": "link", "connected": True})
         await self._send(welcome_message(key=key, gateway_nonce=self.gateway_nonce, auth=message,
                                          heartbeat_interval_s=self.heartbeat_interval_s, new_secret=opened.new_secret))
@@ -328,7 +355,7 @@ class NodeLinkConsumer(AsyncWebsocketConsumer):
     async def node_replaced(self, event: dict[str, Any]) -> None:
         log.info("node %s linked again elsewhere; closing this older link", self.node_pk)
         self.node_pk = None  # the newer link owns the node row now
-        _live_links.discard(self.channel_name)
+        _live_links.pop(self.channel_name, None)
         await self.close(CLOSE_REPLACED)
 
 
