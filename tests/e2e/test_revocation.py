@@ -31,8 +31,8 @@ def test_revoking_a_key_ends_its_streaming_and_queued_requests(gateway, node, ap
             stream_lines.extend(line for line in response.iter_lines() if line)
 
     def wait_in_queue() -> None:
-        queued["r"] = httpx.post(gateway.url + "/v1/chat/completions", headers=headers, timeout=60, json={
-            "model": MODEL_ID, "max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}]})
+        queued["r"] = httpx.post(gateway.url + "/v1/chat/completions", headers=headers, timeout=60,
+                                 json={**long_body, "stream": False})
 
     streamer = threading.Thread(target=stream)
     streamer.start()
@@ -42,7 +42,7 @@ def test_revoking_a_key_ends_its_streaming_and_queued_requests(gateway, node, ap
         time.sleep(0.05)
     waiter = threading.Thread(target=wait_in_queue)
     waiter.start()
-    time.sleep(0.5)  # the second request is now queued behind the first on the node
+    time.sleep(0.5)  # the second request now generates beside the first (one batch on the node), unanswered
 
     gateway.revoke_api_key(browser, "doomed")
     revoked_at = time.monotonic()
