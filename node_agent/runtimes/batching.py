@@ -401,7 +401,9 @@ class Engine:
                 ll.llama_sampler_chain_add(chain, sampler)
             temperature = params["temperature"]
             seed = params.get("seed")
-            seed = random.randrange(2**32 - 1) if seed is None else int(seed) & 0xFFFFFFFF
+            if seed is None:  # a sampling seed, not a secret: the reply only has to differ from the last
+                seed = random.randrange(2**32 - 1)  # nosec B311
+            seed = int(seed) & 0xFFFFFFFF
             if temperature == 0:
                 ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
             else:
