@@ -110,7 +110,7 @@ class Worker:
         if args.embedding:
             # An embedding model: one context, in embedding mode, and no chat.
             self.llm = self._embedder = self._embedding_context(args.n_ctx)
-            self.n_ctx = self.n_ctx
+            self.n_ctx = self.llm.n_ctx()
             self.formatter = None
             self.template_knows_tools = False
             return
