@@ -17,7 +17,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Coroutine
 from typing import Any, Protocol
 
 from channels.db import database_sync_to_async
@@ -233,22 +233,8 @@ class RoutedRequest:
                                  code="channel_layer_unavailable", retry_after=5) from exc
             raise
         call = InferenceCall(target, os.urandom(16).hex(), reply_channel, self.principal, **timing)
-        try:
-            async with asyncio.timeout(SEND_TIMEOUT_S):
-                await layer.send(target.channel_name, self._request_event(call))
-        except Exception as exc:
-            call.finished = True
-            await call.close()
-            # The consumer's channel is full or the layer is unreachable: the node cannot take it now.
-            raise NoCapacity(f"The node serving '{self.model}' is not taking requests right now.",
-                             param="model") from exc
-        except BaseException:
-            call.finished = True
-            await call.close()
-            raise
-        if noted is not None:
-            noted.sent = time.time_ns()
-        return call
+        return await self._sent(call, layer.send(target.channel_name, self._request_event(call)), SEND_TIMEOUT_S,
+                                noted)
 
     def _request_event(self, call: InferenceCall) -> dict[str, Any]:
         """The `node.request` event, as the link's consumer takes it."""
@@ -269,12 +255,19 @@ class RoutedRequest:
         """Hand the request to a link this process holds: its consumer's handler, called here."""
         request_id = os.urandom(16).hex()
         call = InferenceCall(target, request_id, LOCAL_REPLY_PREFIX + request_id, self.principal, **timing)
+        return await self._sent(call, consumer.node_request(self._request_event(call)), None, noted)
+
+    async def _sent(self, call: InferenceCall, send: Coroutine[Any, Any, None], timeout_s: float | None,
+                    noted: Any) -> InferenceCall:
+        """Await `send`, which hands `call`'s request on; if it fails, the call is closed and the node counts as
+        not taking requests now (NoCapacity, which fails over): its channel full, the layer unreachable, the
+        link broken as we wrote to it."""
         try:
-            await consumer.node_request(self._request_event(call))
+            async with asyncio.timeout(timeout_s):
+                await send
         except Exception as exc:
             call.finished = True
             await call.close()
-            # The link broke as we wrote to it: the node cannot take it now (and fails over).
             raise NoCapacity(f"The node serving '{self.model}' is not taking requests right now.",
                              param="model") from exc
         except BaseException:
