@@ -302,16 +302,22 @@ def llama_server(model: Path, threads: int) -> Iterator[str]:
         proc.wait(30)
 
 
+def models_folder(root: Path, model: Path) -> Path:
+    """`root`/models holding `model` (a hard link where the file system allows): what a bench node serves."""
+    models = root / "models"
+    models.mkdir()
+    try:
+        os.link(model, models / model.name)
+    except OSError:  # another file system
+        shutil.copyfile(model, models / model.name)
+    return models
+
+
 @contextmanager
 def gateway_and_node(model: Path, threads: int, stream_interval_ms: float) -> Iterator[tuple[str, str]]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        models = root / "models"
-        models.mkdir()
-        try:
-            os.link(model, models / model.name)
-        except OSError:  # another file system
-            shutil.copyfile(model, models / model.name)
+        models = models_folder(root, model)
         (root / "gw").mkdir()
         (root / "node").mkdir()
         gateway = Gateway(data_dir=root / "gw", port=free_port())
@@ -339,6 +345,11 @@ def print_table(results: dict[str, Result], base_name: str, ratio_label: str) ->
                      f"{r['ttft']:.2f}", f"{r['tps_min']:.1f}", f"{r['tps_med']:.1f}", f"{r['tps_max']:.1f}",
                      f"{100 * r['tps_ratio']:.0f}%",
                      f"{r['rps']:.0f}" if "rps" in r else "-"))
+    print_markdown(header, rows)
+
+
+def print_markdown(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A Markdown table, its columns padded to line up in a terminal too."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     print(line(header))

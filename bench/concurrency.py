@@ -41,7 +41,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.backbone import gateway_and_node, wait_http  # noqa: E402
+from bench.backbone import gateway_and_node, print_markdown, wait_http  # noqa: E402
 from node_agent.default_model import ensure_default_model  # noqa: E402
 from tests.processes import free_port  # noqa: E402
 
@@ -220,12 +220,7 @@ def main() -> None:
         alone, together = statistics.median(r["alone"]), statistics.median(r["together"])
         rows.append((name, f"{alone:.1f}", f"{together:.1f}", f"{together / alone:.2f}x",
                      f"{100 * together / server:.0f}%"))
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print(line(row))
+    print_markdown(header, rows)
     gateway = results["gateway + node"]
     ratio = statistics.median(gateway["together"]) / statistics.median(gateway["alone"])
     print(f"\ngateway: {CONCURRENT} at once {ratio:.2f}x one alone ({'PASS' if ratio >= 1.6 else 'FAIL'}; goal 1.6x); "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import uuid
@@ -28,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.backbone import MODEL_ID, Http, print_table, run_interleaved  # noqa: E402
+from bench.backbone import MODEL_ID, Http, models_folder, print_table, run_interleaved  # noqa: E402
 from node_agent.default_model import ensure_default_model  # noqa: E402
 from tests.processes import Gateway, NodeAgent, free_port  # noqa: E402
 
@@ -53,12 +52,7 @@ def two_gateways(model: Path, threads: int, database_url: str, redis_url: str) -
     """Gateways A and B and a node linked to B; yields A's URL, B's URL and an API key."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        models = root / "models"
-        models.mkdir()
-        try:
-            os.link(model, models / model.name)
-        except OSError:  # another file system
-            shutil.copyfile(model, models / model.name)
+        models = models_folder(root, model)
         for name in ("a", "b", "node"):
             (root / name).mkdir()
         env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
