@@ -128,6 +128,7 @@ class Engine:
         model = llm._model.model
         self.vocab = ll.llama_model_get_vocab(model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+        self._token_ids = np.arange(self.n_vocab, dtype=np.int32)  # the candidates' ids, for _sample_saved
         params = ll.llama_context_default_params()
         params.n_ctx = n_ctx * parallel
         params.n_batch = PROMPT_CHUNK + parallel
@@ -363,7 +364,7 @@ class Engine:
         """What llama_sampler_sample does, from kept logits instead of the context's."""
         ll = self.ll
         candidates = np.empty(self.n_vocab, dtype=_TOKEN_DATA)
-        candidates["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        candidates["id"] = self._token_ids
         candidates["logit"] = logits
         candidates["p"] = 0.0
         array = ll.llama_token_data_array(
