@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+import pydantic
 from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http.response import HttpResponseBase
 from django.views.defaults import page_not_found
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
@@ -13,8 +18,10 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 from accounts.api import router as auth_router
 from chat.api import chat_tools_router, preferences_router
 from chat.api import router as conversations_router
+from gateway.api import chat_completions, completions, embeddings
 from gateway.api import router as openai_router
 from gateway.optima_api import router as optima_router
+from gateway.schemas import ChatCompletionIn, CompletionIn, EmbeddingIn
 from operations.api import router as operations_router
 from operations.record import note_error
 from optimagpt.errors import ApiError, error_body
@@ -89,3 +96,52 @@ def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpR
 def on_unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
     log.exception("unexpected error in %s %s", request.method, request.path)
     return error_response(500, "The gateway failed to process the request.", type="server_error")
+
+
+# -- the inference endpoints, called without django-ninja's per-request work ------------------------------------------
+# These three carry the traffic, and on them django-ninja's operation (its checks, its signature model, Django's
+# view machinery around it) was a fifth of a 1-token request's CPU in the gateway (bench/routing.py). The lean
+# handler (optimagpt/asgi.py) calls them through `direct` instead, which does what their operation does: the
+# router's authentication, the body read with json.loads and validated into the same schema, every error through
+# the handlers above, so callers see the same answers. django-ninja still routes them for its test client and
+# describes them in the OpenAPI schema.
+DirectView = Callable[[HttpRequest], Awaitable[HttpResponseBase]]
+_DIRECT_ENDPOINTS: dict[str, tuple[Callable[..., Awaitable[HttpResponseBase]], type[pydantic.BaseModel]]] = {
+    "/v1/chat/completions": (chat_completions, ChatCompletionIn),
+    "/v1/completions": (completions, CompletionIn),
+    "/v1/embeddings": (embeddings, EmbeddingIn),
+}
+
+
+def direct_view(method: str, path: str) -> DirectView | None:
+    """The direct call for a POST to one of the inference endpoints; None for anything else."""
+    if method != "POST" or path not in _DIRECT_ENDPOINTS:
+        return None
+    endpoint, schema = _DIRECT_ENDPOINTS[path]
+
+    async def call(request: HttpRequest) -> HttpResponseBase:
+        try:
+            request.auth = await openai_router.auth(request)  # type: ignore[attr-defined]
+            return await endpoint(request, _body(request, schema))
+        except Exception as exc:  # noqa: BLE001 - every error is answered as django-ninja would answer it
+            return api.on_exception(request, exc)
+
+    return call
+
+
+def _body(request: HttpRequest, schema: type[pydantic.BaseModel]) -> Any:
+    """The body validated into `schema`, with django-ninja's errors: its HttpError for what is not JSON, its
+    ValidationError (locations under ("body", "body"), the single body parameter's) for what does not fit."""
+    data: Any = None
+    if request.body:
+        try:
+            data = json.loads(request.body)
+        except Exception as exc:  # as django-ninja: not JSON, or nested past the parser's depth
+            raise HttpError(400, "Cannot parse request body") from exc
+    if data is None and not request.body:
+        raise ValidationError([{"loc": ("body", "body"), "msg": "Field required", "type": "missing"}])
+    try:
+        return schema.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise ValidationError([{"loc": ("body", "body", *e["loc"]), "msg": e["msg"], "type": e["type"]}
+                               for e in exc.errors(include_url=False)]) from None
