@@ -14,12 +14,12 @@ import os
 from typing import Any
 from urllib.parse import urlsplit
 
-from django.core import signals
 from django.core.asgi import get_asgi_application
 from django.core.exceptions import DisallowedHost, ImproperlyConfigured, RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
 from django.http import HttpResponse, HttpResponseNotAllowed
+from django.http.response import HttpResponseBase
 from django.urls import ResolverMatch, get_resolver, set_script_prefix
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "optimagpt.settings")
@@ -28,6 +28,7 @@ django_asgi_app = get_asgi_application()
 from gateway.checks import check_secret_key  # noqa: E402
 from operations.record import request_finished, request_open  # noqa: E402
 from optimagpt.addresses import client_address  # noqa: E402
+from optimagpt.api import direct_view  # noqa: E402
 from optimagpt.errors import error_body  # noqa: E402
 
 for _error in check_secret_key(None):
@@ -45,10 +46,10 @@ class ApiHandler(ASGIHandler):
     settings.MIDDLEWARE costs a thread hop per sync-style middleware in an async
     request, and the request_started signal and response.close() a hop each
     (bench/README.md, "Measurements behind the code"). The API needs none of the middleware: it authenticates
-    by key (no session, so no CSRF), sets no cookies and answers JSON. The
-    signals' receivers only tidy database connections, and this event-loop
-    thread holds none: the API's queries run through channels'
-    database_sync_to_async, which tidies connections in the thread that owns them.
+    by key (no session, so no CSRF), sets no cookies and answers JSON. Nor does it send the request signals
+    (3% of a 1-token request's CPU even inline): their receivers only tidy database connections, and this
+    event-loop thread holds none: the API's queries run through channels' database_sync_to_async, which tidies
+    connections in the thread that owns them. The inference endpoints skip django-ninja too (optimagpt/api.py).
     """
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -71,13 +72,12 @@ class ApiHandler(ASGIHandler):
         self._middleware_chain = convert_exception_to_response(chain)
 
     async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        """ASGIHandler.handle (Django 5.2) with the request signals sent inline instead of in a thread."""
+        """ASGIHandler.handle (Django 5.2) without the request signals, the view in this task."""
         try:
             body_file = await self.read_body(receive)
         except RequestAborted:
             return
         set_script_prefix(get_script_prefix(scope))
-        signals.request_started.send(sender=self.__class__, scope=scope)
         request, error_response = self.create_request(scope, body_file)
         if request is not None:
             try:
@@ -94,8 +94,10 @@ class ApiHandler(ASGIHandler):
 
         record = request_open(method=request.method or "", path=request.path, client=client_address(request))
 
+        direct = direct_view(request.method or "", request.path_info)
+
         async def process_request() -> Any:
-            response = await self.run_get_response(request)
+            response = await (direct(request) if direct is not None else self.run_get_response(request))
             if isinstance(response, HttpResponseNotAllowed):  # django-ninja's is plain text
                 allowed = response["Allow"]
                 response = _json_error(405, f"{request.method} is not allowed on {request.path}; it takes {allowed}.",
@@ -112,26 +114,36 @@ class ApiHandler(ASGIHandler):
                 pass  # client disconnected while we were sending
             return response
 
-        # As in Django: a client that disconnects cancels the view, so a
-        # streamed generation stops on the node too.
-        tasks = [asyncio.create_task(self.listen_for_disconnect(receive)), asyncio.create_task(process_request())]
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in tasks:
-            if task.done():
-                with contextlib.suppress(RequestAborted):
-                    task.result()
-            else:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        # As in Django: a client that disconnects cancels the view, so a streamed generation stops on the node
+        # too. The view runs in this task and a watcher task cancels it (Django runs both in tasks of their own and
+        # waits for the first: one task and an asyncio.wait more per request).
+        handler = asyncio.current_task()
+        assert handler is not None, "an ASGI application runs in a task"
+        left = False
+
+        async def watch() -> None:
+            nonlocal left
+            try:
+                await self.listen_for_disconnect(receive)
+            except RequestAborted:
+                left = True
+                handler.cancel()
+
+        watcher = asyncio.create_task(watch())
         try:
-            response = tasks[1].result()
+            response = await process_request()
         except asyncio.CancelledError:
-            signals.request_finished.send(sender=self.__class__)
+            if not left:  # cancelled from outside: the server is stopping
+                raise
+            handler.uncancel()
             status = CLIENT_CLOSED
         else:
-            response.close()
+            if left and handler.cancelling():  # it came as the answer was being sent, which went on without it
+                handler.uncancel()
+            _close(response)
             status = response.status_code
+        finally:
+            watcher.cancel()
         body_file.close()
         request_finished(record, status)
 
@@ -161,6 +173,15 @@ def _resolved(urlconf: str, path: str) -> ResolverMatch:
     """A path's resolution, kept (only a path that resolves: Resolver404 is raised, not kept). Paths with an id
     in them (a stored response's) each take an entry; the least recently used go past 512."""
     return get_resolver(urlconf).resolve(path)
+
+
+def _close(response: HttpResponseBase) -> None:
+    """HttpResponseBase.close (Django 5.2) without the request_finished signal (see ApiHandler)."""
+    for closer in response._resource_closers:  # type: ignore[attr-defined]
+        with contextlib.suppress(Exception):
+            closer()
+    response._resource_closers.clear()  # type: ignore[attr-defined]
+    response.closed = True
 
 
 def _json_error(status: int, message: str, code: str) -> HttpResponse:
