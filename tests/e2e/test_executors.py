@@ -170,7 +170,7 @@ def test_a_reply_cap_and_a_chat_format_override_reach_the_process(stack: Stack) 
     assert arg_of(worker, "--chat-format") == "chatml" and arg_of(worker, "--max-tokens-cap") == "3"
     reply = stack.openai().chat.completions.create(
         model=MODEL_ID, messages=[{"role": "user", "content": "Write a long story about a dragon."}],
-        max_tokens=50, logit_bias={"2": -100})
+        max_tokens=50, logit_bias={"0": -100, "2": -100, "4": -100})  # SmolLM2's end-of-generation tokens
     assert reply.usage.completion_tokens == 3 and reply.choices[0].finish_reason == "length"
     stack.api("PATCH", f"/optima/v1/executors/{smol['id']}", json={"max_tokens": 0, "chat_format": ""})
     stack.wait_state(SMOL, "online")

@@ -27,7 +27,9 @@ from tests.processes import Gateway, NodeAgent, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
-LONG = {"max_tokens": 400, "logit_bias": {"2": -100},  # no end of text: the reply runs its full length
+# No end of text: the reply runs its full length. SmolLM2 ends a reply with any of three tokens (0, 2 and 4 are
+# end-of-generation in its vocabulary); banning 2 alone let a rare draw end on another (finish_reason "stop").
+LONG = {"max_tokens": 400, "logit_bias": {"0": -100, "2": -100, "4": -100},
         "messages": [{"role": "user", "content": "Write a very long story."}]}
 SHORT = {"max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}
 
