@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BROWSER_FLAGS
-from tests.e2e.test_chat_browser import PASSWORD, TIMEOUT_MS
+from tests.e2e.test_chat_browser import PASSWORD, TIMEOUT_MS, choose_temperature
 from tests.processes import REPO, Gateway
 
 pytestmark = pytest.mark.e2e
@@ -55,6 +55,7 @@ def test_optimachat_is_installable_and_its_worker_caches_the_shell_only(browser,
         manifest = cdp.send("Page.getAppManifest")
         assert not manifest.get("errors"), manifest.get("errors")
         # A chat turn through the API, then: what the worker's cache holds.
+        choose_temperature(page, "0")
         page.fill("#input", "Say hi")
         page.keyboard.press("Enter")
         page.locator("#messages li.assistant").last.wait_for()

@@ -112,6 +112,19 @@ def _tokens(model_path, text: str) -> int:
 LAST_REPLY = "document.querySelector('#messages li.assistant:last-child .content')?.textContent.length"
 
 
+def choose_temperature(page, value: str) -> None:
+    """Save `value` as the open conversation's temperature (making one if none is open) in its settings panel.
+    At 0 SmolLM2 answers these tests' prompts greedily: the same short reply every run, where a sampled one may
+    ramble until the context window is full."""
+    page.click("#settings-toggle")
+    page.evaluate("value => { const t = document.querySelector('#temperature'); t.value = value;"
+                  " t.dispatchEvent(new Event('input')); }", value)
+    assert page.inner_text("#temperature-value") == f"{float(value):.1f}"
+    page.click("#settings-save")
+    page.locator("#settings-saved", has_text="Saved").wait_for()
+    page.click("#settings-toggle")
+
+
 @pytest.fixture(scope="module")
 def chatter(gateway, node, api_key, tmp_path_factory):
     """The chat's three models (SmolLM2 on the node, the same as a remote upstream, a simulated long talker)
@@ -184,6 +197,7 @@ def test_enter_sends_shift_enter_breaks_the_line_and_the_model_titles_the_chat(c
         page = chat.page
         assert "script-src 'self'" in chat.response.headers["content-security-policy"]
         chat.new_chat()
+        choose_temperature(page, "0")
         page.click("#input")
         page.keyboard.type("Say hello.")
         page.keyboard.press("Shift+Enter")
@@ -210,6 +224,7 @@ def test_a_new_system_prompt_is_saved_and_counted_by_the_models_tokenizer(chatte
     with ChatPage(browser, chatter, "chat-settings") as chat:
         page = chat.page
         chat.new_chat()
+        choose_temperature(page, "0")
         chat.send("Hello there.")
         page.click("#settings-toggle")
         assert page.input_value("#system-prompt") == "You are a helpful assistant."
@@ -217,9 +232,9 @@ def test_a_new_system_prompt_is_saved_and_counted_by_the_models_tokenizer(chatte
         page.locator("#context-legend li[data-part=system]", has_text=system).wait_for()
         pirate = "You are a pirate. Answer every message like a pirate would, with plenty of arr and matey."
         page.fill("#system-prompt", pirate)
-        page.evaluate("() => { const t = document.querySelector('#temperature'); t.value = '0';"
+        page.evaluate("() => { const t = document.querySelector('#temperature'); t.value = '0.3';"
                       " t.dispatchEvent(new Event('input')); }")
-        assert page.inner_text("#temperature-value") == "0.0"
+        assert page.inner_text("#temperature-value") == "0.3"
         page.click("#settings-save")
         page.locator("#settings-saved", has_text="Saved").wait_for()
         system = f"System {_tokens(model_path, pirate)}"
