@@ -106,19 +106,9 @@ def on_unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
 # the handlers above, so callers see the same answers. django-ninja still routes them for its test client and
 # describes them in the OpenAPI schema.
 DirectView = Callable[[HttpRequest], Awaitable[HttpResponseBase]]
-_DIRECT_ENDPOINTS: dict[str, tuple[Callable[..., Awaitable[HttpResponseBase]], type[pydantic.BaseModel]]] = {
-    "/v1/chat/completions": (chat_completions, ChatCompletionIn),
-    "/v1/completions": (completions, CompletionIn),
-    "/v1/embeddings": (embeddings, EmbeddingIn),
-}
 
 
-def direct_view(method: str, path: str) -> DirectView | None:
-    """The direct call for a POST to one of the inference endpoints; None for anything else."""
-    if method != "POST" or path not in _DIRECT_ENDPOINTS:
-        return None
-    endpoint, schema = _DIRECT_ENDPOINTS[path]
-
+def _direct(endpoint: Callable[..., Awaitable[HttpResponseBase]], schema: type[pydantic.BaseModel]) -> DirectView:
     async def call(request: HttpRequest) -> HttpResponseBase:
         try:
             request.auth = await openai_router.auth(request)  # type: ignore[attr-defined]
@@ -129,17 +119,27 @@ def direct_view(method: str, path: str) -> DirectView | None:
     return call
 
 
+_DIRECT_VIEWS: dict[str, DirectView] = {
+    "/v1/chat/completions": _direct(chat_completions, ChatCompletionIn),
+    "/v1/completions": _direct(completions, CompletionIn),
+    "/v1/embeddings": _direct(embeddings, EmbeddingIn),
+}
+
+
+def direct_view(method: str, path: str) -> DirectView | None:
+    """The direct call for a POST to one of the inference endpoints; None for anything else."""
+    return _DIRECT_VIEWS.get(path) if method == "POST" else None
+
+
 def _body(request: HttpRequest, schema: type[pydantic.BaseModel]) -> Any:
     """The body validated into `schema`, with django-ninja's errors: its HttpError for what is not JSON, its
     ValidationError (locations under ("body", "body"), the single body parameter's) for what does not fit."""
-    data: Any = None
-    if request.body:
-        try:
-            data = json.loads(request.body)
-        except Exception as exc:  # as django-ninja: not JSON, or nested past the parser's depth
-            raise HttpError(400, "Cannot parse request body") from exc
-    if data is None and not request.body:
+    if not request.body:
         raise ValidationError([{"loc": ("body", "body"), "msg": "Field required", "type": "missing"}])
+    try:
+        data = json.loads(request.body)
+    except Exception as exc:  # as django-ninja: not JSON, or nested past the parser's depth
+        raise HttpError(400, "Cannot parse request body") from exc
     try:
         return schema.model_validate(data)
     except pydantic.ValidationError as exc:

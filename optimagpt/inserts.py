@@ -44,7 +44,7 @@ def rows_insert(model: type[models.Model], columns: Sequence[str], values: Seque
         try:  # values JSON can carry as they are (text, numbers, booleans, NULL); anything else row by row
             rows_json = json.dumps(values, allow_nan=False)
         except (TypeError, ValueError):
-            rows_json = None
+            pass
     with transaction.atomic(), connection.cursor() as cursor:
         if rows_json is not None:
             cursor.execute(_sqlite_json_insert_sql(table, names), [rows_json])
