@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import secrets
@@ -61,13 +60,8 @@ class User(AbstractUser):
 
 def api_key_digest(raw_key: str) -> str:
     """Keyed hash of an API key: a stolen database alone does not let anyone check guesses."""
-    return hmac.digest(_api_key_secret(settings.SECRET_KEY), raw_key.encode(), "sha256").hex()
-
-
-@functools.lru_cache(maxsize=4)
-def _api_key_secret(secret_key: str) -> bytes:
-    """The HMAC key derived from SECRET_KEY, derived once per SECRET_KEY rather than on every request."""
-    return hashlib.sha256(b"optimagpt-api-key\n" + secret_key.encode()).digest()
+    secret = hashlib.sha256(b"optimagpt-api-key\n" + settings.SECRET_KEY.encode()).digest()
+    return hmac.new(secret, raw_key.encode(), hashlib.sha256).hexdigest()
 
 
 class ApiKeyQuerySet(models.QuerySet["ApiKey"]):
