@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from node_agent.default_model import CATALOG, ensure_model, sha256_file
-from tests.conftest import MODEL_ID
+from tests.conftest import MODEL_ID, NO_END
 from tests.processes import REPO, Gateway, NodeAgent, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -170,7 +170,7 @@ def test_a_reply_cap_and_a_chat_format_override_reach_the_process(stack: Stack) 
     assert arg_of(worker, "--chat-format") == "chatml" and arg_of(worker, "--max-tokens-cap") == "3"
     reply = stack.openai().chat.completions.create(
         model=MODEL_ID, messages=[{"role": "user", "content": "Write a long story about a dragon."}],
-        max_tokens=50, logit_bias={"0": -100, "2": -100, "4": -100})  # SmolLM2's end-of-generation tokens
+        max_tokens=50, logit_bias=NO_END)
     assert reply.usage.completion_tokens == 3 and reply.choices[0].finish_reason == "length"
     stack.api("PATCH", f"/optima/v1/executors/{smol['id']}", json={"max_tokens": 0, "chat_format": ""})
     stack.wait_state(SMOL, "online")

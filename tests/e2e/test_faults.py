@@ -22,14 +22,11 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import MODEL_ID
+from tests.conftest import MODEL_ID, NO_END
 from tests.processes import Gateway, NodeAgent, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
-# No end of text: the reply runs its full length. SmolLM2 ends a reply with any of three tokens (0, 2 and 4 are
-# end-of-generation in its vocabulary); banning 2 alone let a rare draw end on another (finish_reason "stop").
-NO_END = {"0": -100, "2": -100, "4": -100}
 LONG = {"max_tokens": 400, "logit_bias": NO_END, "messages": [{"role": "user", "content": "Write a very long story."}]}
 # Sampled freely, "Hi" ends before its 8th token about once in 75 replies (4 of 300 seeds): banned here too.
 SHORT = {"max_tokens": 8, "logit_bias": NO_END, "messages": [{"role": "user", "content": "Hi"}]}

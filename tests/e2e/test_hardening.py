@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import MODEL_ID, REPO
+from tests.conftest import MODEL_ID, NO_END, REPO
 
 pytestmark = pytest.mark.e2e
 
@@ -291,7 +291,7 @@ def test_deactivating_a_user_ends_their_keys_requests_at_once(gateway, node) -> 
     def stream() -> None:
         with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers=_headers(key), timeout=120, json={
                 "model": MODEL_ID, "messages": [{"role": "user", "content": "Write a long story."}],
-                "max_tokens": 2000, "logit_bias": {"2": -100}, "stream": True}) as response:
+                "max_tokens": 2000, "logit_bias": NO_END, "stream": True}) as response:
             for line in response.iter_lines():
                 if line:
                     lines.append(line)

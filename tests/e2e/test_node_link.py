@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import MODEL_ID
+from tests.conftest import MODEL_ID, NO_END
 from tests.processes import Gateway, NodeAgent, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -77,7 +77,7 @@ def test_a_node_lost_mid_stream_ends_the_stream_with_an_error_event_and_no_done(
         events = []
         started = time.monotonic()
         with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                          json={"model": MODEL_ID, "stream": True, "max_tokens": 3000, "logit_bias": {"2": -100},
+                          json={"model": MODEL_ID, "stream": True, "max_tokens": 3000, "logit_bias": NO_END,
                                 "messages": [{"role": "user", "content": "Write a very long story."}]},
                           timeout=60) as response:
             for line in response.iter_lines():

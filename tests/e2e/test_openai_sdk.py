@@ -11,7 +11,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import MODEL_ID
+from tests.conftest import MODEL_ID, NO_END
 
 pytestmark = pytest.mark.e2e
 
@@ -29,10 +29,6 @@ PERSON_SCHEMA = {
     "required": ["name", "age"],
     "additionalProperties": False,
 }
-
-# SmolLM2's end-of-generation tokens: banned where a test counts the tokens of a reply that must run its length
-# (sampled at temperature 1, a reply ended early now and then: "Count to five." in 5 tokens of 10).
-NO_END = {"0": -100, "2": -100, "4": -100}
 
 
 def test_the_model_is_listed_within_60_seconds_of_the_node_starting(node, client) -> None:
@@ -221,7 +217,7 @@ def test_legacy_completions_work_streamed_and_not(client) -> None:
 def test_closing_a_stream_stops_generation_on_the_node(client) -> None:
     stream = client.chat.completions.create(
         model=MODEL_ID, messages=[{"role": "user", "content": "Write a very long story about the sea."}],
-        max_tokens=3000, stream=True, logit_bias={"2": -100},  # no end-of-text: it would run for a minute
+        max_tokens=3000, stream=True, logit_bias=NO_END,  # no end-of-text: it would run for a minute
     )
     for i, _ in enumerate(stream):
         if i == 3:
@@ -238,7 +234,7 @@ def test_a_client_that_gives_up_on_a_reply_not_streamed_frees_the_node_within_a_
 ) -> None:
     with pytest.raises(httpx.ReadTimeout):  # the client hangs up after 1 s of a reply that would take a minute
         httpx.post(gateway.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {api_key}"}, json={
-            "model": MODEL_ID, "max_tokens": 3000, "logit_bias": {"2": -100},
+            "model": MODEL_ID, "max_tokens": 3000, "logit_bias": NO_END,
             "messages": [{"role": "user", "content": "Write a very long story about the sea."}]}, timeout=1.0)
     started = time.monotonic()
     client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)

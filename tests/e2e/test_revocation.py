@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import MODEL_ID
+from tests.conftest import MODEL_ID, NO_END
 
 pytestmark = pytest.mark.e2e
 
@@ -20,7 +20,7 @@ def test_revoking_a_key_ends_its_streaming_and_queued_requests(gateway, node, ap
     browser = gateway.admin_browser("revoker", ADMIN_PASSWORD)
     doomed = gateway.create_api_key("doomed")
     headers = {"Authorization": f"Bearer {doomed}"}
-    long_body = {"model": MODEL_ID, "stream": True, "max_tokens": 3000, "logit_bias": {"2": -100},
+    long_body = {"model": MODEL_ID, "stream": True, "max_tokens": 3000, "logit_bias": NO_END,
                  "messages": [{"role": "user", "content": "Write a very long story."}]}
     stream_lines: list[str] = []
     queued: dict[str, httpx.Response] = {}

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from node_agent.runtimes.llama_cpp import LlamaCppProcess, ProcessConfig
+from tests.conftest import NO_END
 
 
 async def _wait_state(process: LlamaCppProcess, state: str, timeout_s: float = 60) -> None:
@@ -62,7 +63,7 @@ async def test_cancel_stops_generation_within_a_second(process: LlamaCppProcess)
 
     process.submit("long", json.dumps({"op": "chat", "id": "long", "stream": True, "body": {
         "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 2000,
-        "logit_bias": {"2": -100}}}), sink)
+        "logit_bias": NO_END}}), sink)
     while len(events) < 3:
         await asyncio.sleep(0.01)
     process.cancel("long")
