@@ -29,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -113,36 +115,49 @@ def load(url: str, key: str, concurrency: int, seconds: float) -> dict[str, Any]
 
 
 # -- the measurements ----------------------------------------------------------------
+@contextmanager
+def bare_app_on(server: str, root: Path) -> Iterator[str]:
+    """BARE_APP served by `server` ("daphne", or "uvicorn" with httptools and uvloop); its URL."""
+    folder = root / f"bare-{server}"
+    folder.mkdir()
+    (folder / "bare_app.py").write_text(BARE_APP)
+    port = free_port()
+    argv = ([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "--verbosity", "0"]
+            if server == "daphne" else
+            [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop",
+             "--http", "httptools", "--log-level", "warning", "--no-access-log"])
+    process = subprocess.Popen([*argv, "bare_app:application"], cwd=folder, env=base_env())
+    try:
+        wait_http(f"http://127.0.0.1:{port}/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def throughput(root: Path, args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     rows = []
-    bare_port = free_port()
-    (root / "bare").mkdir()
-    (root / "bare" / "bare_app.py").write_text(BARE_APP)
-    bare = subprocess.Popen([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(bare_port), "--verbosity",
-                             "0", "bare_app:application"], cwd=root / "bare", env=base_env())
     gateway = Gateway(data_dir=root / "gw", port=free_port())
     (root / "gw").mkdir()
     gateway.start()
     # Enough slots that the measurement is of the gateway, not of a queue: 4 nodes x 16 requests at once.
     sims = SimulatedNodes(gateway=gateway, log_dir=root, count=4, slots=16, metrics_interval_s=3600)
     try:
-        wait_http(f"http://127.0.0.1:{bare_port}/")
-        sims.start()
-        key = gateway.create_api_key("bench")
-        _wait_model(gateway, key)
-        for round_ in range(args.rounds):
-            for concurrency in args.concurrency:
-                rows.append((f"bare ASGI app on daphne (baseline), {concurrency} connections",
-                             load(f"http://127.0.0.1:{bare_port}", key, concurrency, args.seconds)))
-                rows.append((f"gateway -> 4 instant simulated nodes, {concurrency} connections",
-                             load(gateway.url, key, concurrency, args.seconds)))
-                print(f"round {round_ + 1}: {rows[-2][1]['rps']:.0f} vs {rows[-1][1]['rps']:.0f} req/s",
-                      file=sys.stderr)
+        with bare_app_on("daphne", root) as bare_url:
+            sims.start()
+            key = gateway.create_api_key("bench")
+            _wait_model(gateway, key)
+            for round_ in range(args.rounds):
+                for concurrency in args.concurrency:
+                    rows.append((f"bare ASGI app on daphne (baseline), {concurrency} connections",
+                                 load(bare_url, key, concurrency, args.seconds)))
+                    rows.append((f"gateway -> 4 instant simulated nodes, {concurrency} connections",
+                                 load(gateway.url, key, concurrency, args.seconds)))
+                    print(f"round {round_ + 1}: {rows[-2][1]['rps']:.0f} vs {rows[-1][1]['rps']:.0f} req/s",
+                          file=sys.stderr)
     finally:
         sims.stop()
         gateway.stop()
-        bare.terminate()
-        bare.wait()
     return rows
 
 

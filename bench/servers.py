@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,9 +40,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.backbone import MODEL_ID, Http, llama_server, models_folder, print_markdown, wait_http  # noqa: E402
-from bench.routing import BARE_APP, _wait_model, load  # noqa: E402
+from bench.routing import _wait_model, bare_app_on, load  # noqa: E402
 from node_agent.default_model import ensure_default_model  # noqa: E402
-from tests.processes import Gateway, NodeAgent, SimulatedNodes, base_env, free_port  # noqa: E402
+from tests.processes import Gateway, NodeAgent, SimulatedNodes, free_port  # noqa: E402
 
 SERVERS = ("daphne", "uvicorn")
 
@@ -97,25 +96,6 @@ def gateway_on(server: str, root: Path) -> Iterator[Gateway]:
         yield gateway
     finally:
         gateway.stop()
-
-
-@contextmanager
-def bare_app_on(server: str, root: Path) -> Iterator[str]:
-    folder = root / f"bare-{server}"
-    folder.mkdir()
-    (folder / "bare_app.py").write_text(BARE_APP)
-    port = free_port()
-    argv = ([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "--verbosity", "0"]
-            if server == "daphne" else
-            [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop",
-             "--http", "httptools", "--log-level", "warning", "--no-access-log"])
-    process = subprocess.Popen([*argv, "bare_app:application"], cwd=folder, env=base_env())
-    try:
-        wait_http(f"http://127.0.0.1:{port}/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def main() -> None:
