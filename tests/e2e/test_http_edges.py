@@ -17,7 +17,9 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gateway = Gateway(data_dir=tmp_path_factory.mktemp("edge"), port=free_port(), OPTIMAGPT_BODY_TIMEOUT_S="2")
+    data_dir = tmp_path_factory.mktemp("edge")
+    gateway = Gateway(data_dir=data_dir, port=free_port(), OPTIMAGPT_BODY_TIMEOUT_S="2",
+                      OPTIMAGPT_ACCESS_LOG=str(data_dir / "access.log"))
     gateway.start()
     try:
         yield gateway
@@ -41,6 +43,25 @@ def test_unknown_api_paths_answer_in_openai_form(edge: Gateway) -> None:
         assert response.json()["error"]["code"] == "unknown_url"
     page = httpx.get(edge.url + "/no-such-page/", timeout=10)
     assert page.status_code == 404 and page.headers["content-type"].startswith("text/html")
+
+
+def test_the_access_log_has_a_line_per_request_and_no_key(edge: Gateway) -> None:
+    """Asked for (OPTIMAGPT_ACCESS_LOG), daphne's access log is written; Twisted's second one is gone."""
+    key = edge.create_api_key("access-log")
+    for path in ("/v1/models", "/v1/no-such-thing-logged"):
+        httpx.get(edge.url + path, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    log = edge.data_dir / "access.log"
+
+    def logged() -> str:
+        return log.read_text() if log.exists() else ""
+
+    deadline = time.monotonic() + 10
+    while "/v1/no-such-thing-logged" not in logged() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = logged().splitlines()
+    assert any('"GET /v1/models" 200' in line for line in lines), lines
+    assert any('"GET /v1/no-such-thing-logged" 404' in line for line in lines), lines
+    assert key not in logged() and key.split("-")[-1][-12:] not in logged()
 
 
 def test_a_body_that_trickles_in_is_timed_out(edge: Gateway) -> None:
