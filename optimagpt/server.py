@@ -69,7 +69,7 @@ def _speed_up_twisted() -> None:
 
     _write_at_once(tcp.Server)
     _time_out_slow_requests(http)
-    _skip_work_nobody_reads()
+    _skip_work_nobody_reads(http)
 
 
 def _write_at_once(connection: Any) -> None:
@@ -117,29 +117,26 @@ def _plain_value(val: Any, color: str = "", bold: bool = True) -> str:
     return f"{val}"
 
 
-def _skip_work_nobody_reads() -> None:
+def _skip_work_nobody_reads(http: Any) -> None:
     """Per request, the libraries under daphne did work whose result nobody reads (bench/README.md,
-    "Measurements behind the code", timed one by one):
+    "Measurements behind the code", each timed alone):
 
-    - Twisted formatted a combined-log line for every request and wrote it into Twisted's log, which daphne
-      sends nowhere (below verbosity 2) or into the Python log beside its own access log, the one the
-      gateway keeps (OPTIMAGPT_ACCESS_LOG): 11 µs a request.
+    - Twisted formatted a combined-log line for every request into Twisted's log, which daphne sends nowhere
+      (below verbosity 2) or beside its own access log, the one the gateway keeps (OPTIMAGPT_ACCESS_LOG).
     - daphne reaches twisted.web.http through Twisted's deprecation proxy, which looks every attribute up
-      for warnings: 4 µs an access, 3 to 5 accesses a request. It gets the module's names directly.
+      for warnings, several times a request: it gets the module's names directly.
     - autobahn colours (click.style) and inspects the arguments of a debug line for every frame it sends
-      and every read on a link, whether or not debug logging is on: 9 µs each. The arguments are plain
-      text now, the same words without colours, should anyone turn autobahn's debug log on.
+      and every read on a link, whether or not debug logging is on: the same words, plain, should anyone
+      turn autobahn's debug log on.
     """
     import types
 
     import autobahn.twisted.websocket
     import autobahn.websocket.protocol
     import daphne.http_protocol
-    from twisted.web import http
 
     daphne.http_protocol.HTTPFactory.log = lambda self, request: None
-    if not isinstance(daphne.http_protocol.http, types.SimpleNamespace):
-        daphne.http_protocol.http = types.SimpleNamespace(**vars(http))
+    daphne.http_protocol.http = types.SimpleNamespace(**vars(http))
     for module in (autobahn.websocket.protocol, autobahn.twisted.websocket):
         module.hltype, module.hlval = _plain_type, _plain_value  # type: ignore[attr-defined]
 
